@@ -1,0 +1,188 @@
+"""The ``bora-tools`` command line: parse, call one library function, report.
+
+Common rules (SPEC section 4): a known error becomes one ``Error: ...`` line on
+stderr and a non-zero exit, with no traceback unless ``--debug``; progress bars
+go to stderr and ``--quiet`` silences them; ``--json`` prints a summary on
+stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import click
+
+from bora_tools.errors import BoraError
+from bora_tools.progress import logger
+
+# Exit codes: 1 for bad input or a refused operation, 2 for usage (click's own),
+# 3 for an unexpected internal error, 130 for Ctrl-C.
+EXIT_ERROR = 1
+EXIT_INTERNAL = 3
+
+
+class _State:
+    """Per-invocation flags shared by the group and its commands."""
+
+    def __init__(self) -> None:
+        self.debug = False
+        self.quiet = False
+
+
+def _state() -> _State:
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    if not isinstance(root.obj, _State):
+        root.obj = _State()
+    return root.obj
+
+
+class _CleanErrorsGroup(click.Group):
+    """Turns known errors into one line; shows tracebacks only under ``--debug``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except BoraError as e:
+            self._fail(ctx, e.one_line(), EXIT_ERROR)
+        except KeyboardInterrupt:
+            self._fail(ctx, "interrupted; nothing was written", 130)
+        except Exception as e:  # an internal bug: still one line, with the way to learn more
+            msg = f"unexpected {type(e).__name__}: {' '.join(str(e).split())} (rerun with --debug for the traceback)"
+            self._fail(ctx, msg, EXIT_INTERNAL)
+
+    @staticmethod
+    def _fail(ctx: click.Context, message: str, code: int) -> None:
+        if isinstance(ctx.obj, _State) and ctx.obj.debug:
+            raise  # noqa: PLE0704 - re-raise the active exception with its traceback
+        click.echo(f"Error: {message}", err=True)
+        ctx.exit(code)
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        _state().debug = True
+    return value
+
+
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        _state().quiet = True
+    return value
+
+
+_debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                             help="Show the full traceback on errors.")
+_quiet_option = click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_set_quiet,
+                             help="No progress bars or warnings on stderr.")
+
+
+def common_options(func: Callable) -> Callable:
+    """``--quiet`` and ``--debug``, accepted by every command (and by the group)."""
+    return _debug_option(_quiet_option(func))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                             help="Where tensors are computed; auto picks CUDA when present.")
+dtype_choice = click.Choice(["auto", "float32", "float16", "bfloat16"])
+
+
+def make_progress() -> Callable[..., Iterable]:
+    """A progress callable for library functions: a bar on stderr, or nothing when quiet."""
+    if _state().quiet:
+        from bora_tools.progress import no_progress
+        return no_progress
+
+    def progress(items: Iterable, *, total: int | None = None, label: str = "") -> Iterable:
+        if total is None:
+            try:
+                total = len(items)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+        with click.progressbar(items, length=total, label=label, file=sys.stderr) as bar:
+            yield from bar
+
+    return progress
+
+
+def emit_json(data: Any) -> None:
+    """Print ``data`` as JSON on stdout (paths and tuples made serialisable)."""
+    click.echo(json.dumps(data, indent=2, default=lambda o: str(o) if isinstance(o, Path) else list(o)))
+
+
+class _WarningHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            quiet = _state().quiet
+        except RuntimeError:
+            quiet = False
+        if not quiet:
+            click.echo(f"Warning: {record.getMessage()}", err=True)
+
+
+@click.group(cls=_CleanErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@common_options
+@click.version_option(package_name="bora-tools")
+def cli() -> None:
+    """Ship BoRA adapters: inspect, merge, convert to LoRA, export GGUF, publish.
+
+    Run `bora-tools demo` to see every step on a tiny model, offline.
+    """
+    if not any(isinstance(h, _WarningHandler) for h in logger.handlers):
+        logger.addHandler(_WarningHandler())
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
+@cli.command("inspect")
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@json_option
+@common_options
+def inspect_cmd(adapter: Path, as_json: bool) -> None:
+    """Describe a BoRA adapter: modules, shapes, b, r, scaling, parameters, update ranks, sigma.
+
+    Example: bora-tools inspect ./my-bora-adapter --json
+    """
+    from bora_tools.inspection import format_report, inspect_adapter
+
+    report = inspect_adapter(adapter)
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(format_report(report))
+
+
+@cli.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the demo's files here (default: a temporary directory, removed afterwards).")
+@click.option("--steps", type=int, default=60, show_default=True, help="Training steps.")
+@common_options
+def demo_cmd(workdir: Path | None, steps: int) -> None:
+    """Train a BoRA adapter on a tiny model offline, then run every command on it.
+
+    Example: bora-tools demo
+    """
+    from bora_tools.demo import run_demo
+
+    run_demo(workdir=workdir, steps=steps, say=click.echo, progress=make_progress())
+
+
+# Commands are registered above this line.
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="bora-tools")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Choosing where tensors are computed (``--device auto|cpu|cuda``)."""
+
+from __future__ import annotations
+
+import torch
+
+from bora_tools.errors import UnsupportedError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU.
+
+    Example: ``resolve_device("auto")`` -> ``device(type='cpu')`` on a machine without a GPU.
+
+    Raises:
+        UnsupportedError: ``cuda`` was asked for and no CUDA device is available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedError("--device cuda: no CUDA device is available on this machine", hint="use --device cpu")
+    if name not in DEVICE_CHOICES:
+        raise UnsupportedError(f"--device {name!r}: expected one of {', '.join(DEVICE_CHOICES)}")
+    return torch.device(name)

@@ -1,0 +1,89 @@
+"""Typed errors. The CLI turns every ``BoraError`` into one ``Error: ...`` line.
+
+Each class also inherits the builtin a caller would naturally catch, as
+``huggingface_hub`` does (``OutputExistsError`` is a ``FileExistsError``).
+Library code raises these and never prints or exits.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class BoraError(Exception):
+    """Base class of every error bora-tools reports to a user.
+
+    The message is one line that names the culprit (a file, a key, a module).
+    ``hint`` is an optional next step the CLI appends.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = " ".join(str(self).split())  # never more than one line
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class ConfigError(BoraError, ValueError):
+    """An ``adapter_config.json`` or ``config.json`` that is unreadable or inconsistent."""
+
+
+class CheckpointError(BoraError, ValueError):
+    """Adapter tensors that are missing, unexpected, mis-shaped or non-finite."""
+
+
+class ModelDirError(BoraError, ValueError):
+    """A base model directory that is incomplete, corrupt or unsafe."""
+
+
+class ShapeError(CheckpointError):
+    """Shapes that disagree with each other, the config or the base model."""
+
+
+class UnsafePathError(BoraError, ValueError):
+    """A path (shard name, symlink) that would leave the directory it belongs to."""
+
+
+class OutputExistsError(BoraError, FileExistsError):
+    """The output target exists and ``--overwrite`` was not given."""
+
+
+class OutputWriteError(BoraError, OSError):
+    """Writing the output failed (disk full, permissions); nothing was left behind."""
+
+
+class UnsupportedError(BoraError, NotImplementedError):
+    """A valid input this tool does not handle (an architecture, a dtype)."""
+
+
+class HubError(BoraError):
+    """A failure talking to the Hugging Face Hub (auth, missing repo, network)."""
+
+
+class ValidationError(BoraError, ValueError):
+    """Several problems found at once; each names its key, expected and found."""
+
+    def __init__(self, subject: str, problems: Iterable[str], *, hint: str | None = None):
+        self.subject = subject
+        self.problems = list(problems)
+        count = len(self.problems)
+        head = f"{subject}: " if count == 1 else f"{subject}: {count} problems: "
+        super().__init__(head + "; ".join(self.problems), hint=hint)
+
+
+def raise_if_problems(subject: str, problems: list[str], *, cls: type = None, hint: str | None = None) -> None:
+    """Raise one error listing every problem, or return when there is none.
+
+    ``cls`` picks the error type when there is a single problem (so callers can
+    catch ``ShapeError`` for a shape problem); several problems always raise
+    ``ValidationError``.
+    """
+    if not problems:
+        return
+    if len(problems) == 1 and cls is not None:
+        raise cls(f"{subject}: {problems[0]}", hint=hint)
+    raise ValidationError(subject, problems, hint=hint)
