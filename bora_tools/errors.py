@@ -7,8 +7,6 @@ Library code raises these and never prints or exits.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 
 class BoraError(Exception):
     """Base class of every error bora-tools reports to a user.
@@ -67,23 +65,14 @@ class HubError(BoraError):
 class ValidationError(BoraError, ValueError):
     """Several problems found at once; each names its key, expected and found."""
 
-    def __init__(self, subject: str, problems: Iterable[str], *, hint: str | None = None):
-        self.subject = subject
-        self.problems = list(problems)
-        count = len(self.problems)
-        head = f"{subject}: " if count == 1 else f"{subject}: {count} problems: "
-        super().__init__(head + "; ".join(self.problems), hint=hint)
 
+def raise_if_problems(subject: str, problems: list[str], *, cls: type = ValidationError, hint: str | None = None) -> None:
+    """Raise one ``cls`` error listing every problem, or return when there is none.
 
-def raise_if_problems(subject: str, problems: list[str], *, cls: type = None, hint: str | None = None) -> None:
-    """Raise one error listing every problem, or return when there is none.
-
-    ``cls`` picks the error type when there is a single problem (so callers can
-    catch ``ShapeError`` for a shape problem); several problems always raise
-    ``ValidationError``.
+    Example: ``raise_if_problems("adapter_config.json", ["r: expected >= 1, found 0"], cls=ConfigError)``
+    raises ``ConfigError("adapter_config.json: r: expected >= 1, found 0")``.
     """
     if not problems:
         return
-    if len(problems) == 1 and cls is not None:
-        raise cls(f"{subject}: {problems[0]}", hint=hint)
-    raise ValidationError(subject, problems, hint=hint)
+    head = f"{subject}: " if len(problems) == 1 else f"{subject}: {len(problems)} problems: "
+    raise cls(head + "; ".join(problems), hint=hint)

@@ -1,0 +1,264 @@
+"""BoRA adapter directories <-> config + tensors (SPEC section 2).
+
+Reading validates everything before anyone computes: every problem found is
+reported at once, each naming the key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from bora_tools.config import CONFIG_NAME, BoraConfig, matches_target
+from bora_tools.errors import CheckpointError, ShapeError, raise_if_problems
+from bora_tools.output import atomic_output
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+SUFFIX_A, SUFFIX_B, SUFFIX_SIGMA = ".lora_A.weight", ".lora_B.weight", ".bora_sigma"
+_PARTS = {SUFFIX_A: "A", SUFFIX_B: "B", SUFFIX_SIGMA: "sigma"}
+
+
+@dataclass
+class BoraModule:
+    """One adapted linear layer ``P`` (the weight ``P.weight`` of the base is ``(m, n)``)."""
+
+    name: str
+    A: torch.Tensor  # (r, n)
+    B: torch.Tensor  # (m, r)
+    sigma: torch.Tensor  # (b, b, r)
+    scaling: float
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def b(self) -> int:
+        return self.sigma.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)``: the shape of ``dW`` in (out, in) order."""
+        return self.B.shape[0], self.A.shape[1]
+
+    @property
+    def num_parameters(self) -> int:
+        """``r*(m+n) + b*b*r``."""
+        return self.A.numel() + self.B.numel() + self.sigma.numel()
+
+    def key(self, part: str) -> str:
+        suffix = {"A": SUFFIX_A, "B": SUFFIX_B, "sigma": SUFFIX_SIGMA}[part]
+        return PREFIX + self.name + suffix
+
+
+@dataclass
+class BoraAdapter:
+    """A validated BoRA adapter: its config, adapted modules and whole saved modules."""
+
+    config: BoraConfig
+    modules: dict[str, BoraModule]
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)  # "P.weight" -> tensor, for modules_to_save
+    path: Path | None = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The flat tensor dict of ``adapter_model.safetensors``."""
+        out: dict[str, torch.Tensor] = {}
+        for mod in self.modules.values():
+            out[mod.key("A")], out[mod.key("B")], out[mod.key("sigma")] = mod.A, mod.B, mod.sigma
+        out.update({PREFIX + k: v for k, v in self.saved.items()})
+        return out
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(m.num_parameters for m in self.modules.values())
+
+
+def load_adapter(path: str | Path) -> BoraAdapter:
+    """Read and validate a BoRA adapter directory.
+
+    Example::
+
+        adapter = load_adapter("out/my-adapter")
+        adapter.modules["model.layers.0.self_attn.q_proj"].sigma.shape   # (b, b, r)
+
+    Raises:
+        ConfigError: ``adapter_config.json`` is missing, not JSON or inconsistent.
+        CheckpointError: tensors are unreadable, missing, unexpected, mis-shaped or non-finite.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not an adapter directory")
+    config = BoraConfig.load(path)
+    tensors = read_tensors(path)
+    return adapter_from_tensors(config, tensors, source=path)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The raw tensors of an adapter directory (safetensors first, legacy ``.bin`` second)."""
+    st, legacy = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
+    if st.is_file():
+        try:
+            return load_file(st)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{st}: not a readable safetensors file ({_short(e)})") from e
+    if legacy.is_file():
+        return _read_legacy(legacy)
+    raise CheckpointError(f"{path}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) found")
+
+
+def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True: a pickle may only rebuild tensors and plain containers,
+    # never call arbitrary code.
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path}: refused: not a plain tensor file ({_short(e)})") from e
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise CheckpointError(f"{path}: refused: expected a dict of named tensors")
+    return data
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def adapter_from_tensors(config: BoraConfig, tensors: Mapping[str, torch.Tensor], *, source: str | Path = "adapter") -> BoraAdapter:
+    """Group flat tensors into modules and validate them against each other and the config."""
+    problems: list[str] = []
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        module, part = _split_key(key, config)
+        if part is None:
+            problems.append(f"{key}: unexpected key (expected {PREFIX}<module>{SUFFIX_A}, {SUFFIX_B} or {SUFFIX_SIGMA}, "
+                            f"or <module>.weight/.bias for a module in modules_to_save)")
+        elif part == "saved":
+            saved[key[len(PREFIX):]] = tensor
+        else:
+            parts.setdefault(module, {})[part] = tensor
+        if part is not None:
+            problems.extend(_value_problems(key, tensor))
+    modules = {}
+    for name in sorted(parts, key=_natural_key):
+        mod_problems = _module_problems(name, parts[name], config)
+        problems.extend(mod_problems)
+        if not mod_problems:
+            p = parts[name]
+            modules[name] = BoraModule(name, p["A"], p["B"], p["sigma"], config.scaling_for(name))
+    if not parts and not saved and not problems:
+        problems.append("no adapted module found")
+    raise_if_problems(str(source), problems, cls=_error_class(problems))
+    return BoraAdapter(config=config, modules=modules, saved=saved, path=Path(source) if source else None)
+
+
+def _error_class(problems: list[str]) -> type:
+    return ShapeError if problems and all("shape" in p for p in problems) else CheckpointError
+
+
+def _split_key(key: str, config: BoraConfig) -> tuple[str, str | None]:
+    if not key.startswith(PREFIX):
+        return "", None
+    rest = key[len(PREFIX):]
+    for suffix, part in _PARTS.items():
+        if rest.endswith(suffix) and len(rest) > len(suffix):
+            return rest[: -len(suffix)], part
+    for suffix in (".weight", ".bias"):
+        if rest.endswith(suffix) and config.is_module_to_save(rest[: -len(suffix)]):
+            return rest[: -len(suffix)], "saved"
+    return "", None
+
+
+def _value_problems(key: str, tensor: torch.Tensor) -> list[str]:
+    if not tensor.is_floating_point():
+        return [f"{key}: expected a float tensor, found dtype {str(tensor.dtype).replace('torch.', '')}"]
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        return [f"{key}: {bad} non-finite value(s) (NaN or inf)"]
+    return []
+
+
+def _module_problems(name: str, p: dict[str, torch.Tensor], config: BoraConfig) -> list[str]:
+    """Shape consistency of one module's three tensors with each other and the config."""
+    key = PREFIX + name
+    missing = [s for s, part in _PARTS.items() if part not in p]
+    if missing:
+        return [f"{key}: module is missing {', '.join(key + s for s in missing)}"]
+    A, B, sigma = p["A"], p["B"], p["sigma"]
+    if A.ndim != 2 or B.ndim != 2 or sigma.ndim != 3:
+        return [f"{key}: expected 2-D lora_A, 2-D lora_B and 3-D bora_sigma shapes, found "
+                f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(sigma.shape)}"]
+    (r, n), (m, r_b), b = A.shape, B.shape, config.bora_blocks
+    out = []
+    if r_b != r:
+        out.append(f"{key + SUFFIX_B}: shape {tuple(B.shape)} has rank {r_b}, but lora_A has rank {r}")
+    if tuple(sigma.shape) != (b, b, r):
+        out.append(f"{key + SUFFIX_SIGMA}: expected shape ({b}, {b}, {r}) from bora_blocks={b} and r={r}, "
+                   f"found {tuple(sigma.shape)}")
+    want_r = config.rank_for(name)
+    if r != want_r:
+        out.append(f"{key + SUFFIX_A}: shape {tuple(A.shape)} has rank {r}, but the config gives r={want_r} for {name}")
+    for dim_name, dim in (("out_features m", m), ("in_features n", n)):
+        if dim % b:
+            out.append(f"{key}: shape of {dim_name}={dim} is not divisible by bora_blocks b={b}")
+    if config.target_modules is not None and not matches_target(config.target_modules, name):
+        out.append(f"{key}: module {name} is not matched by target_modules {config.target_modules!r}")
+    return out
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in name.split(".")]
+
+
+def check_against_base(adapter: BoraAdapter, shape_of: Callable[[str], tuple[int, ...] | None], *, source: str = "adapter") -> None:
+    """Every adapted module and saved module exists in the base with matching shapes.
+
+    ``shape_of(tensor_name)`` returns a base tensor's shape or ``None`` when
+    absent. With ``fan_in_fan_out`` the base stores ``(n, m)`` (GPT-2 ``Conv1D``).
+
+    Raises:
+        ShapeError: naming every module whose base tensor is absent or mis-shaped.
+    """
+    problems = []
+    for name, mod in adapter.modules.items():
+        want = mod.shape[::-1] if adapter.config.fan_in_fan_out else mod.shape
+        found = shape_of(name + ".weight")
+        if found is None:
+            problems.append(f"{PREFIX + name}: the base model has no tensor {name}.weight (is this adapter for another base model?)")
+        elif tuple(found) != tuple(want):
+            problems.append(f"{PREFIX + name}: the adapter implies base shape {tuple(want)} for {name}.weight, "
+                            f"the base has {tuple(found)} (is this adapter for another base model?)")
+    for key, tensor in adapter.saved.items():
+        found = shape_of(key)
+        if found is None:
+            problems.append(f"{PREFIX + key}: modules_to_save tensor has no counterpart {key} in the base model")
+        elif tuple(found) != tuple(tensor.shape):
+            problems.append(f"{PREFIX + key}: shape {tuple(tensor.shape)} differs from the base's {tuple(found)}")
+    raise_if_problems(source, problems, cls=ShapeError)
+
+
+def save_adapter(adapter: BoraAdapter, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
+
+    The adapter is validated first (``adapter_from_tensors``), so a saved
+    directory always loads back.
+    """
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    adapter_from_tensors(adapter.config, tensors, source=PREFIX.rstrip("."))
+    path = Path(path)
+    with atomic_output(path, overwrite=overwrite, directory=True) as tmp:
+        adapter.config.save(tmp)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    return path
+
+
+def iter_module_names(adapter: BoraAdapter) -> Iterable[str]:
+    return adapter.modules.keys()

@@ -1,0 +1,198 @@
+"""``adapter_config.json`` for BoRA (SPEC section 2), with PEFT's matching rules."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bora_tools.errors import ConfigError, raise_if_problems
+from bora_tools.progress import logger
+
+PEFT_TYPE = "BORA"
+CONFIG_NAME = "adapter_config.json"
+
+# Keys PEFT writes into every config; kept and never warned about.
+_PEFT_BOOKKEEPING = {"inference_mode", "revision", "auto_mapping", "peft_version", "lora_dropout"}
+
+
+def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
+    """The first key of ``patterns`` that matches module ``name`` the way PEFT matches.
+
+    A key matches when ``re.match(rf"(.*\\.)?({key})$", name)``: it is a suffix
+    of dotted components or a regex over them.
+
+    Example: ``pattern_key({"q_proj": 8}, "model.layers.0.self_attn.q_proj")`` -> ``"q_proj"``.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def matches_target(target_modules: list[str] | str | None, name: str) -> bool:
+    """PEFT's ``target_modules`` rule: a regex string must fullmatch; a list entry
+    must equal the name or be its dotted suffix."""
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+@dataclass
+class BoraConfig:
+    """A BoRA adapter's configuration (PEFT's layout, ``peft_type: "BORA"``).
+
+    Example::
+
+        cfg = BoraConfig(r=8, bora_blocks=4, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+        cfg.scaling_for("model.layers.0.self_attn.q_proj")   # 2.0
+    """
+
+    r: int
+    bora_blocks: int
+    lora_alpha: float | None = None
+    use_rslora: bool = False
+    target_modules: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    bias: str = "none"
+    peft_type: str = PEFT_TYPE
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha is None and _is_int(self.r):
+            self.lora_alpha = self.r
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+        raise_if_problems(CONFIG_NAME, self.problems(), cls=ConfigError)
+
+    def problems(self) -> list[str]:
+        """Every inconsistency, each naming the key, what was expected and what was found."""
+        p: list[str] = []
+        if self.peft_type != PEFT_TYPE:
+            p.append(f"peft_type: expected {PEFT_TYPE!r}, found {self.peft_type!r}")
+        if not _is_int(self.r) or self.r < 1:
+            p.append(f"r: expected an integer >= 1, found {self.r!r}")
+        if not _is_int(self.bora_blocks) or self.bora_blocks < 1:
+            p.append(f"bora_blocks: expected an integer >= 1, found {self.bora_blocks!r}")
+        if not _is_number(self.lora_alpha):
+            p.append(f"lora_alpha: expected a finite number, found {self.lora_alpha!r}")
+        for key in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, key), bool):
+                p.append(f"{key}: expected true or false, found {getattr(self, key)!r}")
+        tm = self.target_modules
+        if tm is not None and not isinstance(tm, str) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+            p.append(f"target_modules: expected a list of names or one regex string, found {tm!r}")
+        if isinstance(tm, str):
+            p.extend(_regex_problems("target_modules", [tm]))
+        mts = self.modules_to_save
+        if mts is not None and not (isinstance(mts, list) and all(isinstance(t, str) for t in mts)):
+            p.append(f"modules_to_save: expected a list of names, found {mts!r}")
+        p.extend(_pattern_problems("rank_pattern", self.rank_pattern, integer=True))
+        p.extend(_pattern_problems("alpha_pattern", self.alpha_pattern, integer=False))
+        if self.bias != "none":
+            p.append(f"bias: only 'none' is supported, found {self.bias!r}")
+        return p
+
+    # -- per-module values -------------------------------------------------
+    def rank_for(self, name: str) -> int:
+        key = pattern_key(self.rank_pattern, name)
+        return int(self.rank_pattern[key]) if key is not None else int(self.r)
+
+    def alpha_for(self, name: str) -> float:
+        key = pattern_key(self.alpha_pattern, name)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
+
+    def scaling_for(self, name: str) -> float:
+        """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA), with per-module overrides."""
+        r = self.rank_for(name)
+        return self.alpha_for(name) / (math.sqrt(r) if self.use_rslora else r)
+
+    def is_module_to_save(self, name: str) -> bool:
+        return bool(self.modules_to_save) and matches_target(self.modules_to_save, name)
+
+    # -- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**self.extra, **data}
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = CONFIG_NAME) -> "BoraConfig":
+        """Build from parsed JSON; unknown keys are kept in ``extra`` with a warning."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, found {type(data).__name__}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        missing = [k for k in ("peft_type", "r", "bora_blocks") if k not in data]
+        if missing:
+            raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
+        unknown = sorted(set(data) - known - _PEFT_BOOKKEEPING)
+        if unknown:
+            logger.warning(f"{source}: ignoring unknown key(s) {', '.join(unknown)}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in ("rank_pattern", "alpha_pattern"):
+            if kwargs.get(key) is None:
+                kwargs[key] = {}
+        extra = {k: v for k, v in data.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(CONFIG_NAME, source, 1)) from None
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "BoraConfig":
+        path = Path(directory) / CONFIG_NAME
+        return cls.from_dict(read_json(path), source=str(path))
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path, *, error: type = ConfigError) -> Any:
+    """Parse a JSON file, turning every failure into one line naming the file."""
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _regex_problems(key: str, patterns: list[str]) -> list[str]:
+    out = []
+    for pat in patterns:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            out.append(f"{key}: {pat!r} is not a valid regular expression ({e})")
+    return out
+
+
+def _pattern_problems(key: str, pattern: Any, *, integer: bool) -> list[str]:
+    if not isinstance(pattern, dict):
+        return [f"{key}: expected an object mapping module names to values, found {pattern!r}"]
+    out = _regex_problems(key, list(pattern))
+    for name, value in pattern.items():
+        ok = (_is_int(value) and value >= 1) if integer else _is_number(value)
+        if not ok:
+            want = "an integer >= 1" if integer else "a finite number"
+            out.append(f"{key}[{name!r}]: expected {want}, found {value!r}")
+    return out
