@@ -145,16 +145,18 @@ def cli() -> None:
 
 @cli.command("inspect")
 @click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@device_option
 @json_option
 @common_options
-def inspect_cmd(adapter: Path, as_json: bool) -> None:
+def inspect_cmd(adapter: Path, device: str, as_json: bool) -> None:
     """Describe a BoRA adapter: modules, shapes, b, r, scaling, parameters, update ranks, sigma.
 
     Example: bora-tools inspect ./my-bora-adapter --json
     """
+    from bora_tools.devices import resolve_device
     from bora_tools.inspection import format_report, inspect_adapter
 
-    report = inspect_adapter(adapter)
+    report = inspect_adapter(adapter, device=resolve_device(device))
     if as_json:
         emit_json(report)
     else:
