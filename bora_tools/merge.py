@@ -13,14 +13,25 @@ so that other one-pass writers (GGUF export with ``--merge``) reuse them.
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterator, Union
 
 import torch
 
-from bora_tools.checkpoint import PREFIX, BoraAdapter, BoraModule, check_against_base
-from bora_tools.errors import ShapeError, UnsupportedError, raise_if_problems
+from bora_tools.checkpoint import PREFIX, BoraAdapter, BoraModule, check_against_base, load_adapter
+from bora_tools.devices import resolve_device
+from bora_tools.errors import ModelDirError, ShapeError, UnsupportedError, ValidationError, raise_if_problems
 from bora_tools.math import mixed_row_blocks
-from bora_tools.model_dir import ModelDir
+from bora_tools.model_dir import DTYPES, INDEX_FILE, ModelDir, TensorEntry
+from bora_tools.output import atomic_output, check_target
+from bora_tools.progress import Progress, no_progress
+from bora_tools.st_writer import SafetensorsWriter, TensorSpec, st_dtype
 
 Tensor = torch.Tensor
 #: What replaces a base tensor: an adapted module (``W + dW``) or a whole
@@ -67,18 +78,24 @@ def merge_plan(adapter: BoraAdapter, base: ModelDir) -> dict[str, Replacement]:
 
 
 def _refuse_tied(adapter: BoraAdapter, base: ModelDir) -> None:
-    # A tied lm_head is not stored: it *is* the input embedding matrix. Adding
-    # dW to it would change the input embeddings too (the BoRA model changes
-    # only the output projection), so the result could not be a faithful merge.
-    tied = base.config.get("tie_word_embeddings", base.config.get("model_type") == "gpt2")
+    # With tied embeddings lm_head is not stored: it *is* the input embedding
+    # matrix. The adapted model changes one side only (a BoRA lm_head, or a
+    # modules_to_save copy of the embeddings while lm_head keeps the original),
+    # which one shared matrix cannot express, so both are refused.
+    if not base.config.get("tie_word_embeddings", True) or base.shape_of("lm_head.weight") is not None:
+        return
+    vocab = base.config.get("vocab_size")
     problems = []
-    for name in list(adapter.modules) + [k.rsplit(".", 1)[0] for k in adapter.saved]:
-        if tied and name.rsplit(".", 1)[-1] == "lm_head" and base.shape_of(name + ".weight") is None:
-            problems.append(f"{PREFIX + name}: {name} is tied to the input embeddings in this base model "
-                            f"(tie_word_embeddings is true, no {name}.weight is stored), so merging into it would "
-                            f"also change the input embeddings")
+    for name in adapter.modules:
+        if name.rsplit(".", 1)[-1] == "lm_head":
+            problems.append(f"{PREFIX + name}: lm_head is tied to the input embeddings in this base model "
+                            f"(tie_word_embeddings, no lm_head.weight stored); merging into it would change both")
+    for key, tensor in adapter.saved.items():
+        if key.rsplit(".", 2)[-2] == "lm_head" or (tensor.ndim == 2 and tensor.shape[0] == vocab):
+            problems.append(f"{PREFIX + key}: modules_to_save replaces a matrix shared by the input embeddings and "
+                            f"lm_head (tie_word_embeddings); the adapted model changes only one of them")
     raise_if_problems(str(adapter.path or "adapter"), problems, cls=UnsupportedError,
-                      hint="train without lm_head in target_modules, or untie the base model's embeddings first")
+                      hint="leave lm_head and the embeddings out of the adapter, or untie the base model first")
 
 
 class RowMerger:
@@ -154,3 +171,209 @@ def merged_weight(weight: Tensor, module: BoraModule, *, fan_in_fan_out: bool, s
     for start, stop in row_chunks(weight.shape[0], weight.shape[1], chunk_elements=chunk):
         out[start:stop] = merger.rows(weight[start:stop], start)
     return out
+
+
+# -- the streaming pipeline ------------------------------------------------
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class MergeReport:
+    """What ``merge_adapter`` wrote: counts per kind of tensor, sizes and time."""
+
+    out: Path
+    device: str
+    dtype: str
+    scale: float
+    shards: int
+    merged: int  # W + dW
+    replaced: int  # modules_to_save
+    copied: int  # raw bytes
+    converted: int  # untouched, but cast to --dtype
+    bytes_written: int
+    other_files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "out": str(self.out)}
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One output tensor: where it comes from and what happens to it."""
+
+    entry: TensorEntry
+    spec: TensorSpec
+    replacement: Replacement | None
+
+    @property
+    def kind(self) -> str:
+        if isinstance(self.replacement, BoraModule):
+            return "merged"
+        if self.replacement is not None:
+            return "replaced"
+        return "copied" if self.spec.dtype == self.entry.dtype else "converted"
+
+    @property
+    def spec_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.spec.dtype][1]
+
+
+def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dtype: str = "auto", scale: float = 1.0,
+                  device: str = "auto", overwrite: bool = False, progress: Progress = no_progress) -> MergeReport:
+    """Merge a BoRA adapter into its base model, writing a complete model directory ``out``.
+
+    Every shard keeps its name and its tensors; adapted weights become
+    ``W + scale * dW`` (float32 on ``device``, rounded once to the output dtype),
+    ``modules_to_save`` tensors replace theirs, everything else is copied as
+    raw bytes (or cast, when ``dtype`` asks for another float dtype). Nothing
+    is written before every check passed; ``out`` appears only when complete.
+
+    Example::
+
+        report = merge_adapter("my-adapter", "base-model", "merged", dtype="bfloat16")
+        report.merged   # number of weights that received their update
+
+    Raises:
+        ConfigError, CheckpointError: the adapter is unreadable or inconsistent.
+        ModelDirError, UnsafePathError: the base directory is incomplete or unsafe.
+        ShapeError, UnsupportedError: the adapter does not fit the base.
+        OutputExistsError, OutputWriteError: ``out`` exists, or writing failed.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    out_dtype = _parse_dtype(dtype)
+    if not math.isfinite(scale):
+        raise ValidationError(f"--scale {scale}: expected a finite number")
+    dev = resolve_device(device)
+    check_target(out, overwrite=overwrite)
+    bora = load_adapter(adapter)
+    model = ModelDir.open(base)
+    if out.resolve() == model.path.resolve():
+        raise ValidationError(f"output {out} is the base model directory; inputs are never modified")
+    plan = merge_plan(bora, model)
+    shards = {shard: _jobs(model, shard, plan, out_dtype) for shard in model.shard_names}
+    total = sum(len(jobs) for jobs in shards.values())
+    report = MergeReport(out=out, device=str(dev), dtype=dtype, scale=scale, shards=len(shards), merged=0, replaced=0,
+                         copied=0, converted=0, bytes_written=0)
+    ticks = iter(progress(range(total), total=total, label="merging"))
+    with atomic_output(out, overwrite=overwrite, directory=True) as tmp:
+        for shard, jobs in shards.items():
+            meta = model.headers[shard].metadata
+            _write_shard(tmp / shard, jobs, metadata=meta if meta is not None else {"format": "pt"},
+                         fan_in_fan_out=bora.config.fan_in_fan_out, scale=scale, device=dev, ticks=ticks)
+            for job in jobs:
+                setattr(report, job.kind, getattr(report, job.kind) + 1)
+            report.bytes_written += (tmp / shard).stat().st_size
+        report.other_files = _copy_other_files(model, tmp, dtype=out_dtype)
+        if model.index is not None:
+            _write_index(model, tmp, shards)
+    for _ in ticks:  # finish the bar (tensors of size 0 tick nothing)
+        pass
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _parse_dtype(dtype: str) -> torch.dtype | None:
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPE_NAMES:
+        raise ValidationError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def _jobs(model: ModelDir, shard: str, plan: dict[str, Replacement], out_dtype: torch.dtype | None) -> list[_Job]:
+    jobs = []
+    for entry in model.shard_entries(shard):
+        cast = out_dtype is not None and entry.torch_dtype in MERGEABLE_DTYPES
+        spec = TensorSpec(entry.name, st_dtype(out_dtype) if cast else entry.dtype, entry.shape)
+        jobs.append(_Job(entry, spec, plan.get(entry.name)))
+    # The base's own order, except that wider dtypes come first when a cast
+    # changed sizes: safetensors orders them so, which keeps every tensor's
+    # data aligned to its element size. A no-op for files safetensors wrote.
+    jobs.sort(key=lambda j: -DTYPES[j.spec.dtype][0])
+    return jobs
+
+
+def _write_shard(path: Path, jobs: list[_Job], *, metadata: dict, fan_in_fan_out: bool, scale: float,
+                 device: torch.device, ticks: Iterator) -> None:
+    src = jobs[0].entry.shard if jobs else None
+    fd = os.open(src, os.O_RDONLY) if src else -1
+    try:
+        with SafetensorsWriter(path, [j.spec for j in jobs], metadata=metadata) as writer:
+            for job in jobs:
+                if job.kind == "copied":
+                    writer.copy_range(job.spec.name, fd, job.entry.start, job.entry.nbytes)
+                elif job.kind == "merged":
+                    _write_merged(writer, fd, job, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device)
+                elif job.kind == "replaced":
+                    writer.write(job.spec.name, job.replacement.to(job.spec_torch_dtype).reshape(job.spec.shape))
+                else:
+                    _write_converted(writer, fd, job)
+                next(ticks, None)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _read_rows(fd: int, entry: TensorEntry, start: int, stop: int, buf: bytearray) -> Tensor:
+    """Stored rows ``start:stop`` of a 2-D tensor, read positionally into ``buf``."""
+    row_bytes = entry.nbytes // entry.shape[0]
+    n = (stop - start) * row_bytes
+    view = memoryview(buf)[:n]
+    got = os.preadv(fd, [view], entry.start + start * row_bytes)
+    if got != n:
+        raise ModelDirError(f"{entry.shard}: truncated: tensor {entry.name} ends early")
+    return torch.frombuffer(view, dtype=entry.torch_dtype).reshape(stop - start, entry.shape[1])
+
+
+def _write_merged(writer: SafetensorsWriter, fd: int, job: _Job, *, fan_in_fan_out: bool, scale: float,
+                  device: torch.device) -> None:
+    merger = RowMerger(job.replacement, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device)
+    rows, cols = job.entry.shape
+    chunk = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
+    buf = bytearray(min(rows, max(1, chunk // cols)) * cols * DTYPES[job.entry.dtype][0])
+    out_dtype = job.spec_torch_dtype
+    for start, stop in row_chunks(rows, cols, chunk_elements=chunk):
+        merged = merger.rows(_read_rows(fd, job.entry, start, stop, buf), start).to(out_dtype)
+        if out_dtype == torch.float16 and not bool(torch.isfinite(merged).all()):
+            raise ValidationError(f"{PREFIX + job.replacement.name}: the merged weight overflows float16 "
+                                  f"(values beyond +-65504)", hint="use --dtype bfloat16 or float32")
+        writer.write(job.spec.name, merged)
+
+
+def _write_converted(writer: SafetensorsWriter, fd: int, job: _Job) -> None:
+    """Cast an untouched float tensor to the output dtype, a chunk of elements at a time."""
+    entry, size = job.entry, DTYPES[job.entry.dtype][0]
+    step = CPU_CHUNK_ELEMENTS * size
+    buf = bytearray(min(step, entry.nbytes))
+    for offset in range(0, entry.nbytes, step):
+        view = memoryview(buf)[:min(step, entry.nbytes - offset)]
+        if os.preadv(fd, [view], entry.start + offset) != view.nbytes:
+            raise ModelDirError(f"{entry.shard}: truncated: tensor {entry.name} ends early")
+        writer.write(job.spec.name, torch.frombuffer(view, dtype=entry.torch_dtype).to(job.spec_torch_dtype))
+
+
+def _copy_other_files(model: ModelDir, tmp: Path, *, dtype: torch.dtype | None) -> list[str]:
+    """Copy config, tokenizer and every other file; record a changed dtype in config.json."""
+    names = []
+    for path in model.other_files():
+        shutil.copyfile(path, tmp / path.name)
+        names.append(path.name)
+    if dtype is not None:
+        config = dict(model.config)
+        # transformers 5 writes "dtype", older versions "torch_dtype"; loaders
+        # with dtype="auto" read it, so it must name what the shards now hold.
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        config.update({k: str(dtype).replace("torch.", "") for k in keys})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+def _write_index(model: ModelDir, tmp: Path, shards: dict[str, list[_Job]]) -> None:
+    index = json.loads(json.dumps(model.index))  # a deep copy that keeps every other key
+    metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    metadata["total_size"] = sum(j.spec.nbytes for jobs in shards.values() for j in jobs)
+    index["metadata"] = metadata
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
