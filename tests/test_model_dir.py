@@ -1,0 +1,126 @@
+"""Model directories: headers that lie, unsafe shard names, symlinks, missing shards."""
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bora_tools.errors import ModelDirError, UnsafePathError
+from bora_tools.model_dir import INDEX_FILE, ModelDir, read_header, read_tensor
+from bora_tools.tiny import build_model_dir
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("m") / "llama", "llama", max_shard_size="40KB")
+
+
+def copy_dir(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_reads_every_tensor_like_safetensors(sharded):
+    md = ModelDir.open(sharded)
+    assert len(md.shard_names) > 1 and md.architecture == "LlamaForCausalLM"
+    seen = 0
+    for shard in md.shard_names:
+        ref = load_file(sharded / shard)
+        for entry in md.shard_entries(shard):
+            assert torch.equal(read_tensor(entry), ref[entry.name])
+            seen += 1
+    assert seen == len(md.entries) == len(json.loads((sharded / INDEX_FILE).read_text())["weight_map"])
+    names = {p.name for p in md.other_files()}
+    assert {"config.json", "tokenizer.json", "generation_config.json"} <= names and INDEX_FILE not in names
+
+
+def write_raw(path, header: dict, data: bytes):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("header,data,match", [
+    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 8, "fall outside the 8 data bytes"),
+    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, b"\0" * 16, "12 bytes for a F32 tensor"),
+    ({"w": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 2]}}, b"\0" * 2, "unknown dtype 'Q9'"),
+    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "not a list of non-negative"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": "x"}}, b"\0" * 4, "not a pair of integers"),
+])
+def test_lying_headers(tmp_path, header, data, match):
+    write_raw(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(ModelDirError, match=match):
+        read_header(tmp_path / "x.safetensors")
+
+
+def test_header_length_beyond_file(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    with pytest.raises(ModelDirError, match="header length 1000000 exceeds the file"):
+        read_header(tmp_path / "x.safetensors")
+    (tmp_path / "y.safetensors").write_bytes(b"\1\2")
+    with pytest.raises(ModelDirError, match="truncated"):
+        read_header(tmp_path / "y.safetensors")
+
+
+@pytest.mark.parametrize("shard", ["../evil.safetensors", "/etc/passwd", "sub/x.safetensors", "..", ""])
+def test_index_naming_shards_outside_is_refused(tmp_path, sharded, shard):
+    d = copy_dir(sharded, tmp_path / "m")
+    index = json.loads((d / INDEX_FILE).read_text())
+    index["weight_map"]["lm_head.weight"] = shard
+    (d / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(UnsafePathError, match="not a plain file name"):
+        ModelDir.open(d)
+
+
+def test_symlinked_shard_leading_outside_is_refused(tmp_path, sharded):
+    d = copy_dir(sharded, tmp_path / "m")
+    outside = tmp_path / "outside.safetensors"
+    name = json.loads((d / INDEX_FILE).read_text())["weight_map"]["lm_head.weight"]
+    os.replace(d / name, outside)
+    os.symlink(outside, d / name)
+    with pytest.raises(UnsafePathError, match="symlink leads outside"):
+        ModelDir.open(d)
+
+
+def test_missing_shard_and_missing_weights(tmp_path, sharded):
+    d = copy_dir(sharded, tmp_path / "m")
+    name = json.loads((d / INDEX_FILE).read_text())["weight_map"]["lm_head.weight"]
+    os.remove(d / name)
+    with pytest.raises(ModelDirError, match=f"shard {name} is missing"):
+        ModelDir.open(d)
+    for p in d.glob("*.safetensors*"):
+        os.remove(p)
+    with pytest.raises(ModelDirError, match="no model.safetensors"):
+        ModelDir.open(d)
+
+
+def test_index_naming_a_tensor_its_shard_lacks(tmp_path, sharded):
+    d = copy_dir(sharded, tmp_path / "m")
+    index = json.loads((d / INDEX_FILE).read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["ghost.weight"] = first
+    (d / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ModelDirError, match=f"index names ghost.weight in {first}"):
+        ModelDir.open(d)
+
+
+def test_bad_config(tmp_path, sharded):
+    d = copy_dir(sharded, tmp_path / "m")
+    (d / "config.json").write_text("[1")
+    with pytest.raises(ModelDirError, match="config.json: not valid JSON"):
+        ModelDir.open(d)
+
+
+def test_single_file_bf16(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    t = torch.randn(4, 6).to(torch.bfloat16)
+    save_file({"w": t}, d / "model.safetensors")
+    md = ModelDir.open(d)
+    assert md.entry("w").dtype == "BF16" and torch.equal(md.load("w"), t)
