@@ -107,7 +107,7 @@ def _entry(path: Path, name: str, info: Any, data_start: int, data_size: int) ->
     if not isinstance(info, dict):
         raise bad("entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES or DTYPES[dtype][1] is None:
+    if not isinstance(dtype, str) or dtype not in DTYPES or DTYPES[dtype][1] is None:
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")
