@@ -1,0 +1,364 @@
+"""bora-tools merge: proven in transformers, against float64 references, byte for byte, and on every refusal."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from bora_tools.checkpoint import PREFIX, load_adapter
+from bora_tools.cli import cli
+from bora_tools.config import BoraConfig
+from bora_tools.errors import ShapeError
+from bora_tools.math import delta_weight
+from bora_tools.merge import merge_adapter, merge_plan, merged_weight
+from bora_tools.model_dir import INDEX_FILE, ModelDir
+from bora_tools.st_writer import SafetensorsWriter, TensorSpec
+from bora_tools.tiny import build_model, default_targets, save_model_dir
+from bora_tools.training import add_bora, randomize_bora, save_bora
+
+ATOL_LOGITS = 1e-4
+IDS = torch.tensor([[0, 17, 42, 99, 3, 250, 7, 64, 128, 5]])
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def _make(tmp: Path, arch: str, *, dtype=torch.float32, shard="40KB", model_kw=None, **cfg) -> dict:
+    """A sharded base directory, a randomised BoRA adapter on it, and the reference logits."""
+    model = build_model(arch, seed=0, **(model_kw or {}))
+    base_dir = save_model_dir(model.to(dtype), tmp / f"{arch}-base", max_shard_size=shard)
+    model = model.float()
+    base_logits = _logits(model)
+    cfg.setdefault("target_modules", default_targets(arch))
+    config = BoraConfig(**{"r": 4, "bora_blocks": 4, "lora_alpha": 8, **cfg})
+    add_bora(model, config)
+    randomize_bora(model, seed=1)
+    return {"model": model, "base": base_dir, "base_logits": base_logits, "config": config}
+
+
+def _save(case: dict, tmp: Path) -> Path:
+    case["bora_logits"] = _logits(case["model"])
+    return save_bora(case["model"], tmp / "adapter")
+
+
+def _no_leftovers(out: Path) -> bool:
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.bora-tmp-*"))
+
+
+def _dw64(adapter, name: str, scale: float = 1.0) -> torch.Tensor:
+    mod = adapter.modules[name]
+    return delta_weight(mod.A, mod.B, mod.sigma, mod.scaling * scale, dtype=torch.float64)
+
+
+# -- proof in transformers -------------------------------------------------
+
+@pytest.mark.parametrize("arch,cfg", [
+    ("llama", {"use_rslora": True, "rank_pattern": {"q_proj": 8}, "alpha_pattern": {"down_proj": 3.0}}),
+    ("qwen2", {}),
+    ("gpt2", {"fan_in_fan_out": True}),
+])
+def test_merged_model_gives_the_bora_logits(tmp_path, arch, cfg):
+    from transformers import AutoModelForCausalLM
+
+    case = _make(tmp_path, arch, **cfg)
+    adapter = _save(case, tmp_path)
+    assert (case["bora_logits"] - case["base_logits"]).abs().max() > 0.1  # the adapter visibly changes the output
+    report = merge_adapter(adapter, case["base"], tmp_path / "out")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert (_logits(merged) - case["bora_logits"]).abs().max() < ATOL_LOGITS
+    base = ModelDir.open(case["base"])
+    assert len(base.shard_names) > 3 and report.shards == len(base.shard_names)
+    assert report.merged == len(load_adapter(adapter).modules)
+    assert json.loads((tmp_path / "out" / INDEX_FILE).read_text()) == base.index  # same layout and size (float32)
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (case["base"] / name).read_bytes()
+
+
+def test_modules_to_save_replace_the_base_tensor(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    case = _make(tmp_path, "llama", target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        case["model"].lm_head.module.weight.add_(0.05)
+    adapter = _save(case, tmp_path)
+    report = merge_adapter(adapter, case["base"], tmp_path / "out")
+    assert report.replaced == 1
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert (_logits(merged) - case["bora_logits"]).abs().max() < ATOL_LOGITS
+
+
+# -- weights against float64 references -----------------------------------
+
+def _base_tensors(base: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(base.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_float32_merge_within_1e6_of_float64(tmp_path):
+    case = _make(tmp_path, "llama")
+    adapter_dir = _save(case, tmp_path)
+    merge_adapter(adapter_dir, case["base"], tmp_path / "out", scale=0.5)
+    adapter, base, merged = load_adapter(adapter_dir), _base_tensors(case["base"]), _base_tensors(tmp_path / "out")
+    for name in adapter.modules:
+        ref = base[name + ".weight"].double() + _dw64(adapter, name, 0.5)
+        assert merged[name + ".weight"].dtype == torch.float32
+        assert (merged[name + ".weight"].double() - ref).abs().max() < 1e-6
+        assert not torch.equal(merged[name + ".weight"], base[name + ".weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_merge_rounds_once_and_copies_the_rest_byte_for_byte(tmp_path, dtype):
+    case = _make(tmp_path, "qwen2", dtype=dtype)
+    adapter_dir = _save(case, tmp_path)
+    report = merge_adapter(adapter_dir, case["base"], tmp_path / "out")
+    adapter, base, merged = load_adapter(adapter_dir), _base_tensors(case["base"]), _base_tensors(tmp_path / "out")
+    for name in adapter.modules:
+        ref = (base[name + ".weight"].double() + _dw64(adapter, name)).to(dtype)
+        assert merged[name + ".weight"].dtype == dtype
+        assert (merged[name + ".weight"] == ref).double().mean() > 0.999
+    untouched = [n for n in base if n[: -len(".weight")] not in adapter.modules]
+    assert report.copied == len(untouched) > 0
+    base_dir, out_dir = ModelDir.open(case["base"]), ModelDir.open(tmp_path / "out")
+    for name in untouched:
+        a, b = base_dir.entries[name], out_dir.entries[name]
+        assert _raw(a) == _raw(b)
+
+
+def _raw(entry) -> bytes:
+    with open(entry.shard, "rb") as f:
+        f.seek(entry.start)
+        return f.read(entry.nbytes)
+
+
+def test_scale_zero_reproduces_the_base_files_byte_for_byte(tmp_path):
+    # W + 0 * dW == W exactly: what is left to differ is the writer, whose
+    # header and layout must be safetensors' own (the base was written by it).
+    case = _make(tmp_path, "gpt2", fan_in_fan_out=True)
+    merge_adapter(_save(case, tmp_path), case["base"], tmp_path / "out", scale=0.0)
+    for f in case["base"].iterdir():
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_dtype_bfloat16_casts_a_float32_base(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    case = _make(tmp_path, "llama")
+    adapter_dir = _save(case, tmp_path)
+    report = merge_adapter(adapter_dir, case["base"], tmp_path / "out", dtype="bfloat16")
+    merged = _base_tensors(tmp_path / "out")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    assert report.converted > 0 and report.copied == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in merged.values())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert model.dtype == torch.bfloat16
+    assert (_logits(model) - case["bora_logits"]).abs().max() < 0.1  # bfloat16 weights: a looser, explicit bound
+
+
+def test_single_file_base(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    case = _make(tmp_path, "llama", shard="10GB")
+    assert (case["base"] / "model.safetensors").is_file()
+    merge_adapter(_save(case, tmp_path), case["base"], tmp_path / "out")
+    assert not (tmp_path / "out" / INDEX_FILE).exists()
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert (_logits(merged) - case["bora_logits"]).abs().max() < ATOL_LOGITS
+
+
+# -- the per-tensor API and the writer ------------------------------------
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_merged_weight_in_small_chunks(monkeypatch, fan_in_fan_out):
+    import bora_tools.merge as merge
+
+    from bora_tools.checkpoint import BoraModule
+
+    monkeypatch.setattr(merge, "CPU_CHUNK_ELEMENTS", 70)  # chunks cut across blocks of rows
+    g = torch.Generator().manual_seed(0)
+    m, n, b, r = 48, 32, 4, 3
+    mod = BoraModule("x", torch.randn(r, n, generator=g), torch.randn(m, r, generator=g),
+                     torch.randn(b, b, r, generator=g), 0.5)
+    w = torch.randn(m, n, generator=g)
+    dw = delta_weight(mod.A, mod.B, mod.sigma, 0.5 * 2.0, dtype=torch.float64)
+    stored, ref = (w.T.contiguous(), (w.double() + dw).T) if fan_in_fan_out else (w, w.double() + dw)
+    out = merged_weight(stored, mod, fan_in_fan_out=fan_in_fan_out, scale=2.0, out_dtype=torch.float32)
+    assert out.shape == stored.shape and (out.double() - ref).abs().max() < 1e-5
+    with pytest.raises(ShapeError, match="implies base shape"):
+        merged_weight(torch.zeros(m + 4, n), mod, fan_in_fan_out=fan_in_fan_out)
+
+
+def test_merge_plan_names_base_tensors(tmp_path):
+    case = _make(tmp_path, "llama", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    plan = merge_plan(load_adapter(_save(case, tmp_path)), ModelDir.open(case["base"]))
+    assert sorted(plan) == ["lm_head.weight", "model.layers.0.self_attn.q_proj.weight",
+                            "model.layers.1.self_attn.q_proj.weight"]
+    assert isinstance(plan["lm_head.weight"], torch.Tensor)
+
+
+def test_writer_bytes_equal_safetensors_save_file(tmp_path):
+    tensors = {"z": torch.arange(3, dtype=torch.int64), "c": torch.randn(2, 3), "é": torch.randn(1),
+               "a": torch.randn(4, dtype=torch.bfloat16), "b": torch.randn(2, 2, dtype=torch.float16)}
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    order = ["z", "c", "é", "a", "b"]  # safetensors' order: wider dtypes first, then by name
+    specs = [TensorSpec(k, {torch.int64: "I64", torch.float32: "F32", torch.bfloat16: "BF16",
+                            torch.float16: "F16"}[tensors[k].dtype], tuple(tensors[k].shape)) for k in order]
+    with SafetensorsWriter(tmp_path / "ours.safetensors", specs, metadata={"format": "pt"}) as w:
+        for k in order:
+            w.write(k, tensors[k])
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", (tmp_path / "ours.safetensors").read_bytes()[:8])
+    assert n % 8 == 0
+
+
+def test_writer_enforces_order_and_completeness(tmp_path):
+    specs = [TensorSpec("a", "F32", (2,)), TensorSpec("b", "F32", (1,))]
+    with pytest.raises(RuntimeError, match="next tensor is 'a'"):
+        with SafetensorsWriter(tmp_path / "x", specs) as w:
+            w.write("b", torch.ones(1))
+    with pytest.raises(RuntimeError, match="only 8 left"):
+        with SafetensorsWriter(tmp_path / "x", specs) as w:
+            w.write("a", torch.ones(3))
+    with pytest.raises(RuntimeError, match="incomplete: tensor 'b'"):
+        with SafetensorsWriter(tmp_path / "x", specs) as w:
+            w.write("a", torch.ones(2))
+
+
+# -- the command line and every refusal -----------------------------------
+
+def _run(*args) -> object:
+    return CliRunner().invoke(cli, ["merge", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("llama")
+    case = _make(tmp, "llama")
+    case["adapter"] = _save(case, tmp)
+    case["tmp"] = tmp
+    return case
+
+
+def test_cli_merges_and_reports_json(llama, tmp_path):
+    out = tmp_path / "merged"
+    result = _run(llama["adapter"], "--base", llama["base"], "--out", out, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["merged"] == 14 and summary["copied"] == 7 and summary["device"] == "cpu"
+    assert ModelDir.open(out).entries.keys() == ModelDir.open(llama["base"]).entries.keys()
+    again = _run(llama["adapter"], "--base", llama["base"], "--out", out, "--overwrite", "--scale", "0")
+    assert again.exit_code == 0, again.output
+    assert (out / "model-00002-of-00012.safetensors").read_bytes() == \
+        (llama["base"] / "model-00002-of-00012.safetensors").read_bytes()
+
+
+def _expect_refusal(out: Path, result, *words: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()  # a progress label may come first
+    errors = [line for line in lines if "Error" in line]
+    assert len(errors) == 1 and lines[-1].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[-1], lines[-1]
+    assert _no_leftovers(out)
+
+
+def test_refuses_existing_output(llama, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _run(llama["adapter"], "--base", llama["base"], "--out", out)
+    assert result.exit_code == 1 and "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_refuses_module_absent_from_base(llama, tmp_path):
+    other = _make(tmp_path, "llama", model_kw={"layers": 3})  # layer 2 does not exist in the 2-layer base
+    adapter = _save(other, tmp_path)
+    _expect_refusal(tmp_path / "out", _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+                    "model.layers.2.self_attn.q_proj", "no tensor")
+
+
+def test_refuses_mismatched_shapes(llama, tmp_path):
+    other = _make(tmp_path, "llama", model_kw={"intermediate": 96})
+    adapter = _save(other, tmp_path)
+    _expect_refusal(tmp_path / "out", _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+                    "gate_proj", "(96, 64)", "(128, 64)")
+
+
+def _raw_adapter(tmp: Path, tensors: dict, **cfg) -> Path:
+    path = tmp / "raw-adapter"
+    path.mkdir()
+    config = BoraConfig(**{"r": 2, "bora_blocks": 3, "target_modules": ["q_proj"], **cfg})
+    config.save(path)
+    save_file(tensors, path / "adapter_model.safetensors")
+    return path
+
+
+def test_refuses_blocks_that_do_not_divide(llama, tmp_path):
+    key = PREFIX + "model.layers.0.self_attn.q_proj"
+    adapter = _raw_adapter(tmp_path, {key + ".lora_A.weight": torch.zeros(2, 64), key + ".lora_B.weight": torch.zeros(64, 2),
+                                      key + ".bora_sigma": torch.ones(3, 3, 2)})
+    _expect_refusal(tmp_path / "out", _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+                    "q_proj", "not divisible by bora_blocks b=3")
+
+
+def test_refuses_non_finite_values(llama, tmp_path):
+    key = PREFIX + "model.layers.0.self_attn.q_proj"
+    b_factor = torch.zeros(64, 2)
+    b_factor[3, 1] = float("nan")
+    adapter = _raw_adapter(tmp_path, {key + ".lora_A.weight": torch.zeros(2, 64), key + ".lora_B.weight": b_factor,
+                                      key + ".bora_sigma": torch.ones(2, 2, 2)}, bora_blocks=2)
+    _expect_refusal(tmp_path / "out", _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+                    key + ".lora_B.weight", "non-finite")
+
+
+def test_refuses_shard_names_outside_the_base(llama, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama["base"], base)
+    index = json.loads((base / INDEX_FILE).read_text())
+    index["weight_map"]["lm_head.weight"] = "../evil.safetensors"
+    (base / INDEX_FILE).write_text(json.dumps(index))
+    _expect_refusal(tmp_path / "out", _run(llama["adapter"], "--base", base, "--out", tmp_path / "out"), "../evil.safetensors")
+
+
+def test_refuses_tied_lm_head(tmp_path):
+    case = _make(tmp_path, "qwen2", target_modules=["q_proj", "lm_head"])
+    adapter = _save(case, tmp_path)
+    _expect_refusal(tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out"), "lm_head", "tie")
+
+
+def test_refuses_float16_overflow(tmp_path):
+    case = _make(tmp_path, "llama", dtype=torch.float16, target_modules=["v_proj"])
+    adapter = _save(case, tmp_path)
+    _expect_refusal(tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out", "--scale", "1e9"),
+                    "v_proj", "overflows float16")
+
+
+def test_refuses_non_finite_scale(llama, tmp_path):
+    _expect_refusal(tmp_path / "out", _run(llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out", "--scale", "nan"),
+                    "--scale")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_merge_matches_cpu(llama, tmp_path):
+    merge_adapter(llama["adapter"], llama["base"], tmp_path / "cpu", device="cpu")
+    merge_adapter(llama["adapter"], llama["base"], tmp_path / "gpu", device="cuda")
+    cpu, gpu = _base_tensors(tmp_path / "cpu"), _base_tensors(tmp_path / "gpu")
+    assert all((cpu[k] - gpu[k]).abs().max() < 1e-5 for k in cpu)
