@@ -178,6 +178,38 @@ def demo_cmd(workdir: Path | None, steps: int) -> None:
     run_demo(workdir=workdir, steps=steps, say=click.echo, progress=make_progress())
 
 
+@cli.command("merge")
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--base", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The base model directory (config.json, safetensors shards).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The merged model directory to write.")
+@click.option("--dtype", type=dtype_choice, default="auto", show_default=True,
+              help="Output dtype of float tensors; auto keeps each base tensor's dtype.")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the update: W + scale * dW.")
+@device_option
+@overwrite_option
+@json_option
+@common_options
+def merge_cmd(adapter: Path, base: Path, out: Path, dtype: str, scale: float, device: str, overwrite: bool,
+              as_json: bool) -> None:
+    """Merge a BoRA adapter into its base model: OUT is a complete model directory.
+
+    Example: bora-tools merge ./my-bora-adapter --base ./Llama-3.2-1B --out ./merged --dtype bfloat16
+    """
+    from bora_tools.merge import merge_adapter
+
+    report = merge_adapter(adapter, base, out, dtype=dtype, scale=scale, device=device, overwrite=overwrite,
+                           progress=make_progress())
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    click.echo(f"{out}: {report.merged} weights merged (W + {report.scale:g} * dW, float32 on {report.device}), "
+               f"{report.replaced} replaced (modules_to_save), {report.copied} copied as raw bytes"
+               + (f", {report.converted} cast to {report.dtype}" if report.converted else ""))
+    click.echo(f"{report.shards} shard(s), {report.bytes_written / 2**20:.1f} MiB, "
+               f"{len(report.other_files)} other file(s) copied, {report.seconds:.1f} s")
+
+
 # Commands are registered above this line.
 
 
