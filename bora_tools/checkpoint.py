@@ -9,7 +9,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -214,8 +214,9 @@ def _module_problems(name: str, p: dict[str, torch.Tensor], config: BoraConfig) 
     return out
 
 
-def _natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in name.split(".")]
+def _natural_key(name: str) -> list[tuple[int, int, str]]:
+    # layers.2 before layers.10; (kind, number, text) keeps mixed components comparable
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in name.split(".")]
 
 
 def check_against_base(adapter: BoraAdapter, shape_of: Callable[[str], tuple[int, ...] | None], *, source: str = "adapter") -> None:
@@ -258,7 +259,3 @@ def save_adapter(adapter: BoraAdapter, path: str | Path, *, overwrite: bool = Fa
         adapter.config.save(tmp)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     return path
-
-
-def iter_module_names(adapter: BoraAdapter) -> Iterable[str]:
-    return adapter.modules.keys()
