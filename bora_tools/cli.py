@@ -178,6 +178,53 @@ def demo_cmd(workdir: Path | None, steps: int) -> None:
     run_demo(workdir=workdir, steps=steps, say=click.echo, progress=make_progress())
 
 
+@cli.command("push")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, metavar="BRANCH",
+              help="Commit to this branch, created from main when missing; with --create-pr, the PR's target.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--commit-message", default=None, help="Default: 'Upload <what PATH holds> with bora-tools'.")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN, then the saved login); never printed.")
+@click.option("--include", multiple=True, metavar="PATTERN", help="Upload only the paths matching (repeatable).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Skip the paths matching (repeatable); --exclude README.md leaves out the generated card.")
+@click.option("--base-model", default=None, metavar="OWNER/NAME",
+              help="Base model for the card, when the files only record a local path.")
+@json_option
+@common_options
+def push_cmd(path: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool,
+             commit_message: str | None, token: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+             base_model: str | None, as_json: bool) -> None:
+    """Upload PATH (a directory or a .gguf file) to the Hub model repo REPO_ID, in one commit.
+
+    Adds a model card when PATH has no README.md. Files already on the Hub are not sent again.
+    Another server: set HF_ENDPOINT (and HF_HUB_DISABLE_XET=1 if it has no Xet storage).
+
+    Example: bora-tools push ./my-bora-adapter me/my-bora --private
+    """
+    from bora_tools.hub import push
+
+    if _state().quiet:
+        from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+
+        disable_progress_bars()
+        hf_logging.set_verbosity_error()
+    result = push(path=path, repo_id=repo_id, private=private, revision=revision, create_pr=create_pr,
+                  commit_message=commit_message, token=token, include=include, exclude=exclude,
+                  base_model=base_model)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    click.echo(f"Pushed {len(result.files)} file(s) to {result.repo_id}@{result.revision}"
+               + (" as a pull request" if result.pr_url else "")
+               + (", with a generated model card" if result.card_written else ""))
+    click.echo(f"Commit: {result.commit_url}")
+    if result.pr_url:
+        click.echo(f"Pull request: {result.pr_url}")
+
+
 @cli.command("merge")
 @click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--base", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),

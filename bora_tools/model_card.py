@@ -1,0 +1,248 @@
+"""Model cards for ``bora-tools push``: tell what a path holds, then describe it.
+
+A path holds one of: a BoRA adapter (``adapter_config.json`` with
+``"peft_type": "BORA"``), a PEFT adapter (LoRA or another ``peft_type``), a
+full or merged model (``config.json`` and weights), or GGUF files (a full
+model or a LoRA adapter, told apart by ``general.type``). The card's metadata
+follows the Hub's model-card spec; ``base_model`` is only ever a Hub id, never
+a local path. Cards are deterministic (no dates), so pushing the same
+directory twice yields the same ``README.md`` and no new commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bora_tools.errors import ConfigError
+from bora_tools.progress import logger
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+_HUB_URL = re.compile(r"^https://huggingface\.co/(?:models/)?([^/]+/[^/]+?)/?$")
+
+# What each kind of source writes into the card's metadata. base_model_relation uses the Hub's
+# four values: adapters are "adapter"; a full model made by merging one adapter into one base is a
+# "finetune" of that base ("merge" is the Hub's word for combining several models, as mergekit
+# does); a GGUF conversion of a model is "quantized" (the Hub's own choice for GGUF files).
+KINDS: dict[str, dict[str, Any]] = {
+    "bora": {"label": "BoRA adapter", "library_name": "peft", "relation": "adapter",
+             "tags": ["bora", "peft", "bora-tools"]},
+    "lora": {"label": "PEFT LoRA adapter", "library_name": "peft", "relation": "adapter",
+             "tags": ["lora", "peft", "bora-tools"]},
+    "peft": {"label": "PEFT adapter", "library_name": "peft", "relation": "adapter", "tags": ["peft", "bora-tools"]},
+    "model": {"label": "model", "library_name": "transformers", "relation": "finetune", "tags": ["bora-tools"]},
+    "gguf-model": {"label": "GGUF model", "library_name": "gguf", "relation": "quantized",
+                   "tags": ["gguf", "llama.cpp", "bora-tools"]},
+    "gguf-lora": {"label": "GGUF LoRA adapter", "library_name": "gguf", "relation": "adapter",
+                  "tags": ["gguf", "lora", "llama.cpp", "bora-tools"]},
+    "unknown": {"label": "files", "library_name": None, "relation": None, "tags": ["bora-tools"]},
+}
+
+
+@dataclass
+class Source:
+    """What a path holds: its kind, the Hub ids of its base models, and details for the card body."""
+
+    kind: str
+    base_model: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    relation: str | None = None  # overrides KINDS[kind]["relation"] when the evidence says otherwise
+
+    @property
+    def label(self) -> str:
+        return KINDS[self.kind]["label"]
+
+
+def hub_model_id(value: Any, *, what: str) -> str | None:
+    """``value`` when it names a model on the Hub (``owner/name``), else ``None`` with a warning.
+
+    Local paths never reach a card: absolute paths, paths starting with ``.`` or ``/``, anything that
+    exists on disk and anything not of the form ``owner/name`` are dropped.
+
+    Example: ``hub_model_id("meta-llama/Llama-3.2-1B", what="base model")`` -> ``"meta-llama/Llama-3.2-1B"``.
+    """
+    if not value:
+        return None
+    text = str(value).strip()
+    match = _HUB_URL.match(text)
+    if match:
+        text = match.group(1)
+    local = os.path.isabs(text) or text.startswith((".", "/", "~")) or os.path.exists(text)
+    if local or not _HUB_ID.match(text):
+        logger.warning(f"{what} {text!r} is not a Hub model id (owner/name), so the model card leaves "
+                       "base_model out (give the base model's Hub id with --base-model to record it)")
+        return None
+    return text
+
+
+def describe_source(path: Path, *, base_model: str | None = None) -> Source:
+    """Tell what ``path`` (a directory or one ``.gguf`` file) holds.
+
+    ``base_model`` (a Hub id) replaces whatever the files say about their base model.
+
+    Example: ``describe_source(Path("out/adapter")).kind`` -> ``"bora"``.
+    """
+    source = _detect(Path(path))
+    found_in = source.details.pop("base_from", "base model")
+    refs, what = ([base_model], "base model") if base_model is not None else (source.base_model, found_in)
+    source.base_model = []
+    for ref in refs:
+        ref_id = hub_model_id(ref, what=what)
+        if ref_id and ref_id not in source.base_model:
+            source.base_model.append(ref_id)
+    return source
+
+
+def _detect(path: Path) -> Source:
+    """The kind of ``path`` and its base model references, as the files state them (not yet checked)."""
+    if path.is_file():
+        return _describe_gguf([path]) if path.suffix == ".gguf" else Source("unknown")
+    adapter_config = path / "adapter_config.json"
+    if adapter_config.is_file():
+        return _describe_adapter(path, _read_json(adapter_config))
+    config = path / "config.json"
+    weights = sorted(p.name for p in path.glob("*.safetensors")) + sorted(p.name for p in path.glob("*.bin"))
+    if config.is_file() and weights:
+        return _describe_model(_read_json(config), weights)
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs:
+        return _describe_gguf(ggufs)
+    return Source("unknown")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _describe_adapter(path: Path, config: dict[str, Any]) -> Source:
+    peft_type = str(config.get("peft_type", "")).upper()
+    kind = {"BORA": "bora", "LORA": "lora"}.get(peft_type, "peft")
+    base = config.get("base_model_name_or_path")
+    details: dict[str, Any] = {"base_from": "adapter_config.json base_model_name_or_path"}
+    details |= {k: config[k] for k in ("peft_type", "r", "bora_blocks", "lora_alpha", "use_rslora", "target_modules",
+                                      "rank_pattern", "alpha_pattern", "modules_to_save", "task_type") if k in config}
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        details.update(_adapter_counts(_safetensors_shapes(weights)))
+    return Source(kind, [base] if base else [], details)
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header (8-byte little-endian length, then JSON): no tensor is read."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > os.fstat(f.fileno()).st_size - 8:
+                raise ValueError(f"header length {length} is beyond the end of the file")
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable safetensors file: {e}") from e
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _adapter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
+    modules = {k.rsplit(".lora_A.", 1)[0] for k in shapes if ".lora_A." in k}
+    params = 0
+    for shape in shapes.values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        params += count
+    return {"modules": len(modules), "parameters": params}
+
+
+def _describe_model(config: dict[str, Any], weights: list[str]) -> Source:
+    base = config.get("_name_or_path")
+    details = {"architectures": config.get("architectures") or [], "model_type": config.get("model_type"),
+               "dtype": config.get("dtype") or config.get("torch_dtype"), "weights": weights,
+               "base_from": "config.json _name_or_path"}
+    return Source("model", [base] if base else [], details)
+
+
+def _describe_gguf(files: list[Path]) -> Source:
+    entries = [_read_gguf(f) for f in files]
+    adapters = all(e["type"] == "adapter" for e in entries)
+    # A GGUF model names the model it was converted from (general.source.*), of which it is the
+    # "quantized" form, and that model's own bases (general.base_model.*); when only the bases are
+    # known, the file is a fine-tune of them. An adapter's general.base_model.* is what it applies to.
+    refs = [ref for e in entries for ref in (e["bases"] if adapters else e["source"] or e["bases"])]
+    finetune = not adapters and any(e["bases"] and not e["source"] for e in entries)
+    details = {"files": entries, "base_from": "GGUF base model"}
+    return Source("gguf-lora" if adapters else "gguf-model", refs, details, "finetune" if finetune else None)
+
+
+def _read_gguf(path: Path) -> dict[str, Any]:
+    import gguf  # lazy: only GGUF sources need it
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # GGUFReader raises ValueError, struct errors, ... on foreign files
+        raise ConfigError(f"{path}: not a readable GGUF file: {e}") from e
+
+    def value(key: str) -> Any:
+        f = reader.get_field(key)
+        return f.contents() if f is not None else None
+
+    general = gguf.Keys.General
+    kind = value(general.TYPE) or ("adapter" if value(gguf.Keys.Adapter.TYPE) else "model")
+    count = value(general.BASE_MODEL_COUNT) or 0
+    bases = [value(general.BASE_MODEL_REPO_URL.format(id=i)) for i in range(count)]
+    file_type = value(general.FILE_TYPE)
+    try:
+        type_name = gguf.LlamaFileType(file_type).name if file_type is not None else None
+    except ValueError:
+        type_name = str(file_type)
+    return {"file": path.name, "type": kind, "architecture": value(general.ARCHITECTURE),
+            "name": value(general.NAME), "file_type": type_name, "lora_alpha": value(gguf.Keys.Adapter.LORA_ALPHA),
+            "source": [s for s in [value(general.SOURCE_REPO_URL)] if s], "bases": [b for b in bases if b]}
+
+
+def build_model_card(path: Path, *, repo_id: str | None = None, base_model: str | None = None) -> "ModelCard":
+    """A ``huggingface_hub.ModelCard`` describing what ``path`` holds and how to use it.
+
+    ``base_model`` (a Hub id) replaces whatever the files say about their base model.
+
+    Example::
+
+        card = build_model_card(Path("out/adapter"), repo_id="me/my-bora")
+        card.data.base_model_relation   # "adapter"
+    """
+    source = describe_source(Path(path), base_model=base_model)
+    return render_card(source, title=(repo_id or Path(path).name).split("/")[-1], repo_id=repo_id)
+
+
+def render_card(source: Source, *, title: str, repo_id: str | None = None) -> "ModelCard":
+    """The card for an already described ``source`` (see ``build_model_card``)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from bora_tools.model_card_text import card_body
+
+    kind = KINDS[source.kind]
+    meta: dict[str, Any] = {"library_name": kind["library_name"], "tags": list(kind["tags"])}
+    if source.base_model:
+        meta["base_model"] = source.base_model[0] if len(source.base_model) == 1 else source.base_model
+        meta["base_model_relation"] = source.relation or kind["relation"]
+    pipeline = _pipeline_tag(source)
+    if pipeline:
+        meta["pipeline_tag"] = pipeline
+    data = ModelCardData(**{k: v for k, v in meta.items() if v is not None})
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(source, title=title, repo_id=repo_id)}")
+
+
+def _pipeline_tag(source: Source) -> str | None:
+    if source.details.get("task_type") == "CAUSAL_LM":
+        return "text-generation"
+    if any(str(a).endswith("ForCausalLM") for a in source.details.get("architectures", [])):
+        return "text-generation"
+    return None
