@@ -1,0 +1,255 @@
+"""``bora-tools export-gguf``: full models, merged models and LoRA adapters for llama.cpp.
+
+Three sources, one entry point (``export_gguf``):
+
+- a model directory -> a full GGUF (weights, hyperparameters, tokenizer);
+- an adapter with ``base`` -> a GGUF LoRA adapter for llama.cpp's ``--lora``
+  (``bora_tools.gguf_lora``);
+- an adapter with ``base`` and ``merge`` -> the merged model as a full GGUF in
+  one pass: each adapted weight is merged (``bora_tools.merge.merged_weight``)
+  just before it is written, and no merged safetensors ever exist.
+
+Everything is checked before the first byte is written; tensors then stream
+to disk one at a time (``bora_tools.gguf_write``), so memory holds about one
+tensor whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+
+from bora_tools.checkpoint import BoraModule, load_adapter
+from bora_tools.config import CONFIG_NAME
+from bora_tools.devices import resolve_device
+from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
+from bora_tools.gguf_hparams import Hparams, add_hparams, read_hparams, rope_freq_factors
+from bora_tools.gguf_vocab import read_vocab
+from bora_tools.gguf_write import (OUTTYPES, ArchSpec, PlannedTensor, add_general, arch_spec, qk_heads, qk_row_order,
+                                   tensor_type, torch_dtype_for, write_streaming)
+from bora_tools.model_dir import ModelDir, TensorEntry, read_tensor
+from bora_tools.output import atomic_output, check_target
+from bora_tools.progress import Progress, logger, no_progress
+
+#: Tensors the HF checkpoints may carry that llama.cpp recomputes itself.
+_SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None = None, merge: bool = False,
+                rank: int | str = "full", outtype: str = "f16", overwrite: bool = False, device: str = "auto",
+                progress: Progress = no_progress) -> dict[str, Any]:
+    """Export a model directory, or an adapter (with ``base``), as GGUF for llama.cpp.
+
+    Example::
+
+        export_gguf("models/tiny-llama", "tiny.gguf", outtype="q8_0")          # full model
+        export_gguf("my-adapter", "lora.gguf", base="models/tiny-llama")       # LoRA adapter
+        export_gguf("my-adapter", "merged.gguf", base="models/tiny-llama", merge=True)
+
+    Args:
+        rank: ``"full"`` (the exact LoRA form, rank ``b*r``) or an int ``K``
+            (the best rank-``K`` truncation); LoRA adapters only.
+        outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the big matrices.
+
+    Returns:
+        A report: kind, path, architecture, tensor types, fallbacks, vocabulary, timings.
+
+    Raises:
+        ConfigError: contradictory options (an adapter without ``base``, ...).
+        UnsupportedError: an architecture or setting llama.cpp export does not handle.
+        ModelDirError, CheckpointError, ShapeError: bad inputs, named.
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+    """
+    source, out = Path(source), Path(out)
+    _check_options(source, base=base, merge=merge, rank=rank, outtype=outtype)
+    start = time.perf_counter()
+    if base is None:
+        report = export_model(ModelDir.open(source), out, outtype=outtype, overwrite=overwrite, progress=progress)
+    elif merge:
+        report = _export_merged(source, Path(base), out, outtype=outtype, overwrite=overwrite, device=device,
+                                progress=progress)
+    else:
+        from bora_tools.gguf_lora import export_lora
+
+        report = export_lora(source, Path(base), out, rank=rank, outtype=outtype, overwrite=overwrite,
+                             progress=progress)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def _check_options(source: Path, *, base: Any, merge: bool, rank: Any, outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
+    is_adapter = (source / CONFIG_NAME).is_file()
+    if is_adapter and base is None:
+        raise ConfigError(f"{source} is an adapter: give --base BASE (the model directory it was trained on)")
+    if not is_adapter and base is not None:
+        raise ConfigError(f"{source} has no {CONFIG_NAME}: --base applies only when SOURCE is an adapter")
+    if merge and base is None:
+        raise ConfigError("--merge needs an adapter as SOURCE and --base BASE")
+    if rank != "full" and (base is None or merge):
+        raise ConfigError("--rank applies only to a LoRA adapter export (an adapter with --base, without --merge)")
+    if rank != "full" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ConfigError(f"--rank {rank!r}: expected a positive integer or 'full'")
+
+
+def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite: bool = False,
+                 replacements: dict[str, BoraModule | torch.Tensor] | None = None,
+                 device: torch.device | str = "cpu", progress: Progress = no_progress,
+                 kind: str = "model") -> dict[str, Any]:
+    """Write ``model`` (with ``replacements`` merged in, if any) as a full GGUF file.
+
+    ``replacements`` maps base tensor names to a ``BoraModule`` (written as
+    ``W + dW``) or a whole tensor (``modules_to_save``), as ``merge.merge_plan``
+    returns them.
+
+    Example: ``export_model(ModelDir.open("base"), Path("base.gguf"), outtype="f32")``
+    """
+    config_path = str(model.path / "config.json")
+    spec = arch_spec(model.architecture, source=config_path)
+    hp = read_hparams(model.config, source=config_path)
+    vocab = read_vocab(model.path, vocab_size=hp.vocab_size)
+    plan = plan_model_tensors(model, spec, hp, outtype, replacements=replacements or {}, device=device)
+    check_target(out, overwrite=overwrite)
+    warnings = _warnings(model, hp, plan, outtype) + vocab.notes
+    writer = gguf.GGUFWriter(None, spec.name)
+    add_general(writer, kind=gguf.GGUFType.MODEL, name=model.path.resolve().name, outtype=outtype)
+    add_hparams(writer, hp, spec)
+    vocab.add_to(writer)
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF")
+    return {"kind": kind, "out": str(out), "architecture": spec.name, "hf_architecture": model.architecture,
+            "outtype": outtype, "tensors": len(plan), "bytes": out.stat().st_size,
+            "types": dict(Counter(p.qtype.name for p in plan)),
+            "fallbacks": [{"tensor": p.name, "type": p.qtype.name, "reason": p.fallback} for p in plan if p.fallback],
+            "merged_tensors": sum(1 for p in plan if p.source.endswith("(merged)")),
+            "vocab": vocab.summary(), "warnings": warnings}
+
+
+def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: str, *,
+                       replacements: dict[str, BoraModule | torch.Tensor], device: torch.device | str = "cpu"
+                       ) -> list[PlannedTensor]:
+    """Every tensor of the GGUF, in file order of the shards; every problem is reported at once.
+
+    Raises:
+        UnsupportedError: tensors llama.cpp has no name for, or non-float tensors.
+        ConfigError: shapes that disagree with ``config.json``.
+    """
+    tmap = gguf.get_tensor_name_map(spec.arch, hp.n_layer)
+    unsupported: list[str] = []
+    problems: list[str] = []
+    plan: list[PlannedTensor] = []
+    freqs = rope_freq_factors(hp)
+    if freqs is not None:
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        plan.append(PlannedTensor(name, tuple(freqs.shape), gguf.GGMLQuantizationType.F32, lambda f=freqs: f,
+                                  source="rope_parameters (llama3)"))
+    for shard in model.shard_names:
+        for entry in model.shard_entries(shard):
+            if entry.name.endswith(_SKIPPED_SUFFIXES) or (entry.name == "lm_head.weight" and hp.tie_embeddings):
+                continue  # recomputed by llama.cpp / the same matrix as token_embd
+            gname = tmap.get_name(entry.name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                unsupported.append(f"{entry.name}: no llama.cpp {spec.name} tensor corresponds to it")
+                continue
+            if entry.dtype not in _FLOAT_DTYPES:
+                unsupported.append(f"{entry.name}: dtype {entry.dtype} is not a float type")
+                continue
+            problems.extend(_shape_problems(entry, gname, hp))
+            plan.append(_planned(entry, gname, hp, outtype, spec, replacements.get(entry.name), device))
+    raise_if_problems(str(model.path), unsupported, cls=UnsupportedError)
+    raise_if_problems(str(model.path), problems, cls=ConfigError)
+    return plan
+
+
+def _shape_problems(entry: TensorEntry, gname: str, hp: Hparams) -> list[str]:
+    out = []
+    rows = entry.shape[0] if entry.shape else 0
+    if gname in ("token_embd.weight", "output.weight") and rows != hp.vocab_size:
+        out.append(f"{entry.name}: {rows} rows, but config.json's vocab_size is {hp.vocab_size}")
+    heads = qk_heads(gname, hp)
+    if heads is not None and rows != heads * hp.head_dim:
+        out.append(f"{entry.name}: {rows} rows, expected {heads} heads x head dimension {hp.head_dim}")
+    return out
+
+
+def _planned(entry: TensorEntry, gname: str, hp: Hparams, outtype: str, spec: ArchSpec,
+             replacement: BoraModule | torch.Tensor | None, device: torch.device | str) -> PlannedTensor:
+    qtype, fallback = tensor_type(gname, entry.shape, outtype)
+    heads = qk_heads(gname, hp) if spec.permute_qk else None
+    target = torch_dtype_for(qtype)
+
+    def load() -> torch.Tensor:
+        t = read_tensor(entry)
+        if isinstance(replacement, BoraModule):
+            from bora_tools.merge import merged_weight
+
+            # Merged in float32 and rounded once, straight to the GGUF tensor's dtype.
+            t = merged_weight(t, replacement, fan_in_fan_out=False, device=device, out_dtype=target)
+        elif isinstance(replacement, torch.Tensor):
+            t = replacement
+        if heads is not None:
+            t = t[qk_row_order(t.shape[0], heads).to(t.device)]
+        return t
+
+    how = "(merged)" if isinstance(replacement, BoraModule) else "(modules_to_save)" if replacement is not None else ""
+    return PlannedTensor(gname, tuple(entry.shape), qtype, load, source=f"{entry.name} {how}".strip(),
+                         fallback=fallback)
+
+
+def _warnings(model: ModelDir, hp: Hparams, plan: list[PlannedTensor], outtype: str) -> list[str]:
+    out = []
+    fallbacks = [p.name for p in plan if p.fallback]
+    if fallbacks:
+        shown = ", ".join(fallbacks[:4]) + (f" and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else "")
+        out.append(f"{len(fallbacks)} tensor(s) written as F16 instead of {outtype.upper()}: their rows are not a "
+                   f"multiple of 32 ({shown})")
+    window = model.config.get("sliding_window")
+    if model.architecture == "MistralForCausalLM" and isinstance(window, int) and window < hp.n_ctx:
+        out.append(f"sliding_window {window}: llama.cpp runs this model with full attention; sequences longer "
+                   f"than {window} tokens will differ")
+    for w in out:
+        logger.warning(w)
+    return out
+
+
+def _export_merged(adapter_dir: Path, base_dir: Path, out: Path, *, outtype: str, overwrite: bool, device: str,
+                   progress: Progress) -> dict[str, Any]:
+    from bora_tools.merge import merge_plan
+
+    adapter = load_adapter(adapter_dir)
+    base = ModelDir.open(base_dir)
+    if adapter.config.fan_in_fan_out:
+        raise UnsupportedError(f"{adapter_dir}: fan_in_fan_out adapters (GPT-2 Conv1D) have no GGUF export")
+    replacements = merge_plan(adapter, base)
+    report = export_model(base, out, outtype=outtype, overwrite=overwrite, replacements=replacements,
+                          device=resolve_device(device), progress=progress, kind="merged")
+    report["adapter"] = str(adapter_dir)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A few human-readable lines for the CLI."""
+    types = ", ".join(f"{n} {t}" for t, n in sorted(report.get("types", {}).items()))
+    lines = [f"wrote {report['out']} ({report['bytes'] / 2**20:.1f} MiB, {report['kind']}, "
+             f"llama.cpp arch {report['architecture']}) in {report.get('seconds', 0):.1f} s",
+             f"tensors: {report['tensors']} ({types})"]
+    if "vocab" in report:
+        v = report["vocab"]
+        lines.append(f"tokenizer: {v['model']} / pre-tokenizer {v['pre']}, {v['tokens']} tokens"
+                     + (f" ({v['padded']} padding)" if v["padded"] else "") + f" from {v['source']}")
+    if report.get("merged_tensors"):
+        lines.append(f"merged: {report['merged_tensors']} adapted weights merged in one pass from {report['adapter']}")
+    for m in report.get("modules", []):
+        lines.append(f"  {m['gguf_name']:<28} rank {m['rank']:>4} / {m['max_rank']:<4} "
+                     f"rel. error {m['relative_error']:.2e}")
+    if report.get("fallbacks"):
+        lines.append(f"{len(report['fallbacks'])} tensor(s) kept as F16: rows not a multiple of 32")
+    return "\n".join(lines)
+

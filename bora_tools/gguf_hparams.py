@@ -1,0 +1,152 @@
+"""The hyperparameters llama.cpp needs, read from ``config.json`` and checked before any work.
+
+transformers 5 stores the rotary settings in ``rope_parameters``
+(``{"rope_theta": ..., "rope_type": ...}``); older configs keep ``rope_theta``
+at the top level and the scaling in ``rope_scaling``. Both are read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import gguf
+import torch
+
+from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
+from bora_tools.gguf_write import ArchSpec
+
+DEFAULT_ROPE_THETA = 10000.0
+#: rope_type values handled; anything else is refused rather than silently mis-rotated.
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class Hparams:
+    """Decoder hyperparameters in llama.cpp's terms."""
+
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    vocab_size: int
+    n_ctx: int
+    rms_eps: float
+    head_dim: int
+    explicit_head_dim: bool
+    tie_embeddings: bool
+    rope_theta: float = DEFAULT_ROPE_THETA
+    rope: dict[str, Any] = field(default_factory=dict)  # rope_type and its parameters
+
+    @property
+    def rope_type(self) -> str:
+        return str(self.rope.get("rope_type") or self.rope.get("type") or "default")
+
+
+def read_hparams(config: dict[str, Any], *, source: str) -> Hparams:
+    """Read and check the decoder hyperparameters of a llama-family ``config.json``.
+
+    Example::
+
+        hp = read_hparams(json.load(open("config.json")), source="config.json")
+        hp.n_head, hp.n_head_kv, hp.rope_theta      # (32, 8, 500000.0)
+
+    Raises:
+        ConfigError: a missing or invalid value; every one is named.
+        UnsupportedError: a rotary scaling type llama.cpp would not reproduce here.
+    """
+    problems: list[str] = []
+
+    def need(key: str, default: Any = None) -> int:
+        value = config.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{key}: expected a positive integer, found {value!r}")
+            return 1
+        return value
+
+    n_head = need("num_attention_heads")
+    hp = Hparams(n_layer=need("num_hidden_layers"), n_embd=need("hidden_size"), n_ff=need("intermediate_size"),
+                 n_head=n_head, n_head_kv=need("num_key_value_heads", n_head), vocab_size=need("vocab_size"),
+                 n_ctx=need("max_position_embeddings", 4096), rms_eps=_number(config, "rms_norm_eps", 1e-6, problems),
+                 head_dim=1, explicit_head_dim=config.get("head_dim") is not None,
+                 tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+    hp.head_dim = need("head_dim") if hp.explicit_head_dim else hp.n_embd // max(hp.n_head, 1)
+    if not hp.explicit_head_dim and hp.n_embd % hp.n_head:
+        problems.append(f"hidden_size {hp.n_embd} is not divisible by num_attention_heads {hp.n_head}")
+    if hp.n_head % hp.n_head_kv:
+        problems.append(f"num_attention_heads {hp.n_head} is not a multiple of num_key_value_heads {hp.n_head_kv}")
+    if hp.head_dim % 2:
+        problems.append(f"head dimension {hp.head_dim} is odd; rotary embeddings need pairs")
+    hp.rope, hp.rope_theta = _rope(config, problems)
+    raise_if_problems(source, problems, cls=ConfigError)
+    if hp.rope_type not in ROPE_TYPES:
+        raise UnsupportedError(f"{source}: rope_type {hp.rope_type!r} is not supported for GGUF export "
+                               f"(supported: {', '.join(ROPE_TYPES)})")
+    return hp
+
+
+def _number(config: dict[str, Any], key: str, default: float, problems: list[str]) -> float:
+    value = config.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        problems.append(f"{key}: expected a positive number, found {value!r}")
+        return default
+    return float(value)
+
+
+def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], float]:
+    params = config.get("rope_parameters")
+    if params is None:  # transformers 4: top-level rope_theta, scaling apart
+        params = dict(config.get("rope_scaling") or {})
+        if "rope_theta" in config:
+            params["rope_theta"] = config["rope_theta"]
+    if not isinstance(params, dict):
+        problems.append(f"rope_parameters: expected an object, found {params!r}")
+        return {}, DEFAULT_ROPE_THETA
+    theta = _number(params, "rope_theta", DEFAULT_ROPE_THETA, problems)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind in ("linear", "llama3"):
+        _number(params, "factor", 1.0, problems)
+    return dict(params), theta
+
+
+def add_hparams(writer: gguf.GGUFWriter, hp: Hparams, spec: ArchSpec) -> None:
+    """Write the ``{arch}.*`` keys llama.cpp reads for this architecture."""
+    writer.add_vocab_size(hp.vocab_size)
+    writer.add_context_length(hp.n_ctx)
+    writer.add_embedding_length(hp.n_embd)
+    writer.add_block_count(hp.n_layer)
+    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_head_kv)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_rope_dimension_count(hp.head_dim)
+    if hp.explicit_head_dim:
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+    if hp.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(hp.rope["factor"]))
+
+
+def rope_freq_factors(hp: Hparams) -> torch.Tensor | None:
+    """Llama 3.1's per-frequency divisors (``rope_freqs.weight``), or None for other rope types.
+
+    llama.cpp divides each rotary frequency by its factor; transformers'
+    ``llama3`` rope type scales the same frequencies: low frequencies by
+    ``factor``, high ones not at all, and a smooth blend in between.
+    """
+    if hp.rope_type != "llama3":
+        return None
+    p = hp.rope
+    factor, low, high = float(p["factor"]), float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+    old_ctx = float(p.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / hp.rope_theta ** (torch.arange(0, hp.head_dim, 2, dtype=torch.float64) / hp.head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen < old_ctx / high, torch.ones_like(freqs),
+                      torch.where(wavelen > old_ctx / low, torch.full_like(freqs, factor), blended))
+    return out.to(torch.float32)

@@ -1,0 +1,145 @@
+"""A BoRA adapter as a llama.cpp LoRA adapter GGUF (``general.type = adapter``).
+
+Each module becomes ``<gguf tensor>.lora_a`` ``(k, n)`` and ``.lora_b``
+``(m, k)``: the exact LoRA form (``k = b*r``, no loss) or the best rank-``k``
+truncation, found from the factors without forming ``dW`` (``bora_tools.math``).
+
+llama.cpp scales every pair by ``adapter.lora.alpha / k`` (one alpha for the
+whole file, ``k`` read from the tensor). A BoRA adapter's scaling differs per
+module (``rank_pattern``, ``alpha_pattern``, rsLoRA), so each module's own
+factor is folded into its ``lora_b``: ``lora_b = s * B' * k / alpha``, which
+makes llama.cpp apply exactly ``s * B' @ A'``. With ``alpha`` the largest
+``k`` the fold is ``s`` itself whenever all modules share one rank. (llama.cpp's
+own ``convert_lora_to_gguf.py`` writes the global ``lora_alpha`` and ignores
+``alpha_pattern``.)
+
+The llama q/k row permutation applies to ``lora_b`` (it indexes output rows),
+never to ``lora_a``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+import torch
+
+from bora_tools.checkpoint import PREFIX, BoraModule, check_against_base, load_adapter
+from bora_tools.errors import UnsupportedError, raise_if_problems
+from bora_tools.gguf_hparams import read_hparams
+from bora_tools.gguf_write import (PlannedTensor, add_general, arch_spec, qk_heads, qk_row_order, tensor_type,
+                                   write_streaming)
+from bora_tools.math import exact_lora_factors, factored_svd
+from bora_tools.model_dir import ModelDir
+from bora_tools.output import atomic_output, check_target
+from bora_tools.progress import Progress, no_progress
+
+Factors = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> (B_k (m, k), A_k (k, n)), scaling included
+
+
+def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, *, rank: int | str = "full",
+                outtype: str = "f16", overwrite: bool = False, progress: Progress = no_progress) -> dict[str, Any]:
+    """Write the adapter at ``adapter_dir`` as a llama.cpp LoRA GGUF for the model at ``base_dir``.
+
+    Example::
+
+        export_lora("my-adapter", "models/tiny-llama", Path("lora.gguf"), rank="full")
+        # llama.cpp: Llama("base.gguf", lora_path="lora.gguf") gives the merged model's logits
+
+    Raises:
+        UnsupportedError: ``modules_to_save`` or ``fan_in_fan_out`` (no LoRA form
+            in llama.cpp), a module llama.cpp has no tensor for, or an unsupported base.
+        ShapeError: the adapter does not fit the base model.
+    """
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    adapter = load_adapter(adapter_dir)
+    base = ModelDir.open(base_dir)
+    config_path = str(base.path / "config.json")
+    spec = arch_spec(base.architecture, source=config_path)
+    hp = read_hparams(base.config, source=config_path)
+    names = _check(adapter, base, spec, n_layer=hp.n_layer)
+    modules = list(adapter.modules.values())
+    prepared = {m.name: _factors(m, rank) for m in modules}
+    alpha = float(max(k for k, _, _ in prepared.values()))
+    plan: list[PlannedTensor] = []
+    rows = []
+    for mod in modules:
+        k, err, factors = prepared[mod.name]
+        gname = names[mod.name]
+        heads = qk_heads(gname, hp) if spec.permute_qk else None
+        pair = _Pair(factors, fold=k / alpha, heads=heads)
+        (m, n) = mod.shape
+        for suffix, shape, load in ((".lora_a", (k, n), pair.a), (".lora_b", (m, k), pair.b)):
+            qtype, fallback = tensor_type(gname + suffix, shape, outtype)
+            plan.append(PlannedTensor(gname + suffix, shape, qtype, load, source=PREFIX + mod.name, fallback=fallback))
+        rows.append({"module": mod.name, "gguf_name": gname, "rank": k, "max_rank": mod.b * mod.r,
+                     "scaling": mod.scaling, "relative_error": err})
+    check_target(out, overwrite=overwrite)
+    writer = gguf.GGUFWriter(None, spec.name)
+    add_general(writer, kind=gguf.GGUFType.ADAPTER, name=adapter_dir.resolve().name, outtype=outtype)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF LoRA")
+    types: dict[str, int] = {}
+    for p in plan:
+        types[p.qtype.name] = types.get(p.qtype.name, 0) + 1
+    return {"kind": "lora", "out": str(out), "architecture": spec.name, "hf_architecture": base.architecture,
+            "outtype": outtype, "tensors": len(plan), "bytes": out.stat().st_size, "types": types,
+            "fallbacks": [{"tensor": p.name, "type": p.qtype.name, "reason": p.fallback} for p in plan if p.fallback],
+            "alpha": alpha, "rank": rank, "modules": rows, "adapter": str(adapter_dir), "warnings": []}
+
+
+def _check(adapter, base: ModelDir, spec, *, n_layer: int) -> dict[str, str]:
+    """The GGUF base tensor of every module; refuses what a llama.cpp LoRA cannot express."""
+    source = str(adapter.path or "adapter")
+    if adapter.config.fan_in_fan_out:
+        raise UnsupportedError(f"{source}: fan_in_fan_out adapters (GPT-2 Conv1D) have no GGUF export")
+    if adapter.saved:
+        keys = ", ".join(PREFIX + k for k in sorted(adapter.saved))
+        raise UnsupportedError(f"{source}: modules_to_save tensors ({keys}) cannot be expressed in a llama.cpp LoRA",
+                               hint="export the merged model instead with --merge")
+    check_against_base(adapter, base.shape_of, source=source)
+    tmap = gguf.get_tensor_name_map(spec.arch, n_layer)
+    names, problems = {}, []
+    for name in adapter.modules:
+        gname = tmap.get_name(name + ".weight", try_suffixes=(".weight",))
+        if gname is None:
+            problems.append(f"{PREFIX + name}: llama.cpp's {spec.name} graph has no tensor for {name}.weight")
+        else:
+            names[name] = gname
+    raise_if_problems(source, problems, cls=UnsupportedError)
+    return names
+
+
+def _factors(mod: BoraModule, rank: int | str) -> tuple[int, float, Factors]:
+    """``(k, relative error, factors)`` for one module; the exact form is built only when written."""
+    if rank == "full":
+        def exact() -> tuple[torch.Tensor, torch.Tensor]:
+            b_full, a_full = exact_lora_factors(mod.A.float(), mod.B.float(), mod.sigma.float())
+            return b_full * mod.scaling, a_full
+        return mod.b * mod.r, 0.0, exact
+    svd = factored_svd(mod.A, mod.B, mod.sigma, mod.scaling)
+    k = min(int(rank), int(svd.S.numel()))
+    total = math.sqrt(float(svd.energy))
+    err = svd.discarded_error(k) / total if total > 0 else 0.0
+    b_k, a_k = svd.lora_factors(k, dtype=torch.float32)
+    return k, err, lambda: (b_k, a_k)
+
+
+class _Pair:
+    """Produces a module's ``lora_a`` and ``lora_b`` one at a time (B folded and permuted)."""
+
+    def __init__(self, factors: Factors, *, fold: float, heads: int | None):
+        self.factors, self.fold, self.heads = factors, fold, heads
+
+    def a(self) -> torch.Tensor:
+        return self.factors()[1]
+
+    def b(self) -> torch.Tensor:
+        b = self.factors()[0] * self.fold
+        if self.heads is not None:
+            b = b[qk_row_order(b.shape[0], self.heads)]
+        return b

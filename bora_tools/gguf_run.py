@@ -1,0 +1,97 @@
+"""Run an exported GGUF in llama.cpp (through ``llama-cpp-python``): the proof the demo and tests use.
+
+``llama-cpp-python`` is optional (it is in the ``test`` extra); importing this
+module does not need it, calling its functions does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from bora_tools.errors import UnsupportedError
+
+
+def llama_cpp_available() -> bool:
+    """Whether ``llama-cpp-python`` can be imported."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _plain_buffers() -> Iterator[None]:
+    # llama.cpp repacks quantised weights into "extra" CPU buffers (AMX, ...)
+    # when the CPU has the instructions; on this project's AMX machines (a VM)
+    # its repacked Q8_0 kernels crash with a segmentation fault, also on files
+    # made by llama.cpp's own quantiser. Plain buffers compute the same logits.
+    import llama_cpp.llama as high
+
+    low = high.llama_cpp
+    original = low.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = original
+
+
+def open_llama(path: str | Path, *, lora_path: str | Path | None = None, lora_scale: float = 1.0,
+               n_ctx: int = 256, vocab_only: bool = False):
+    """A ``llama_cpp.Llama`` for ``path`` (and a LoRA GGUF), logits for every position kept.
+
+    Example::
+
+        llm = open_llama("model.gguf", lora_path="lora.gguf")
+        llm.eval(ids); logits = np.array(llm.scores[:len(ids)])
+
+    Raises:
+        UnsupportedError: ``llama-cpp-python`` is not installed.
+    """
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise UnsupportedError("llama-cpp-python is not installed", hint="pip install 'bora-tools[test]'") from e
+    with _plain_buffers():
+        return llama_cpp.Llama(str(path), lora_path=str(lora_path) if lora_path else None, lora_scale=lora_scale,
+                               n_ctx=n_ctx, logits_all=True, vocab_only=vocab_only, verbose=False, n_threads=2)
+
+
+def gguf_logits(path: str | Path, ids: Sequence[int], *, lora_path: str | Path | None = None) -> np.ndarray:
+    """llama.cpp's float32 logits ``(len(ids), n_vocab)`` for the token sequence ``ids``."""
+    llm = open_llama(path, lora_path=lora_path, n_ctx=max(64, len(ids)))
+    try:
+        llm.eval(list(int(i) for i in ids))
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def gguf_tokenize(path: str | Path, text: str, *, add_bos: bool = True) -> list[int]:
+    """llama.cpp's tokenization of ``text`` (special tokens in the text are not parsed)."""
+    llm = open_llama(path, vocab_only=True)
+    try:
+        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False))
+    finally:
+        llm.close()
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """``max |got - want| / max |want|``: the tolerance measure of the GGUF proofs."""
+    return float(np.abs(np.asarray(got) - np.asarray(want)).max() / max(float(np.abs(want).max()), 1e-30))
+
+
+def correlation(got: np.ndarray, want: np.ndarray) -> float:
+    """Pearson correlation of all logits (the measure for quantised files)."""
+    return float(np.corrcoef(np.asarray(got).ravel(), np.asarray(want).ravel())[0, 1])
