@@ -85,10 +85,11 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
 
     path = Path(path)
     files = upload_files(path, include=include, exclude=exclude)
-    source = describe_source(path, base_model=base_model)
+    source = describe_source(path)
     card = None
     if not _has_readme(path) and _selected([CARD_NAME], include, exclude):
-        card = str(render_card(source, title=repo_id.split("/")[-1], repo_id=repo_id)).encode("utf-8")
+        rendered = render_card(source, title=repo_id.split("/")[-1], repo_id=repo_id, base_model=base_model)
+        card = str(rendered).encode("utf-8")
     if not files and card is None:
         raise UnsupportedError(f"{path}: no file left to upload after --include/--exclude")
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(local)) for name, local in files]

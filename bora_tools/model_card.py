@@ -46,12 +46,13 @@ KINDS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Source:
-    """What a path holds: its kind, the Hub ids of its base models, and details for the card body."""
+    """What a path holds: its kind, its base models as the files name them, and details for the card body."""
 
     kind: str
-    base_model: list[str] = field(default_factory=list)
+    base_refs: list[str] = field(default_factory=list)  # as written in the files: maybe local paths
     details: dict[str, Any] = field(default_factory=dict)
     relation: str | None = None  # overrides KINDS[kind]["relation"] when the evidence says otherwise
+    base_from: str = "base model"  # where base_refs were found, for warnings
 
     @property
     def label(self) -> str:
@@ -80,26 +81,26 @@ def hub_model_id(value: Any, *, what: str) -> str | None:
     return text
 
 
-def describe_source(path: Path, *, base_model: str | None = None) -> Source:
-    """Tell what ``path`` (a directory or one ``.gguf`` file) holds.
+def card_base_models(source: Source, *, base_model: str | None = None) -> list[str]:
+    """The Hub ids a card may name as ``base_model``: ``base_model`` if given, else those the files name.
 
-    ``base_model`` (a Hub id) replaces whatever the files say about their base model.
+    Example: ``card_base_models(describe_source(Path("adapter")))`` -> ``["org/base-model"]``.
+    """
+    refs, what = ([base_model], "base model") if base_model is not None else (source.base_refs, source.base_from)
+    ids: list[str] = []
+    for ref in refs:
+        ref_id = hub_model_id(ref, what=what)
+        if ref_id and ref_id not in ids:
+            ids.append(ref_id)
+    return ids
+
+
+def describe_source(path: Path) -> Source:
+    """Tell what ``path`` (a directory or one ``.gguf`` file) holds; the files are read, never checked.
 
     Example: ``describe_source(Path("out/adapter")).kind`` -> ``"bora"``.
     """
-    source = _detect(Path(path))
-    found_in = source.details.pop("base_from", "base model")
-    refs, what = ([base_model], "base model") if base_model is not None else (source.base_model, found_in)
-    source.base_model = []
-    for ref in refs:
-        ref_id = hub_model_id(ref, what=what)
-        if ref_id and ref_id not in source.base_model:
-            source.base_model.append(ref_id)
-    return source
-
-
-def _detect(path: Path) -> Source:
-    """The kind of ``path`` and its base model references, as the files state them (not yet checked)."""
+    path = Path(path)
     if path.is_file():
         return _describe_gguf([path]) if path.suffix == ".gguf" else Source("unknown")
     adapter_config = path / "adapter_config.json"
@@ -129,13 +130,12 @@ def _describe_adapter(path: Path, config: dict[str, Any]) -> Source:
     peft_type = str(config.get("peft_type", "")).upper()
     kind = {"BORA": "bora", "LORA": "lora"}.get(peft_type, "peft")
     base = config.get("base_model_name_or_path")
-    details: dict[str, Any] = {"base_from": "adapter_config.json base_model_name_or_path"}
-    details |= {k: config[k] for k in ("peft_type", "r", "bora_blocks", "lora_alpha", "use_rslora", "target_modules",
+    details = {k: config[k] for k in ("peft_type", "r", "bora_blocks", "lora_alpha", "use_rslora", "target_modules",
                                       "rank_pattern", "alpha_pattern", "modules_to_save", "task_type") if k in config}
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
         details.update(_adapter_counts(_safetensors_shapes(weights)))
-    return Source(kind, [base] if base else [], details)
+    return Source(kind, [base] if base else [], details, base_from="adapter_config.json base_model_name_or_path")
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -165,9 +165,8 @@ def _adapter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
 def _describe_model(config: dict[str, Any], weights: list[str]) -> Source:
     base = config.get("_name_or_path")
     details = {"architectures": config.get("architectures") or [], "model_type": config.get("model_type"),
-               "dtype": config.get("dtype") or config.get("torch_dtype"), "weights": weights,
-               "base_from": "config.json _name_or_path"}
-    return Source("model", [base] if base else [], details)
+               "dtype": config.get("dtype") or config.get("torch_dtype"), "weights": weights}
+    return Source("model", [base] if base else [], details, base_from="config.json _name_or_path")
 
 
 def _describe_gguf(files: list[Path]) -> Source:
@@ -178,8 +177,8 @@ def _describe_gguf(files: list[Path]) -> Source:
     # known, the file is a fine-tune of them. An adapter's general.base_model.* is what it applies to.
     refs = [ref for e in entries for ref in (e["bases"] if adapters else e["source"] or e["bases"])]
     finetune = not adapters and any(e["bases"] and not e["source"] for e in entries)
-    details = {"files": entries, "base_from": "GGUF base model"}
-    return Source("gguf-lora" if adapters else "gguf-model", refs, details, "finetune" if finetune else None)
+    return Source("gguf-lora" if adapters else "gguf-model", refs, {"files": entries},
+                  "finetune" if finetune else None, base_from="GGUF base model")
 
 
 def _read_gguf(path: Path) -> dict[str, Any]:
@@ -218,26 +217,30 @@ def build_model_card(path: Path, *, repo_id: str | None = None, base_model: str 
         card = build_model_card(Path("out/adapter"), repo_id="me/my-bora")
         card.data.base_model_relation   # "adapter"
     """
-    source = describe_source(Path(path), base_model=base_model)
-    return render_card(source, title=(repo_id or Path(path).name).split("/")[-1], repo_id=repo_id)
+    source = describe_source(Path(path))
+    title = (repo_id or Path(path).name).split("/")[-1]
+    return render_card(source, title=title, repo_id=repo_id, base_model=base_model)
 
 
-def render_card(source: Source, *, title: str, repo_id: str | None = None) -> "ModelCard":
+def render_card(source: Source, *, title: str, repo_id: str | None = None,
+                base_model: str | None = None) -> "ModelCard":
     """The card for an already described ``source`` (see ``build_model_card``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from bora_tools.model_card_text import card_body
 
     kind = KINDS[source.kind]
+    bases = card_base_models(source, base_model=base_model)
     meta: dict[str, Any] = {"library_name": kind["library_name"], "tags": list(kind["tags"])}
-    if source.base_model:
-        meta["base_model"] = source.base_model[0] if len(source.base_model) == 1 else source.base_model
+    if bases:
+        meta["base_model"] = bases[0] if len(bases) == 1 else bases
         meta["base_model_relation"] = source.relation or kind["relation"]
     pipeline = _pipeline_tag(source)
     if pipeline:
         meta["pipeline_tag"] = pipeline
     data = ModelCardData(**{k: v for k, v in meta.items() if v is not None})
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(source, title=title, repo_id=repo_id)}")
+    body = card_body(source, bases=bases, title=title, repo_id=repo_id)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
 def _pipeline_tag(source: Source) -> str | None:

@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 PAPER = "[arXiv 2508.06953](https://arxiv.org/abs/2508.06953)"
 
 
-def card_body(source: "Source", *, title: str, repo_id: str | None) -> str:
-    """The Markdown that follows the card's YAML header."""
-    ctx = {"repo": repo_id or "OWNER/NAME", "base": source.base_model[0] if source.base_model else None}
+def card_body(source: "Source", *, bases: list[str], title: str, repo_id: str | None) -> str:
+    """The Markdown that follows the card's YAML header; ``bases`` are Hub ids, checked by the caller."""
+    ctx = {"repo": repo_id or "OWNER/NAME", "base": bases[0] if bases else None}
     writer = {"bora": _bora, "lora": _lora, "peft": _lora, "model": _model, "gguf-model": _gguf_model,
               "gguf-lora": _gguf_lora}.get(source.kind, _unknown)
     parts = [f"# {title}", *writer(source.details, ctx)]
@@ -177,5 +177,5 @@ def _gguf_lora(d: dict[str, Any], ctx: dict[str, Any]) -> list[str]:
 
 
 def _unknown(d: dict[str, Any], ctx: dict[str, Any]) -> list[str]:
-    return ["Files published with bora-tools. No adapter, model or GGUF file was recognised, so this card "
-            "only records where they came from; add a `README.md` next to them to describe them."]
+    return ["Files published with bora-tools. No adapter, model or GGUF file was recognised among them; "
+            "add a `README.md` next to them to describe them."]

@@ -164,7 +164,6 @@ class FakeHub:
 # ----- route handlers: (hub, request) -> (status, json body) ---------------------------------
 @dataclass
 class Request:
-    method: str
     groups: dict[str, str]
     query: dict[str, str]
     headers: Any
@@ -190,9 +189,8 @@ def create_repo(hub: FakeHub, req: Request) -> tuple[int, Any]:
 def repo_info(hub: FakeHub, req: Request) -> tuple[int, Any]:
     repo = hub.repo(req.groups["repo"], req.headers)
     oid = hub.revision(repo, req.groups.get("rev") or "main")
-    files = repo.commits[oid].files
     return 200, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": oid, "private": repo.private,
-                 "siblings": [{"rfilename": p} for p in sorted(files)]}
+                 "siblings": [{"rfilename": p} for p in sorted(repo.commits[oid].files)]}
 
 
 def list_refs(hub: FakeHub, req: Request) -> tuple[int, Any]:
@@ -205,11 +203,9 @@ def list_refs(hub: FakeHub, req: Request) -> tuple[int, Any]:
 def create_branch(hub: FakeHub, req: Request) -> tuple[int, Any]:
     hub.require(req.headers, write=True)
     repo = hub.repo(req.groups["repo"], req.headers)
-    branch = req.groups["rev"]
-    if branch in repo.branches:
+    if req.groups["rev"] in repo.branches:
         raise HttpError(409, "Reference already exists")
-    start = req.json().get("startingPoint") or "main"
-    repo.branches[branch] = hub.revision(repo, start)
+    repo.branches[req.groups["rev"]] = hub.revision(repo, req.json().get("startingPoint") or "main")
     return 200, {}
 
 
@@ -220,13 +216,11 @@ def preupload(hub: FakeHub, req: Request) -> tuple[int, Any]:
     existing = repo.commits[hub.revision(repo, req.groups["rev"])].files
     answer = []
     for f in req.json()["files"]:
-        lfs = hub.is_lfs(repo, f["path"], f["size"])
-        oid = None
-        if f["path"] in existing:
-            data = existing[f["path"]]
-            oid = hashlib.sha256(data).hexdigest() if f["path"] in repo.lfs_paths else git_blob_sha1(data)
-        answer.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                       "oid": oid})
+        path, oid, data = f["path"], None, existing.get(f["path"])
+        if data is not None:  # what lets the client leave unchanged files out of the commit
+            oid = hashlib.sha256(data).hexdigest() if path in repo.lfs_paths else git_blob_sha1(data)
+        mode = "lfs" if hub.is_lfs(repo, path, f["size"]) else "regular"
+        answer.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
     return 200, {"files": answer, "commitOid": repo.branches.get("main")}
 
 
@@ -337,8 +331,7 @@ def _apply(hub: FakeHub, repo: Repo, files: dict[str, bytes], key: str, value: d
 
 
 def validate_yaml(hub: FakeHub, req: Request) -> tuple[int, Any]:
-    content = req.json()["content"]
-    errors = [{"message": m} for m in card_metadata_problems(content)]
+    errors = [{"message": m} for m in card_metadata_problems(req.json()["content"])]
     return (400 if errors else 200), {"errors": errors, "warnings": []}
 
 
@@ -413,7 +406,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             else:
                 return self._send(404, {"error": f"no route for {self.command} {raw_path}"})
             groups = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
-            req = Request(self.command, groups, {k: v[-1] for k, v in parse_qs(query).items()}, self.headers, body)
+            req = Request(groups, {k: v[-1] for k, v in parse_qs(query).items()}, self.headers, body)
             with hub._lock:
                 hub.requests.append({"route": name, "method": self.command, "path": self.path,
                                      "authorization": self.headers.get("Authorization"), "query": req.query})
@@ -426,17 +419,15 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._send(status, payload)
 
         def _send(self, status: int, payload: dict[str, Any], error: HttpError | None = None) -> None:
-            etag = payload.pop("__etag__", None)
+            headers = {"ETag": payload.pop("__etag__", None), "X-Error-Message": error and error.message,
+                       "X-Error-Code": error and error.code}
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            if etag:
-                self.send_header("ETag", etag)
-            if error is not None:
-                self.send_header("X-Error-Message", error.message)
-                if error.code:
-                    self.send_header("X-Error-Code", error.code)
+            for key, value in headers.items():
+                if value:
+                    self.send_header(key, value)
             self.end_headers()
             self.wfile.write(data)
 

@@ -273,12 +273,21 @@ def test_include_and_exclude_patterns_are_repeatable_and_exclude_readme_skips_th
 
 
 def test_a_readme_in_path_is_uploaded_as_is(tmp_path, hub, run):
-    src = bora_adapter(tmp_path / "adapter")
+    src = bora_adapter(tmp_path / "adapter", base="/local/base")
     readme = "---\nlicense: mit\n---\n# My own card\n"
     (src / "README.md").write_text(readme)
     result = run(str(src), "me/bora", "--token", WRITE, "--json")
     assert json.loads(result.stdout)["card_written"] is False
+    assert "Warning" not in result.stderr  # no card, so nothing to say about its base model
     assert hub.file("me/bora", "README.md").decode() == readme
+
+
+def test_a_readme_the_hub_refuses_is_one_line_and_nothing_is_uploaded(tmp_path, hub, run):
+    src = bora_adapter(tmp_path / "adapter")
+    (src / "README.md").write_text("---\nbase_model: org/base\nbase_model_relation: cousin\n---\n# card\n")
+    line = assert_clean_failure(run(str(src), "me/bora", "--token", WRITE), WRITE)
+    assert "README.md metadata" in line and "base_model_relation" in line
+    assert not hub.calls("preupload") and not hub.calls("commit")
 
 
 def test_a_single_gguf_file_uploads_with_its_card(tmp_path, hub, run):
