@@ -257,6 +257,58 @@ def merge_cmd(adapter: Path, base: Path, out: Path, dtype: str, scale: float, de
                f"{len(report.other_files)} other file(s) copied, {report.seconds:.1f} s")
 
 
+class _RankType(click.ParamType):
+    """``--rank K|full``: a positive integer, or ``full`` for the exact LoRA form."""
+
+    name = "K|full"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or str(value).lower() == "full":
+            return value if isinstance(value, int) else "full"
+        try:
+            rank = int(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is neither a positive integer nor 'full'", param, ctx)
+        if rank < 1:
+            self.fail(f"{rank} is not a positive integer", param, ctx)
+        return rank
+
+
+@cli.command("export-gguf")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .gguf file to write.")
+@click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The base model directory, when SOURCE is an adapter.")
+@click.option("--merge", is_flag=True, help="With an adapter: write the merged model as a full GGUF, in one pass.")
+@click.option("--rank", type=_RankType(), default="full", show_default=True,
+              help="LoRA export: 'full' is the exact form (rank b*r); K keeps the best rank-K truncation.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the weight matrices (norms and 1-D tensors stay f32; q8_0 falls back to f16 "
+                   "where a row is not a multiple of 32).")
+@device_option
+@overwrite_option
+@json_option
+@common_options
+def export_gguf_cmd(source: Path, out: Path, base: Path | None, merge: bool, rank: int | str, outtype: str,
+                    device: str, overwrite: bool, as_json: bool) -> None:
+    """Export a model directory, or a BoRA adapter (with --base), as GGUF for llama.cpp.
+
+    \b
+    Examples:
+      bora-tools export-gguf ./Llama-3.2-1B --out model.gguf --outtype q8_0
+      bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --out lora.gguf
+      bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged.gguf
+    """
+    from bora_tools.gguf_export import export_gguf, format_report
+
+    report = export_gguf(source, out, base=base, merge=merge, rank=rank, outtype=outtype, overwrite=overwrite,
+                         device=device, progress=make_progress())
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(format_report(report))
+
+
 # Commands are registered above this line.
 
 

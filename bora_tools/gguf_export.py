@@ -16,10 +16,12 @@ tensor whatever the model's size.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import gguf
 import torch
@@ -69,18 +71,36 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
     source, out = Path(source), Path(out)
     _check_options(source, base=base, merge=merge, rank=rank, outtype=outtype)
     start = time.perf_counter()
-    if base is None:
-        report = export_model(ModelDir.open(source), out, outtype=outtype, overwrite=overwrite, progress=progress)
-    elif merge:
-        report = _export_merged(source, Path(base), out, outtype=outtype, overwrite=overwrite, device=device,
-                                progress=progress)
-    else:
-        from bora_tools.gguf_lora import export_lora
-
-        report = export_lora(source, Path(base), out, rank=rank, outtype=outtype, overwrite=overwrite,
-                             progress=progress)
+    with _quiet_gguf_py():
+        report = _dispatch(source, out, base=base, merge=merge, rank=rank, outtype=outtype, overwrite=overwrite,
+                           device=device, progress=progress)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
+
+
+@contextlib.contextmanager
+def _quiet_gguf_py() -> Iterator[None]:
+    # gguf-py logs its own guesses (template parsing, writer plans) as warnings;
+    # what matters to a user is reported through bora_tools' logger instead.
+    gguf_logger = logging.getLogger("gguf")
+    level = gguf_logger.level
+    gguf_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        gguf_logger.setLevel(level)
+
+
+def _dispatch(source: Path, out: Path, *, base: Any, merge: bool, rank: int | str, outtype: str, overwrite: bool,
+              device: str, progress: Progress) -> dict[str, Any]:
+    if base is None:
+        return export_model(ModelDir.open(source), out, outtype=outtype, overwrite=overwrite, progress=progress)
+    if merge:
+        return _export_merged(source, Path(base), out, outtype=outtype, overwrite=overwrite, device=device,
+                              progress=progress)
+    from bora_tools.gguf_lora import export_lora
+
+    return export_lora(source, Path(base), out, rank=rank, outtype=outtype, overwrite=overwrite, progress=progress)
 
 
 def _check_options(source: Path, *, base: Any, merge: bool, rank: Any, outtype: str) -> None:

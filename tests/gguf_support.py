@@ -1,0 +1,58 @@
+"""Shared helpers of the GGUF tests: tiny models, their transformers logits, llama.cpp runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bora_tools.tiny import TEXT, build_model_dir
+
+llama_cpp = pytest.importorskip("llama_cpp")  # in the test extra; skip (not fail) where absent
+
+from bora_tools.gguf_run import correlation, gguf_logits, gguf_tokenize, relative_error  # noqa: E402
+
+#: Texts llama.cpp must tokenize exactly like the HF tokenizer.
+SAMPLES = [
+    TEXT,
+    "The quick brown fox jumps over the lazy dog.",
+    "  leading spaces, trailing spaces   ",
+    "tabs\tand\nnew\n\nlines\r\n end",
+    "Numbers 3.14159, 2718 and 42; symbols (a + b) * c = d -> y!",
+    "unicode: café naïve über 東京 🦙",
+    "",
+]
+#: A fixed token sequence (ids inside the tokenizer's 300 tokens; 0 is <s>).
+IDS = [0] + [3 + (7 * i) % 290 for i in range(40)]
+
+F32_RTOL = 3e-3  # the issue's bound for float32 files
+F16_RTOL = 1e-2
+BF16_RTOL = 3e-2
+Q8_MIN_CORR = 0.99
+
+
+def hf_logits(model_dir: Path, ids=IDS) -> np.ndarray:
+    """The transformers float32 logits of ``model_dir`` on ``ids``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def tiny_dir(root: Path, arch: str, **kwargs) -> Path:
+    return build_model_dir(root / arch, arch, **kwargs)
+
+
+def set_config(model_dir: Path, **changes) -> None:
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config, indent=2))
+
+
+__all__ = ["SAMPLES", "IDS", "F32_RTOL", "F16_RTOL", "BF16_RTOL", "Q8_MIN_CORR", "hf_logits", "tiny_dir",
+           "set_config", "gguf_logits", "gguf_tokenize", "relative_error", "correlation", "llama_cpp"]

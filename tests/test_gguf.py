@@ -1,0 +1,190 @@
+"""Full-model GGUF export, proven in llama.cpp (llama-cpp-python) against transformers."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf_support import (BF16_RTOL, F16_RTOL, F32_RTOL, IDS, Q8_MIN_CORR, SAMPLES, correlation, gguf_logits,
+                          gguf_tokenize, hf_logits, relative_error, set_config, tiny_dir)
+
+from bora_tools.gguf_export import export_gguf
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny llama / qwen2 / mistral directories (vocab 320 > tokenizer 300) and their HF logits."""
+    root = tmp_path_factory.mktemp("gguf-models")
+    out = {}
+    for arch in ("llama", "qwen2", "mistral"):
+        path = tiny_dir(root, arch)
+        out[arch] = (path, hf_logits(path))
+    return out
+
+
+def fields(path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items()}, {t.name: t for t in reader.tensors}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_f32_logits_match_transformers(models, tmp_path, arch):
+    path, want = models[arch]
+    out = tmp_path / "m.gguf"
+    report = export_gguf(path, out, outtype="f32")
+    got = gguf_logits(out, IDS)
+    assert got.shape == want.shape == (len(IDS), 320)
+    assert relative_error(got, want) < F32_RTOL
+    assert report["types"] == {"F32": report["tensors"]}
+
+
+@pytest.mark.parametrize("arch,outtype,rtol", [("llama", "f16", F16_RTOL), ("qwen2", "f16", F16_RTOL),
+                                               ("llama", "bf16", BF16_RTOL), ("qwen2", "bf16", BF16_RTOL)])
+def test_16_bit_logits_match_transformers(models, tmp_path, arch, outtype, rtol):
+    path, want = models[arch]
+    out = tmp_path / "m.gguf"
+    export_gguf(path, out, outtype=outtype)
+    _, tensors = fields(out)
+    assert tensors["blk.0.attn_q.weight"].tensor_type == (Q.F16 if outtype == "f16" else Q.BF16)
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == Q.F32  # norms stay F32
+    assert relative_error(gguf_logits(out, IDS), want) < rtol
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_q8_0_logits_correlate(models, tmp_path, arch):
+    path, want = models[arch]
+    out = tmp_path / "m.gguf"
+    report = export_gguf(path, out, outtype="q8_0")
+    got = gguf_logits(out, IDS)
+    assert relative_error(got, want) > 1e-5  # really quantised...
+    assert correlation(got, want) > Q8_MIN_CORR  # ...and still the same model
+    assert report["fallbacks"] == []
+    _, tensors = fields(out)
+    assert tensors["blk.1.ffn_down.weight"].tensor_type == Q.Q8_0
+    assert tensors["token_embd.weight"].tensor_type == Q.Q8_0
+
+
+def test_q8_0_falls_back_where_rows_are_not_multiples_of_32(tmp_path, caplog):
+    # intermediate 80: ffn_down's rows (its input dimension) hold 80 values, not a multiple of 32
+    path = tiny_dir(tmp_path, "llama", intermediate=80)
+    want = hf_logits(path)
+    out = tmp_path / "m.gguf"
+    with caplog.at_level("WARNING", logger="bora_tools"):
+        report = export_gguf(path, out, outtype="q8_0")
+    _, tensors = fields(out)
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == Q.F16
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == Q.Q8_0  # rows of 64
+    assert {f["tensor"] for f in report["fallbacks"]} == {"blk.0.ffn_down.weight", "blk.1.ffn_down.weight"}
+    assert "not a multiple of 32" in caplog.text
+    assert correlation(gguf_logits(out, IDS), want) > Q8_MIN_CORR
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tokenizer_matches_hf(models, tmp_path, arch):
+    from transformers import AutoTokenizer
+
+    path, _ = models[arch]
+    out = tmp_path / "m.gguf"
+    export_gguf(path, out, outtype="f16")
+    tok = AutoTokenizer.from_pretrained(path)
+    for text in SAMPLES:
+        assert gguf_tokenize(out, text) == tok(text).input_ids, text
+
+
+def test_metadata_llama(models, tmp_path):
+    path, _ = models["llama"]
+    out = tmp_path / "m.gguf"
+    export_gguf(path, out, outtype="f16")
+    kv, tensors = fields(out)
+    assert kv["general.architecture"] == "llama" and kv["general.type"] == "model"
+    assert kv["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert (kv["llama.block_count"], kv["llama.embedding_length"], kv["llama.feed_forward_length"]) == (2, 64, 128)
+    assert (kv["llama.attention.head_count"], kv["llama.attention.head_count_kv"]) == (4, 2)
+    assert kv["llama.rope.freq_base"] == 10000.0 and kv["llama.context_length"] == 128
+    assert kv["llama.rope.dimension_count"] == 16 and kv["llama.vocab_size"] == 320
+    assert abs(kv["llama.attention.layer_norm_rms_epsilon"] - 1e-5) < 1e-12
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
+    tokens = kv["tokenizer.ggml.tokens"]
+    assert len(tokens) == 320 and len(set(tokens)) == 320  # padded with unique tokens
+    types = kv["tokenizer.ggml.token_type"]
+    assert all(t == gguf.TokenType.UNUSED for t in types[300:])
+    assert types[0] == types[1] == gguf.TokenType.CONTROL  # <s>, </s>
+    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]) == (0, 1)
+    assert kv["tokenizer.ggml.add_bos_token"] is True
+    assert "messages" in kv["tokenizer.chat_template"]
+    assert len(kv["tokenizer.ggml.merges"]) > 0
+    assert "output.weight" in tensors and "blk.0.attn_q.bias" not in tensors
+
+
+def test_metadata_qwen2_tied_embeddings_and_biases(models, tmp_path):
+    path, _ = models["qwen2"]
+    out = tmp_path / "m.gguf"
+    export_gguf(path, out, outtype="f16")
+    kv, tensors = fields(out)
+    assert kv["general.architecture"] == "qwen2"
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    for part in ("q", "k", "v"):
+        assert tensors[f"blk.0.attn_{part}.bias"].tensor_type == Q.F32
+
+
+def test_rope_theta_read_from_rope_parameters(tmp_path):
+    path = tiny_dir(tmp_path, "llama")
+    set_config(path, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})
+    want = hf_logits(path)
+    out = tmp_path / "m.gguf"
+    export_gguf(path, out, outtype="f32")
+    kv, _ = fields(out)
+    assert kv["llama.rope.freq_base"] == 500000.0
+    assert relative_error(gguf_logits(out, IDS), want) < F32_RTOL
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+])
+def test_rope_scaling_matches_transformers(tmp_path, rope):
+    path = tiny_dir(tmp_path, "llama")
+    set_config(path, rope_parameters=rope)
+    want = hf_logits(path)
+    set_config(path, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    plain = hf_logits(path)
+    set_config(path, rope_parameters=rope)
+    assert relative_error(want, plain) > 1e-3  # the scaling changes the output
+    out = tmp_path / "m.gguf"
+    export_gguf(path, out, outtype="f32")
+    assert relative_error(gguf_logits(out, IDS), want) < F32_RTOL
+
+
+def test_streams_one_tensor_at_a_time(models, tmp_path, monkeypatch):
+    """No tensor produced for writing is still alive when the next one is produced."""
+    import weakref
+
+    from bora_tools import gguf_write
+
+    alive: list[weakref.ref] = []
+    original = gguf_write.to_gguf_array
+
+    def spy(t, qtype):
+        assert all(ref() is None for ref in alive), "an earlier tensor is still in memory"
+        alive.append(weakref.ref(t))
+        return original(t, qtype)
+
+    monkeypatch.setattr(gguf_write, "to_gguf_array", spy)
+    export_gguf(models["llama"][0], tmp_path / "m.gguf", outtype="q8_0")
+    assert len(alive) == 21
+
+
+def test_sharded_model_exports_the_same_file(tmp_path):
+    single = tiny_dir(tmp_path / "a", "llama")
+    sharded = tiny_dir(tmp_path / "b", "llama", max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    export_gguf(single, tmp_path / "a.gguf", outtype="f32")
+    export_gguf(sharded, tmp_path / "b.gguf", outtype="f32")
+    a, b = gguf.GGUFReader(tmp_path / "a.gguf"), gguf.GGUFReader(tmp_path / "b.gguf")
+    ta, tb = {t.name: t.data for t in a.tensors}, {t.name: t.data for t in b.tensors}
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        np.testing.assert_array_equal(ta[name], tb[name])

@@ -1,0 +1,133 @@
+"""LoRA-adapter GGUF and one-pass ``--merge`` GGUF, proven in llama.cpp against the BoRA model."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf_support import F16_RTOL, F32_RTOL, IDS, Q8_MIN_CORR, correlation, gguf_logits, relative_error, tiny_dir
+
+from bora_tools.config import BoraConfig
+from bora_tools.errors import UnsupportedError
+from bora_tools.gguf_export import export_gguf
+from bora_tools.math import delta_weight
+from bora_tools.checkpoint import load_adapter
+from bora_tools.tiny import default_targets
+from bora_tools.training import add_bora, randomize_bora, save_bora
+
+# Per-module ranks and alphas, rsLoRA: llama.cpp's own converter would get these scalings wrong.
+CONFIG = dict(r=4, bora_blocks=2, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj": 2, "down_proj": 6},
+              alpha_pattern={"o_proj": 3.0, r"layers\.1\.self_attn\.q_proj": 16.0})
+
+
+def _model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _logits(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0].numpy()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def case(request, tmp_path_factory):
+    """A base directory, its f32 GGUF, a randomised BoRA adapter and the BoRA model's logits."""
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"lora-{arch}")
+    base = tiny_dir(root, arch)
+    model = _model(base)
+    base_logits = _logits(model)
+    add_bora(model, BoraConfig(**CONFIG, target_modules=default_targets(arch)))
+    randomize_bora(model, seed=3)
+    adapter = save_bora(model, root / "adapter")
+    base_gguf = root / "base.gguf"
+    export_gguf(base, base_gguf, outtype="f32")
+    return dict(arch=arch, root=root, base=base, adapter=adapter, base_gguf=base_gguf, base_logits=base_logits,
+                bora_logits=_logits(model))
+
+
+def test_lora_gguf_on_base_gguf_gives_the_bora_logits(case, tmp_path):
+    lora = tmp_path / "lora.gguf"
+    export_gguf(case["adapter"], lora, base=case["base"], outtype="f32")
+    assert relative_error(case["bora_logits"], case["base_logits"]) > 0.05  # the adapter matters
+    assert relative_error(gguf_logits(case["base_gguf"], IDS), case["base_logits"]) < F32_RTOL
+    got = gguf_logits(case["base_gguf"], IDS, lora_path=lora)
+    assert relative_error(got, case["bora_logits"]) < F32_RTOL
+
+
+def test_merge_one_pass_gives_the_bora_logits_and_the_lora_ones(case, tmp_path):
+    merged, lora = tmp_path / "merged.gguf", tmp_path / "lora.gguf"
+    report = export_gguf(case["adapter"], merged, base=case["base"], merge=True, outtype="f32")
+    export_gguf(case["adapter"], lora, base=case["base"], outtype="f32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.gguf", "merged.gguf"]  # no safetensors
+    assert report["merged_tensors"] == 14
+    got = gguf_logits(merged, IDS)
+    assert relative_error(got, case["bora_logits"]) < F32_RTOL
+    assert relative_error(gguf_logits(case["base_gguf"], IDS, lora_path=lora), got) < F32_RTOL
+
+
+def test_lora_metadata_and_per_module_ranks(case, tmp_path):
+    lora = tmp_path / "lora.gguf"
+    report = export_gguf(case["adapter"], lora, base=case["base"], outtype="f16")
+    reader = gguf.GGUFReader(lora)
+    kv = {k: f.contents() for k, f in reader.fields.items()}
+    assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora"
+    assert kv["general.architecture"] == case["arch"]
+    assert kv["adapter.lora.alpha"] == 12.0  # the largest exact rank: b * 6 for down_proj
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}  # ggml order (ne0, ne1)
+    assert shapes["blk.0.attn_q.weight.lora_a"] == (64, 8)  # (n, b*r)
+    assert shapes["blk.0.attn_q.weight.lora_b"] == (8, 64)  # (b*r, m)
+    assert shapes["blk.0.attn_v.weight.lora_b"] == (4, 32)  # rank_pattern v_proj: 2
+    assert shapes["blk.1.ffn_down.weight.lora_a"] == (128, 12)
+    assert len(shapes) == 28 and {m["relative_error"] for m in report["modules"]} == {0.0}
+
+
+def test_rank_k_matches_the_dense_svd_truncation(case, tmp_path):
+    k = 3
+    lora = tmp_path / "lora3.gguf"
+    report = export_gguf(case["adapter"], lora, base=case["base"], rank=k, outtype="f32")
+    assert {m["rank"] for m in report["modules"]} == {k}
+    assert all(0 < m["relative_error"] < 1 for m in report["modules"])
+    # Independent reference: the dense dW of every module, truncated by torch's SVD.
+    adapter = load_adapter(case["adapter"])
+    model = _model(case["base"])
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, mod in adapter.modules.items():
+            dw = delta_weight(mod.A, mod.B, mod.sigma, mod.scaling, dtype=torch.float64)
+            u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+            state[name + ".weight"] += (u[:, :k] * s[:k] @ vh[:k]).float()
+    model.load_state_dict(state)
+    want = _logits(model)
+    got = gguf_logits(case["base_gguf"], IDS, lora_path=lora)
+    assert relative_error(want, case["bora_logits"]) > 1e-3  # the truncation is visible...
+    assert relative_error(got, want) < F32_RTOL  # ...and llama.cpp applies exactly it
+
+
+def test_f16_lora_and_q8_0_merge(case, tmp_path):
+    base16, lora16, merged8 = tmp_path / "b16.gguf", tmp_path / "l16.gguf", tmp_path / "m8.gguf"
+    export_gguf(case["base"], base16, outtype="f16")
+    export_gguf(case["adapter"], lora16, base=case["base"], outtype="f16")
+    assert relative_error(gguf_logits(base16, IDS, lora_path=lora16), case["bora_logits"]) < F16_RTOL
+    export_gguf(case["adapter"], merged8, base=case["base"], merge=True, outtype="q8_0")
+    assert correlation(gguf_logits(merged8, IDS), case["bora_logits"]) > Q8_MIN_CORR
+
+
+def test_modules_to_save_merge_and_lora_refusal(tmp_path):
+    base = tiny_dir(tmp_path, "llama")
+    model = _model(base)
+    add_bora(model, BoraConfig(r=2, bora_blocks=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    randomize_bora(model, seed=5)
+    with torch.no_grad():
+        model.lm_head.module.weight.mul_(1.5)  # the saved copy differs from the base
+    adapter = save_bora(model, tmp_path / "adapter")
+    want = _logits(model)
+    with pytest.raises(UnsupportedError, match=r"modules_to_save .*lm_head") as err:
+        export_gguf(adapter, tmp_path / "lora.gguf", base=base)
+    assert "--merge" in err.value.one_line()
+    assert not (tmp_path / "lora.gguf").exists()
+    export_gguf(adapter, tmp_path / "merged.gguf", base=base, merge=True, outtype="f32")
+    assert relative_error(gguf_logits(tmp_path / "merged.gguf", IDS), want) < F32_RTOL
