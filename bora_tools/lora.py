@@ -294,19 +294,20 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
 
 
 def _check_outputs(adapter: Path, out: Path, extra: list[Path], *, overwrite: bool) -> None:
-    """Refuse before any work: existing outputs, outputs that are or hold the input, clashing outputs."""
-    src = adapter.resolve()
+    """Refuse before any work: outputs that are or hold the input, clashing outputs, existing outputs."""
+    src, dst_out = adapter.resolve(), out.resolve()
     for target in [out, *extra]:
-        check_target(target, overwrite=overwrite)
         dst = target.resolve()
         if dst == src or src.is_relative_to(dst) or dst.is_relative_to(src):
             raise OutputWriteError(f"output {target} is or contains the input adapter {adapter}",
                                    hint="choose a path outside the input")
     for p in extra:
-        if p.resolve() == out.resolve() or p.resolve().is_relative_to(out.resolve()):
+        if p.resolve().is_relative_to(dst_out):
             raise ValidationError(f"output {p} would be inside the LoRA adapter directory {out}")
     if len(extra) == 2 and extra[0].resolve() == extra[1].resolve():
         raise ValidationError(f"--report and --plot are the same file {extra[0]}")
+    for target in [out, *extra]:
+        check_target(target, overwrite=overwrite)
 
 
 def _write_all(out: Path, tensors: dict[str, Tensor], config: dict, report: dict, results: list[ModuleResult],
