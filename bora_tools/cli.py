@@ -309,6 +309,49 @@ def export_gguf_cmd(source: Path, out: Path, base: Path | None, merge: bool, ran
         click.echo(format_report(report))
 
 
+@cli.command("to-lora")
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The PEFT LoRA adapter directory to write.")
+@click.option("--rank", type=_RankType(), default=None,
+              help="'full': the exact factors (rank b*r, lossless); K: the best rank-K LoRA per module "
+                   "(capped at each update's rank); with --energy, a cap.")
+@click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Per module, the smallest rank retaining at least this fraction of ||dW||_F^2.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Dtype of the stored LoRA factors (computed in float64, cast once).")
+@device_option
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the report as JSON to this file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw singular value spectra and energy curves to this PNG (needs the 'plot' extra).")
+@overwrite_option
+@json_option
+@common_options
+def to_lora_cmd(adapter: Path, out: Path, rank: int | str | None, energy: float | None, dtype: str, device: str,
+                report_path: Path | None, plot_path: Path | None, overwrite: bool, as_json: bool) -> None:
+    """Convert a BoRA adapter into a plain PEFT LoRA adapter, exact or optimally truncated.
+
+    \b
+    Examples:
+      bora-tools to-lora ./my-bora-adapter --out ./my-lora --rank full
+      bora-tools to-lora ./my-bora-adapter --out ./my-lora-16 --rank 16 --dtype bfloat16
+      bora-tools to-lora ./my-bora-adapter --out ./my-lora-99 --energy 0.99 --rank 32 --plot spectra.png
+    """
+    if rank is None and energy is None:
+        raise click.UsageError("give --rank K, --rank full or --energy F")
+    if rank == "full" and energy is not None:
+        raise click.UsageError("--rank full keeps everything; it cannot be combined with --energy")
+    from bora_tools.lora import to_lora
+    from bora_tools.lora_report import format_report
+
+    report = to_lora(adapter, out, rank=rank, energy=energy, dtype=dtype, device=device, report=report_path,
+                     plot=plot_path, overwrite=overwrite, progress=make_progress())
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(format_report(report))
+
+
 # Commands are registered above this line.
 
 
