@@ -199,7 +199,7 @@ def _read_gguf(path: Path) -> dict[str, Any]:
     bases = [value(general.BASE_MODEL_REPO_URL.format(id=i)) for i in range(count)]
     file_type = value(general.FILE_TYPE)
     try:
-        type_name = gguf.LlamaFileType(file_type).name if file_type is not None else None
+        type_name = gguf.LlamaFileType(file_type).name.split("_", 1)[-1] if file_type is not None else None
     except ValueError:
         type_name = str(file_type)
     return {"file": path.name, "type": kind, "architecture": value(general.ARCHITECTURE),
