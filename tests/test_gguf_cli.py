@@ -1,0 +1,162 @@
+"""``bora-tools export-gguf`` on the command line: reports, and every bad input refused cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import pytest
+import torch
+from click.testing import CliRunner
+from gguf_support import set_config, tiny_dir
+from safetensors.torch import load_file, save_file
+
+from bora_tools.cli import cli
+from bora_tools.config import BoraConfig
+from bora_tools.training import add_bora, randomize_bora, save_bora
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("gguf-cli")
+    base = tiny_dir(root, "llama")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    add_bora(model, BoraConfig(r=2, bora_blocks=2, target_modules=["q_proj", "v_proj"]))
+    randomize_bora(model)
+    return root, base, save_bora(model, root / "adapter")
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_refused(result, *fragments, code=1):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".gguf") or ".bora-tmp-" in p.name)
+
+
+def test_model_json_report(dirs, tmp_path):
+    _, base, _ = dirs
+    out = tmp_path / "m.gguf"
+    result = run("export-gguf", base, "--out", out, "--outtype", "q8_0", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["kind"] == "model" and report["types"] == {"F32": 5, "Q8_0": 16}
+    assert report["vocab"]["padded"] == 20 and report["bytes"] == out.stat().st_size
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
+
+
+def test_lora_and_merge_text_reports(dirs, tmp_path):
+    _, base, adapter = dirs
+    result = run("export-gguf", adapter, "--base", base, "--out", tmp_path / "l.gguf", "--rank", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "lora" in result.output and "blk.1.attn_v.weight" in result.output
+    result = run("export-gguf", adapter, "--base", base, "--merge", "--out", tmp_path / "m.gguf", "--quiet")
+    assert result.exit_code == 0 and "4 adapted weights merged in one pass" in result.output
+
+
+def test_existing_output_refused_then_overwritten(dirs, tmp_path):
+    _, base, _ = dirs
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep")
+    assert_refused(run("export-gguf", base, "--out", out), "already exists", "--overwrite")
+    assert out.read_bytes() == b"keep"
+    assert run("export-gguf", base, "--out", out, "--overwrite", "--quiet").exit_code == 0
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    ([], ["is an adapter", "--base"]),
+    (["--merge"], ["is an adapter", "--base"]),
+])
+def test_adapter_needs_base(dirs, tmp_path, extra, fragments):
+    _, _, adapter = dirs
+    assert_refused(run("export-gguf", adapter, "--out", tmp_path / "x.gguf", *extra), *fragments)
+    assert leftovers(tmp_path) == []
+
+
+def test_option_combinations_refused(dirs, tmp_path):
+    _, base, adapter = dirs
+    out = tmp_path / "x.gguf"
+    assert_refused(run("export-gguf", base, "--base", base, "--out", out), "--base applies only")
+    assert_refused(run("export-gguf", base, "--rank", "4", "--out", out), "--rank applies only")
+    assert_refused(run("export-gguf", adapter, "--base", base, "--merge", "--rank", "4", "--out", out), "--rank")
+    assert_refused(run("export-gguf", adapter, "--base", base, "--rank", "zero", "--out", out), "--rank", code=2)
+    assert_refused(run("export-gguf", adapter, "--base", base, "--rank", "0", "--out", out), "--rank", code=2)
+    assert_refused(run("export-gguf", base, "--outtype", "q4_0", "--out", out), "--outtype", code=2)
+    assert_refused(run("export-gguf", base, "--out", tmp_path / "missing" / "x.gguf"), "does not exist")
+    assert leftovers(tmp_path) == []
+
+
+def _copy(base, tmp_path):
+    import shutil
+
+    path = tmp_path / "model"
+    shutil.copytree(base, path)
+    return path
+
+
+def test_bad_models_refused(dirs, tmp_path):
+    _, base, _ = dirs
+    out = tmp_path / "x.gguf"
+    gpt2 = tiny_dir(tmp_path, "gpt2")
+    assert_refused(run("export-gguf", gpt2, "--out", out), "GPT2LMHeadModel", "not supported")
+
+    model = _copy(base, tmp_path)
+    set_config(model, num_attention_heads=None, rope_parameters={"rope_type": "yarn", "factor": 4.0})
+    assert_refused(run("export-gguf", model, "--out", out), "num_attention_heads", "positive integer")
+    set_config(model, num_attention_heads=4)
+    assert_refused(run("export-gguf", model, "--out", out), "rope_type 'yarn'", "not supported")
+    set_config(model, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, vocab_size=200)
+    assert_refused(run("export-gguf", model, "--out", out), "300 tokens", "vocab_size is 200")
+    set_config(model, vocab_size=320)
+    (model / "tokenizer.json").unlink()
+    assert_refused(run("export-gguf", model, "--out", out), "no tokenizer.json or tokenizer.model")
+    assert leftovers(tmp_path) == []
+
+
+def test_unknown_tensor_refused(dirs, tmp_path):
+    _, base, _ = dirs
+    model = _copy(base, tmp_path)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.vision_tower.proj.weight"] = torch.zeros(4, 4)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(run("export-gguf", model, "--out", tmp_path / "x.gguf"), "model.vision_tower.proj.weight",
+                   "no llama.cpp llama tensor")
+    assert leftovers(tmp_path) == []
+
+
+def test_adapter_for_another_base_refused(dirs, tmp_path):
+    _, _, adapter = dirs
+    other = tiny_dir(tmp_path, "llama", hidden=32, heads=2, kv_heads=1)
+    for extra in ([], ["--merge"]):
+        assert_refused(run("export-gguf", adapter, "--base", other, "--out", tmp_path / "x.gguf", *extra),
+                       "q_proj", "another base model")
+    assert leftovers(tmp_path) == []
+
+
+def test_failure_while_writing_leaves_nothing(dirs, tmp_path, monkeypatch):
+    from bora_tools import gguf_write
+
+    _, base, _ = dirs
+    calls = []
+
+    def broken(t, qtype):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return original(t, qtype)
+
+    original = gguf_write.to_gguf_array
+    monkeypatch.setattr(gguf_write, "to_gguf_array", broken)
+    assert_refused(run("export-gguf", base, "--out", tmp_path / "x.gguf"), "no space left on device")
+    assert leftovers(tmp_path) == []
