@@ -306,7 +306,7 @@ def test_a_single_gguf_file_uploads_with_its_card(tmp_path, hub, run):
     (None, None, WRITE, WRITE),
     (WRITE, "hf_other_env_token", None, WRITE),  # --token first
     (None, WRITE, "hf_other_saved_token", WRITE),  # then HF_TOKEN, then the saved login
-])
+], ids=["flag", "env", "saved-login", "flag-over-env", "env-over-saved-login"])
 def test_token_sources_in_huggingface_hub_order_and_never_printed(tmp_path, hub, run, flag, env_token, saved,
                                                                    expected):
     src = bora_adapter(tmp_path / "adapter")
