@@ -21,6 +21,8 @@ from bora_tools.progress import Progress, no_progress
 
 DEMO_ARCH = "llama"
 DEMO_RANK, DEMO_BLOCKS, DEMO_ALPHA = 4, 4, 8
+GGUF_RTOL = 3e-3  # llama.cpp vs transformers, float32 files
+DEMO_TEXT = "The quick brown fox jumps over the lazy dog. 3.14159 (a + b)"
 
 
 @dataclass
@@ -100,9 +102,38 @@ def step_inspect(ctx: DemoContext) -> None:
             f"(a LoRA of the same size reaches only r={DEMO_RANK})")
 
 
+def step_export_gguf(ctx: DemoContext) -> None:
+    """Export the merged model and the adapter as GGUF; llama.cpp must give the BoRA model's logits."""
+    from bora_tools.gguf_export import export_gguf
+    from bora_tools.gguf_run import gguf_logits, gguf_tokenize, llama_cpp_available, relative_error
+
+    merged, base, lora = (ctx.workdir / f"{n}.gguf" for n in ("merged", "base", "lora"))
+    m = export_gguf(ctx.adapter_dir, merged, base=ctx.base_dir, merge=True, outtype="f32", progress=ctx.progress)
+    export_gguf(ctx.base_dir, base, outtype="f32", progress=ctx.progress)
+    lo = export_gguf(ctx.adapter_dir, lora, base=ctx.base_dir, rank="full", outtype="f32", progress=ctx.progress)
+    ranks = sorted({row["rank"] for row in lo["modules"]})
+    ctx.say(f"[gguf]    merged model -> {merged.name} ({m['tensors']} tensors, {m['merged_tensors']} merged in one pass), "
+            f"LoRA -> {lora.name} (exact rank {'/'.join(map(str, ranks))}, scaling folded in)")
+    if not llama_cpp_available():
+        ctx.results["export-gguf"] = {"checked_in_llama_cpp": False}
+        ctx.say("          llama-cpp-python is not installed: files written, not run (pip install 'bora-tools[test]')")
+        return
+    ids = ctx.input_ids[0].tolist()
+    want = ctx.bora_logits[0].numpy()
+    err_merged = relative_error(gguf_logits(merged, ids), want)
+    err_lora = relative_error(gguf_logits(base, ids, lora_path=lora), want)
+    same_tokens = gguf_tokenize(merged, DEMO_TEXT) == ctx.tokenizer(DEMO_TEXT).input_ids
+    ctx.results["export-gguf"] = {"checked_in_llama_cpp": True, "merged_rel_error": err_merged,
+                                  "lora_rel_error": err_lora, "same_tokens": same_tokens}
+    ctx.say(f"          llama.cpp logits vs the BoRA model: merged rel. error {err_merged:.1e}, base + LoRA "
+            f"{err_lora:.1e} (bound {GGUF_RTOL:g}); tokenization {'identical' if same_tokens else 'DIFFERS'}")
+    if max(err_merged, err_lora) > GGUF_RTOL or not same_tokens:
+        raise BoraError("demo: llama.cpp does not reproduce the BoRA model within the bound")
+
+
 # Steps are registered above this line.
 
-STEPS: list[Callable[[DemoContext], None]] = [step_train, step_inspect]
+STEPS: list[Callable[[DemoContext], None]] = [step_train, step_inspect, step_export_gguf]
 
 
 def run_demo(*, workdir: str | Path | None = None, steps: int = 60, say: Callable[[str], None] = print,

@@ -24,6 +24,30 @@ def llama_cpp_available() -> bool:
     return True
 
 
+_GGML_LOG_ERROR = 4  # ggml's enum: NONE, DEBUG, INFO, WARN, ERROR, CONT
+_quiet_callback = None  # kept referenced: llama.cpp holds a raw pointer to it
+
+
+def _errors_only() -> None:
+    # llama-cpp-python maps ggml's log levels with an older enum, so its quiet mode
+    # still prints warnings (such as every tiny model exceeding its 128-token
+    # training context once llama.cpp pads the context to 256).
+    global _quiet_callback
+    import ctypes
+    import sys
+
+    import llama_cpp
+
+    if _quiet_callback is None:
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if level == _GGML_LOG_ERROR:
+                print(text.decode("utf-8", "replace"), end="", file=sys.stderr, flush=True)
+
+        _quiet_callback = callback
+    llama_cpp.llama_log_set(_quiet_callback, ctypes.c_void_p(0))
+
+
 @contextlib.contextmanager
 def _plain_buffers() -> Iterator[None]:
     # llama.cpp repacks quantised weights into "extra" CPU buffers (AMX, ...)
@@ -48,8 +72,11 @@ def _plain_buffers() -> Iterator[None]:
 
 
 def open_llama(path: str | Path, *, lora_path: str | Path | None = None, lora_scale: float = 1.0,
-               n_ctx: int = 256, vocab_only: bool = False):
+               n_ctx: int = 0, vocab_only: bool = False):
     """A ``llama_cpp.Llama`` for ``path`` (and a LoRA GGUF), logits for every position kept.
+
+    ``n_ctx=0`` takes the model's own context length (a longer one only draws
+    llama.cpp's warning about exceeding the trained context).
 
     Example::
 
@@ -63,6 +90,7 @@ def open_llama(path: str | Path, *, lora_path: str | Path | None = None, lora_sc
         import llama_cpp
     except ImportError as e:
         raise UnsupportedError("llama-cpp-python is not installed", hint="pip install 'bora-tools[test]'") from e
+    _errors_only()
     with _plain_buffers():
         return llama_cpp.Llama(str(path), lora_path=str(lora_path) if lora_path else None, lora_scale=lora_scale,
                                n_ctx=n_ctx, logits_all=True, vocab_only=vocab_only, verbose=False, n_threads=2)
@@ -70,7 +98,7 @@ def open_llama(path: str | Path, *, lora_path: str | Path | None = None, lora_sc
 
 def gguf_logits(path: str | Path, ids: Sequence[int], *, lora_path: str | Path | None = None) -> np.ndarray:
     """llama.cpp's float32 logits ``(len(ids), n_vocab)`` for the token sequence ``ids``."""
-    llm = open_llama(path, lora_path=lora_path, n_ctx=max(64, len(ids)))
+    llm = open_llama(path, lora_path=lora_path)
     try:
         llm.eval(list(int(i) for i in ids))
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -80,7 +108,7 @@ def gguf_logits(path: str | Path, ids: Sequence[int], *, lora_path: str | Path |
 
 def gguf_tokenize(path: str | Path, text: str, *, add_bos: bool = True) -> list[int]:
     """llama.cpp's tokenization of ``text`` (special tokens in the text are not parsed)."""
-    llm = open_llama(path, vocab_only=True)
+    llm = open_llama(path)  # vocab_only has no context length, and llama.cpp then warns
     try:
         return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False))
     finally:
