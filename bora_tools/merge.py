@@ -13,6 +13,7 @@ so that other one-pass writers (GGUF export with ``--merge``) reuse them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,7 +44,7 @@ MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 #: Elements per float32 working chunk on the CPU: a few MiB stays in cache
 #: while a bf16 row block is widened, updated and rounded back.
-CPU_CHUNK_ELEMENTS = 1 << 20
+CPU_CHUNK_ELEMENTS = 1 << 19
 #: On a GPU larger chunks keep the device busy; memory is still bounded.
 GPU_CHUNK_ELEMENTS = 1 << 25
 
@@ -121,9 +122,16 @@ class RowMerger:
         m, n = self.module.shape
         return (n, m) if self.fan_in_fan_out else (m, n)
 
-    def rows(self, w_rows: Tensor, start: int) -> Tensor:
-        """Merged float32 stored rows ``start : start + len(w_rows)`` (on ``device``)."""
-        w = w_rows.to(device=self.device, dtype=torch.float32, copy=True)
+    def rows(self, w_rows: Tensor, start: int, *, work: Tensor | None = None) -> Tensor:
+        """Merged float32 stored rows ``start : start + len(w_rows)`` (on ``device``).
+
+        ``work``, a float32 tensor of ``w_rows``' shape on ``device``, receives the
+        result; reusing one across chunks spares an allocation (and its page
+        faults) per chunk.
+        """
+        if work is None:
+            work = torch.empty(w_rows.shape, dtype=torch.float32, device=self.device)
+        w = work.copy_(w_rows, non_blocking=True)
         stop = start + w.shape[0]
         if self.fan_in_fan_out:
             # Stored rows are input columns: W^T[a:c] += (B_i @ A'_i[:, a:c])^T per output block i.
@@ -169,7 +177,7 @@ def merged_weight(weight: Tensor, module: BoraModule, *, fan_in_fan_out: bool, s
     out = torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=merger.device)
     chunk = GPU_CHUNK_ELEMENTS if merger.device.type == "cuda" else CPU_CHUNK_ELEMENTS
     for start, stop in row_chunks(weight.shape[0], weight.shape[1], chunk_elements=chunk):
-        out[start:stop] = merger.rows(weight[start:stop], start)
+        out[start:stop] = merger.rows(weight[start:stop], start)  # the one rounding
     return out
 
 
@@ -248,31 +256,54 @@ def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dty
         raise ValidationError(f"--scale {scale}: expected a finite number")
     dev = resolve_device(device)
     check_target(out, overwrite=overwrite)
-    bora = load_adapter(adapter)
-    model = ModelDir.open(base)
-    if out.resolve() == model.path.resolve():
-        raise ValidationError(f"output {out} is the base model directory; inputs are never modified")
-    plan = merge_plan(bora, model)
-    shards = {shard: _jobs(model, shard, plan, out_dtype) for shard in model.shard_names}
+    with _one_cpu_thread(dev):
+        bora = load_adapter(adapter)
+        model = ModelDir.open(base)
+        if out.resolve() == model.path.resolve():
+            raise ValidationError(f"output {out} is the base model directory; inputs are never modified")
+        plan = merge_plan(bora, model)
+        shards = {shard: _jobs(model, shard, plan, out_dtype) for shard in model.shard_names}
+        report = MergeReport(out=out, device=str(dev), dtype=dtype, scale=scale, shards=len(shards), merged=0,
+                             replaced=0, copied=0, converted=0, bytes_written=0)
+        _write_output(model, shards, report, overwrite=overwrite, fan_in_fan_out=bora.config.fan_in_fan_out,
+                      out_dtype=out_dtype, device=dev, progress=progress)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _write_output(model: ModelDir, shards: dict[str, list[_Job]], report: MergeReport, *, overwrite: bool,
+                  fan_in_fan_out: bool, out_dtype: torch.dtype | None, device: torch.device, progress: Progress) -> None:
+    """Every shard, the other files and the index into a temporary sibling, renamed when complete."""
     total = sum(len(jobs) for jobs in shards.values())
-    report = MergeReport(out=out, device=str(dev), dtype=dtype, scale=scale, shards=len(shards), merged=0, replaced=0,
-                         copied=0, converted=0, bytes_written=0)
     ticks = iter(progress(range(total), total=total, label="merging"))
-    with atomic_output(out, overwrite=overwrite, directory=True) as tmp:
+    with atomic_output(report.out, overwrite=overwrite, directory=True) as tmp:
         for shard, jobs in shards.items():
             meta = model.headers[shard].metadata
             _write_shard(tmp / shard, jobs, metadata=meta if meta is not None else {"format": "pt"},
-                         fan_in_fan_out=bora.config.fan_in_fan_out, scale=scale, device=dev, ticks=ticks)
+                         fan_in_fan_out=fan_in_fan_out, scale=report.scale, device=device, ticks=ticks)
             for job in jobs:
                 setattr(report, job.kind, getattr(report, job.kind) + 1)
             report.bytes_written += (tmp / shard).stat().st_size
         report.other_files = _copy_other_files(model, tmp, dtype=out_dtype)
         if model.index is not None:
             _write_index(model, tmp, shards)
-    for _ in ticks:  # finish the bar (tensors of size 0 tick nothing)
+    for _ in ticks:  # finish the bar
         pass
-    report.seconds = time.perf_counter() - started
-    return report
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    # Streaming work is a series of small, cache-sized, memory-bound operations:
+    # a second torch thread gains little, and when the cores are shared with
+    # other processes the thread pool's barriers made a merge up to 20x slower
+    # (measured). The caller's setting is restored.
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _parse_dtype(dtype: str) -> torch.dtype | None:
@@ -317,15 +348,13 @@ def _write_shard(path: Path, jobs: list[_Job], *, metadata: dict, fan_in_fan_out
             os.close(fd)
 
 
-def _read_rows(fd: int, entry: TensorEntry, start: int, stop: int, buf: bytearray) -> Tensor:
-    """Stored rows ``start:stop`` of a 2-D tensor, read positionally into ``buf``."""
+def _read_rows(fd: int, entry: TensorEntry, start: int, stop: int, buf: Tensor) -> Tensor:
+    """Stored rows ``start:stop`` of a 2-D tensor, read positionally into the byte tensor ``buf``."""
     row_bytes = entry.nbytes // entry.shape[0]
     n = (stop - start) * row_bytes
-    view = memoryview(buf)[:n]
-    got = os.preadv(fd, [view], entry.start + start * row_bytes)
-    if got != n:
+    if os.preadv(fd, [buf[:n].numpy()], entry.start + start * row_bytes) != n:
         raise ModelDirError(f"{entry.shard}: truncated: tensor {entry.name} ends early")
-    return torch.frombuffer(view, dtype=entry.torch_dtype).reshape(stop - start, entry.shape[1])
+    return buf[:n].view(entry.torch_dtype).reshape(stop - start, entry.shape[1])
 
 
 def _write_merged(writer: SafetensorsWriter, fd: int, job: _Job, *, fan_in_fan_out: bool, scale: float,
@@ -333,14 +362,21 @@ def _write_merged(writer: SafetensorsWriter, fd: int, job: _Job, *, fan_in_fan_o
     merger = RowMerger(job.replacement, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device)
     rows, cols = job.entry.shape
     chunk = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
-    buf = bytearray(min(rows, max(1, chunk // cols)) * cols * DTYPES[job.entry.dtype][0])
-    out_dtype = job.spec_torch_dtype
+    height = min(rows, max(1, chunk // cols))
+    # Buffers reused for every chunk: read bytes, float32 work, rounded output.
+    # Pinned host memory lets the GPU copies run at full speed.
+    pin = device.type == "cuda"
+    buf = torch.empty(height * cols * DTYPES[job.entry.dtype][0], dtype=torch.uint8, pin_memory=pin)
+    work = torch.empty((height, cols), dtype=torch.float32, device=device)
+    out_dev = torch.empty((height, cols), dtype=job.spec_torch_dtype, device=device)
+    out_host = out_dev if not pin else torch.empty((height, cols), dtype=job.spec_torch_dtype, pin_memory=True)
     for start, stop in row_chunks(rows, cols, chunk_elements=chunk):
-        merged = merger.rows(_read_rows(fd, job.entry, start, stop, buf), start).to(out_dtype)
-        if out_dtype == torch.float16 and not bool(torch.isfinite(merged).all()):
+        k = stop - start
+        merged = out_dev[:k].copy_(merger.rows(_read_rows(fd, job.entry, start, stop, buf), start, work=work[:k]))
+        if merged.dtype == torch.float16 and not bool(torch.isfinite(merged).all()):
             raise ValidationError(f"{PREFIX + job.replacement.name}: the merged weight overflows float16 "
                                   f"(values beyond +-65504)", hint="use --dtype bfloat16 or float32")
-        writer.write(job.spec.name, merged)
+        writer.write(job.spec.name, out_host[:k].copy_(merged) if pin else merged)
 
 
 def _write_converted(writer: SafetensorsWriter, fd: int, job: _Job) -> None:
