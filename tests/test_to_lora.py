@@ -22,6 +22,7 @@ from bora_tools.cli import cli
 from bora_tools.config import BoraConfig
 from bora_tools.errors import OutputExistsError, OutputWriteError, ValidationError
 from bora_tools.lora import RankPolicy, balanced_exact_factors, energy_rank, pattern_keys, to_lora
+from bora_tools.math import factored_svd, gram_svd
 from bora_tools.tiny import build_model, default_targets
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
@@ -177,10 +178,10 @@ def test_half_precision_exact_form_loads_in_peft(llama, tmp_path, dtype, atol):
 
 # -- truncation ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rank", [1, 3])
-def test_truncation_is_the_optimum_of_a_dense_svd_in_peft(case, tmp_path, rank):
+@pytest.mark.parametrize("rank, route", [(1, "gram"), (3, "gram"), (3, "qr")])
+def test_truncation_is_the_optimum_of_a_dense_svd_in_peft(case, tmp_path, rank, route):
     out = tmp_path / "lora"
-    report = to_lora(case["path"], out, rank=rank)
+    report = to_lora(case["path"], out, rank=rank, route=route)
     layers = _lora_layers(_peft(case["arch"], out))
     by_name = {m["name"]: m for m in report["modules"]}
     for name, mod in case["adapter"].modules.items():
@@ -235,6 +236,52 @@ def test_energy_rank_matches_brute_force(values, fraction):
     total = float((s**2).sum())
     assert float((s[:k] ** 2).sum()) >= fraction * total * (1 - 1e-12)
     assert k == 1 or float((s[:k - 1] ** 2).sum()) < fraction * total * (1 + 1e-12)
+
+
+# -- the two SVD routes against a dense float64 SVD --------------------------------------------------
+
+def _factors(kind: str, b: int, r: int, m: int, n: int):
+    gen = torch.Generator().manual_seed(b * 1000 + m + n)
+    A, B, sigma = torch.randn(r, n, generator=gen), torch.randn(m, r, generator=gen), torch.randn(b, b, r, generator=gen)
+    if kind == "B zero":  # a fresh adapter
+        B.zero_()
+    elif kind == "one block zero":
+        B[: m // b].zero_()
+    elif kind == "repeated columns":
+        A[1], B[:, 2] = A[0], B[:, 1]
+    elif kind == "sigma row zero":
+        sigma[0].zero_()
+    elif kind == "ill-conditioned":
+        B[:, 0] *= 1e-6
+        A[1] *= 1e-5
+    return A, B, sigma
+
+
+@pytest.mark.parametrize("route", [gram_svd, factored_svd], ids=["gram", "qr"])
+@pytest.mark.parametrize("kind", ["random", "B zero", "one block zero", "repeated columns", "sigma row zero",
+                                  "ill-conditioned"])
+@pytest.mark.parametrize("b, r, m, n", [(4, 16, 256, 128), (4, 16, 32, 64), (2, 3, 12, 8), (1, 8, 40, 30)])
+def test_svd_routes_match_a_dense_svd(route, kind, b, r, m, n):
+    A, B, sigma = _factors(kind, b, r, m, n)
+    mod = type("M", (), {"A": A, "B": B, "sigma": sigma, "scaling": 1.5, "b": b, "shape": (m, n)})
+    dw = _dense_dw(mod)
+    dense = torch.linalg.svdvals(dw)
+    svd = route(A, B, sigma, 1.5)
+    s0 = float(dense[0])
+    assert svd.S.shape == (min(b * r, m, n),) and torch.isfinite(svd.U).all() and torch.isfinite(svd.Vh).all()
+    if s0 == 0:
+        assert not svd.S.any() and svd.rank() == 0
+        return
+    # The Gram route squares the condition number: documented accuracy about 1e-7 * S[0]; QR: float64 rounding.
+    tol = 1e-7 if route is gram_svd else 1e-11
+    assert torch.allclose(svd.S, dense[: svd.S.numel()], rtol=0, atol=tol * s0)
+    assert float((svd.U * svd.S @ svd.Vh - dw).norm()) <= tol * float(dw.norm())
+    kept = svd.S > 1e-6 * s0  # singular vectors are unit-norm and orthogonal where S is not rounding noise
+    u = svd.U[:, kept]
+    assert torch.allclose(u.T @ u, torch.eye(int(kept.sum()), dtype=torch.float64), atol=1e-6)
+    k = max(1, svd.rank() // 2)
+    b_k, a_k = svd.lora_factors(k, dtype=torch.float64)
+    assert float((dw - b_k @ a_k).norm()) == pytest.approx(float(dense[k:].square().sum().sqrt()), rel=1e-6, abs=tol * s0)
 
 
 # -- zero updates -------------------------------------------------------------------------------
