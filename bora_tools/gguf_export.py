@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,8 +34,8 @@ from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
 from bora_tools.gguf_hparams import Hparams, add_hparams, read_hparams, rope_freq_factors
 from bora_tools.gguf_vocab import read_vocab
 from bora_tools.gguf_write import (OUTTYPES, ArchSpec, PlannedTensor, add_general, arch_spec, qk_heads, qk_row_order,
-                                   tensor_type, torch_dtype_for, write_streaming)
-from bora_tools.model_dir import ModelDir, TensorEntry, read_tensor
+                                   read_rows, row_blocks, tensor_type, whole, write_streaming)
+from bora_tools.model_dir import ModelDir, TensorEntry
 from bora_tools.output import atomic_output, check_target
 from bora_tools.progress import Progress, logger, no_progress
 
@@ -168,7 +169,7 @@ def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: st
     freqs = rope_freq_factors(hp)
     if freqs is not None:
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        plan.append(PlannedTensor(name, tuple(freqs.shape), gguf.GGMLQuantizationType.F32, lambda f=freqs: f,
+        plan.append(PlannedTensor(name, tuple(freqs.shape), gguf.GGMLQuantizationType.F32, whole(freqs),
                                   source="rope_parameters (llama3)"))
     for shard in model.shard_names:
         for entry in model.shard_entries(shard):
@@ -203,23 +204,32 @@ def _planned(entry: TensorEntry, gname: str, hp: Hparams, outtype: str, spec: Ar
              replacement: BoraModule | torch.Tensor | None, device: torch.device | str) -> PlannedTensor:
     qtype, fallback = tensor_type(gname, entry.shape, outtype)
     heads = qk_heads(gname, hp) if spec.permute_qk else None
-    target = torch_dtype_for(qtype)
+    head_rows = entry.shape[0] // heads if heads else 1
 
-    def load() -> torch.Tensor:
-        t = read_tensor(entry)
+    def permuted(block: torch.Tensor) -> torch.Tensor:
+        # Blocks hold whole heads, and the permutation never crosses a head.
+        if heads is None:
+            return block
+        return block[qk_row_order(block.shape[0], block.shape[0] // head_rows).to(block.device)]
+
+    def chunks() -> Iterator[torch.Tensor]:
+        if isinstance(replacement, torch.Tensor):  # modules_to_save: the whole tensor, from the adapter
+            yield permuted(replacement)
+            return
+        merger = None
         if isinstance(replacement, BoraModule):
-            from bora_tools.merge import merged_weight
+            from bora_tools.merge import RowMerger
 
-            # Merged in float32 and rounded once, straight to the GGUF tensor's dtype.
-            t = merged_weight(t, replacement, fan_in_fan_out=False, device=device, out_dtype=target)
-        elif isinstance(replacement, torch.Tensor):
-            t = replacement
-        if heads is not None:
-            t = t[qk_row_order(t.shape[0], heads).to(t.device)]
-        return t
+            # W + dW in float32, a block of rows at a time; rounded once when converted.
+            merger = RowMerger(replacement, fan_in_fan_out=False, device=device)
+        cols = math.prod(entry.shape[1:])
+        with open(entry.shard, "rb") as f:
+            for start, stop in row_blocks(entry.shape[0] if entry.shape else 1, cols, align=head_rows):
+                block = read_rows(entry, start, stop, file=f)
+                yield permuted(merger.rows(block, start) if merger else block)
 
     how = "(merged)" if isinstance(replacement, BoraModule) else "(modules_to_save)" if replacement is not None else ""
-    return PlannedTensor(gname, tuple(entry.shape), qtype, load, source=f"{entry.name} {how}".strip(),
+    return PlannedTensor(gname, tuple(entry.shape), qtype, chunks, source=f"{entry.name} {how}".strip(),
                          fallback=fallback)
 
 

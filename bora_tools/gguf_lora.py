@@ -73,7 +73,8 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
         (m, n) = mod.shape
         for suffix, shape, load in ((".lora_a", (k, n), pair.a), (".lora_b", (m, k), pair.b)):
             qtype, fallback = tensor_type(gname + suffix, shape, outtype)
-            plan.append(PlannedTensor(gname + suffix, shape, qtype, load, source=PREFIX + mod.name, fallback=fallback))
+            plan.append(PlannedTensor(gname + suffix, shape, qtype, lambda f=load: iter((f(),)),
+                                      source=PREFIX + mod.name, fallback=fallback))
         rows.append({"module": mod.name, "gguf_name": gname, "rank": k, "max_rank": mod.b * mod.r,
                      "scaling": mod.scaling, "relative_error": err})
     check_target(out, overwrite=overwrite)

@@ -3,23 +3,25 @@
 A GGUF file is written in one pass with gguf-py's ``GGUFWriter``: every tensor
 info (name, shape, type, byte size) is declared first, then the header, the
 key-value data and the tensor infos are written, and finally the tensors one
-at a time, each produced by a loader just before it is written and dropped
-right after. Memory therefore holds one tensor (and its converted copy), never
-the model.
+at a time. Each tensor is itself produced and written in blocks of rows (read
+from the shard with positional reads, permuted, merged, converted), so memory
+holds a few MiB of rows, never the model and not even its largest tensor.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import gguf
 import numpy as np
 import torch
 
-from bora_tools.errors import UnsupportedError
+from bora_tools.errors import ModelDirError, UnsupportedError
+from bora_tools.model_dir import TensorEntry
 from bora_tools.progress import Progress, no_progress
 
 Q = gguf.GGMLQuantizationType
@@ -64,10 +66,12 @@ OUTTYPES: dict[str, tuple[gguf.LlamaFileType, Q]] = {
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, Q.BF16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
 }
-#: The torch dtype a tensor is brought to before it becomes bytes of a GGUF type.
-_TORCH_FOR = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16, Q.Q8_0: torch.float32}
-#: Elements quantised at a time: bounds the float32 temporaries of gguf.quants.
-_Q8_CHUNK_ELEMENTS = 1 << 22
+#: The torch dtype of the plain GGUF float types.
+_TORCH_FOR = {Q.F32: torch.float32, Q.F16: torch.float16}
+#: Elements per block of rows read, converted and written at a time.
+CHUNK_ELEMENTS = 1 << 22
+#: Elements per parallel Q8_0 task: bounds the float32 temporaries of gguf.quants.
+_Q8_SLICE_ELEMENTS = 1 << 20
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> tuple[Q, str | None]:
@@ -91,17 +95,11 @@ def tensor_nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     return math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))
 
 
-def torch_dtype_for(qtype: Q) -> torch.dtype:
-    """The dtype a loader may produce directly for ``qtype`` (float32 for quantised types)."""
-    return _TORCH_FOR[qtype]
-
-
 def to_gguf_array(t: torch.Tensor, qtype: Q) -> np.ndarray:
-    """The bytes of ``t`` as GGUF type ``qtype`` (a contiguous numpy array to write as is).
+    """The bytes of ``t`` (whole rows) as GGUF type ``qtype``: a contiguous numpy array to write as is.
 
     F32/F16/BF16 are plain casts (torch rounds to nearest even, as ggml does);
-    Q8_0 goes through gguf-py's bit-exact quantiser, a bounded number of rows
-    at a time so its float32 temporaries stay small.
+    Q8_0 goes through gguf-py's bit-exact quantiser, in parallel row slices.
     """
     t = t.detach().cpu()
     if qtype in (Q.F32, Q.F16):
@@ -112,11 +110,25 @@ def to_gguf_array(t: torch.Tensor, qtype: Q) -> np.ndarray:
         raise UnsupportedError(f"GGUF type {qtype.name} is not supported")
     rows = t.reshape(-1, t.shape[-1])
     out = np.empty(gguf.quant_shape_to_byte_shape(tuple(rows.shape), qtype), dtype=np.uint8)
-    step = max(1, _Q8_CHUNK_ELEMENTS // rows.shape[1])
-    for start in range(0, rows.shape[0], step):
+    step = max(1, _Q8_SLICE_ELEMENTS // rows.shape[1])
+
+    def quantize(start: int) -> None:
         chunk = rows[start:start + step].to(torch.float32).numpy()
         out[start:start + step] = gguf.quants.quantize(chunk, qtype)
+
+    # numpy releases the GIL inside its loops, so row slices quantise in parallel threads.
+    list(_pool().map(quantize, range(0, rows.shape[0], step)))
     return out
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="bora-q8")
+    return _POOL
 
 
 def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
@@ -141,14 +153,43 @@ def qk_heads(gguf_name: str, hparams: "Any") -> int | None:
     return None
 
 
+def row_blocks(rows: int, cols: int, *, align: int = 1) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` row ranges of about ``CHUNK_ELEMENTS`` elements, multiples of ``align`` rows."""
+    step = max(align, CHUNK_ELEMENTS // max(cols, 1) // align * align)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def read_rows(entry: TensorEntry, start: int, stop: int, *, file: BinaryIO) -> torch.Tensor:
+    """Rows ``start:stop`` of a safetensors tensor, by a positional read of just those bytes."""
+    row_bytes = entry.nbytes // max(entry.shape[0], 1)
+    buf = bytearray((stop - start) * row_bytes)
+    file.seek(entry.start + start * row_bytes)
+    if file.readinto(buf) != len(buf):
+        raise ModelDirError(f"{entry.shard}: truncated: tensor {entry.name} ends before its declared size")
+    shape = (stop - start, *entry.shape[1:])
+    if not buf:
+        return torch.empty(shape, dtype=entry.torch_dtype)
+    return torch.frombuffer(buf, dtype=entry.torch_dtype).reshape(shape)
+
+
+def whole(t: torch.Tensor) -> Callable[[], Iterator[torch.Tensor]]:
+    """A ``chunks`` producer for a tensor already in memory (small: norms, LoRA factors)."""
+    return lambda: iter((t,))
+
+
 @dataclass
 class PlannedTensor:
-    """One tensor to write: its GGUF name, shape (torch order), type, and how to produce it."""
+    """One tensor to write: its GGUF name, shape (torch order), type, and how to produce it.
+
+    ``chunks()`` yields consecutive blocks of whole rows in the final layout
+    (any float dtype); they are converted to ``qtype`` as they are written.
+    """
 
     name: str
     shape: tuple[int, ...]
     qtype: Q
-    load: Callable[[], torch.Tensor]
+    chunks: Callable[[], Iterable[torch.Tensor]]
     source: str = ""  # the tensor(s) it comes from, for reports
     fallback: str | None = None  # why qtype is not the requested type
 
@@ -157,9 +198,30 @@ class PlannedTensor:
         return tensor_nbytes(self.shape, self.qtype)
 
 
+class _Streamed:
+    """What ``GGUFWriter.write_tensor_data`` needs of an array (``nbytes``, ``tofile``), produced block by block.
+
+    The writer pads, checks the declared size and calls ``tofile``; here
+    ``tofile`` converts and writes one block of rows at a time, so the
+    converted tensor never exists whole.
+    """
+
+    def __init__(self, plan: PlannedTensor):
+        self.plan, self.nbytes = plan, plan.nbytes
+
+    def tofile(self, fout: BinaryIO) -> None:
+        written = 0
+        for block in self.plan.chunks():
+            data = to_gguf_array(block, self.plan.qtype)
+            data.tofile(fout)
+            written += data.nbytes
+        if written != self.nbytes:
+            raise AssertionError(f"{self.plan.name}: produced {written} bytes, declared {self.nbytes}")
+
+
 def write_streaming(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTensor], *,
                     progress: Progress = no_progress, label: str = "writing GGUF") -> None:
-    """Write ``writer``'s key-values and ``plan``'s tensors to ``path``, one tensor in memory at a time."""
+    """Write ``writer``'s key-values and ``plan``'s tensors to ``path``, a block of rows in memory at a time."""
     for p in plan:
         # The dtype argument only matters without raw_dtype; the shape is the logical one.
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
@@ -168,11 +230,7 @@ def write_streaming(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTenso
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in progress(plan, total=len(plan), label=label):
-            data = to_gguf_array(p.load(), p.qtype)
-            if data.nbytes != p.nbytes:
-                raise AssertionError(f"{p.name}: produced {data.nbytes} bytes, declared {p.nbytes}")
-            writer.write_tensor_data(data)
-            del data
+            writer.write_tensor_data(_Streamed(p))  # type: ignore[arg-type]  # duck-typed array
         writer.flush()
     finally:
         writer.close()

@@ -69,6 +69,16 @@ def test_merge_one_pass_gives_the_bora_logits_and_the_lora_ones(case, tmp_path):
     assert relative_error(gguf_logits(case["base_gguf"], IDS, lora_path=lora), got) < F32_RTOL
 
 
+def test_merge_in_small_row_blocks(case, tmp_path, monkeypatch):
+    """Merging a few rows at a time (block offsets, q/k heads split across blocks) changes nothing."""
+    from bora_tools import gguf_write
+
+    monkeypatch.setattr(gguf_write, "CHUNK_ELEMENTS", 256)
+    merged = tmp_path / "merged.gguf"
+    export_gguf(case["adapter"], merged, base=case["base"], merge=True, outtype="f32")
+    assert relative_error(gguf_logits(merged, IDS), case["bora_logits"]) < F32_RTOL
+
+
 def test_lora_metadata_and_per_module_ranks(case, tmp_path):
     lora = tmp_path / "lora.gguf"
     report = export_gguf(case["adapter"], lora, base=case["base"], outtype="f16")
