@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from concurrent.futures import Future
 from typing import Iterator, Union
 
 import torch
@@ -332,7 +333,7 @@ def _write_shard(path: Path, jobs: list[_Job], *, metadata: dict, fan_in_fan_out
     src = jobs[0].entry.shard if jobs else None
     fd = os.open(src, os.O_RDONLY) if src else -1
     try:
-        with SafetensorsWriter(path, [j.spec for j in jobs], metadata=metadata) as writer:
+        with SafetensorsWriter(path, [j.spec for j in jobs], metadata=metadata, background=True) as writer:
             for job in jobs:
                 if job.kind == "copied":
                     writer.copy_range(job.spec.name, fd, job.entry.start, job.entry.nbytes)
@@ -363,20 +364,29 @@ def _write_merged(writer: SafetensorsWriter, fd: int, job: _Job, *, fan_in_fan_o
     rows, cols = job.entry.shape
     chunk = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
     height = min(rows, max(1, chunk // cols))
-    # Buffers reused for every chunk: read bytes, float32 work, rounded output.
+    # Buffers reused for every chunk: read bytes, float32 work, and two rounded
+    # outputs, so that the writer thread saves one while the next is merged.
     # Pinned host memory lets the GPU copies run at full speed.
     pin = device.type == "cuda"
     buf = torch.empty(height * cols * DTYPES[job.entry.dtype][0], dtype=torch.uint8, pin_memory=pin)
     work = torch.empty((height, cols), dtype=torch.float32, device=device)
     out_dev = torch.empty((height, cols), dtype=job.spec_torch_dtype, device=device)
-    out_host = out_dev if not pin else torch.empty((height, cols), dtype=job.spec_torch_dtype, pin_memory=True)
-    for start, stop in row_chunks(rows, cols, chunk_elements=chunk):
-        k = stop - start
-        merged = out_dev[:k].copy_(merger.rows(_read_rows(fd, job.entry, start, stop, buf), start, work=work[:k]))
-        if merged.dtype == torch.float16 and not bool(torch.isfinite(merged).all()):
+    ring = [torch.empty((height, cols), dtype=job.spec_torch_dtype, pin_memory=pin) for _ in range(2)]
+    busy: list[Future | None] = [None, None]
+    for n, (start, stop) in enumerate(row_chunks(rows, cols, chunk_elements=chunk)):
+        k, slot = stop - start, n % 2
+        if busy[slot] is not None:
+            busy[slot].result()  # the writer is done with this buffer
+        merged = merger.rows(_read_rows(fd, job.entry, start, stop, buf), start, work=work[:k])
+        out = ring[slot][:k]
+        if pin:
+            out.copy_(out_dev[:k].copy_(merged))  # round on the GPU, then bring back half the bytes
+        else:
+            out.copy_(merged)
+        if out.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
             raise ValidationError(f"{PREFIX + job.replacement.name}: the merged weight overflows float16 "
                                   f"(values beyond +-65504)", hint="use --dtype bfloat16 or float32")
-        writer.write(job.spec.name, out_host[:k].copy_(merged) if pin else merged)
+        busy[slot] = writer.write(job.spec.name, out)
 
 
 def _write_converted(writer: SafetensorsWriter, fd: int, job: _Job) -> None:

@@ -10,6 +10,8 @@ multiple of 8, then the raw little-endian data.
 
 The writer is a small state machine: tensors must arrive in header order and
 each must receive exactly its byte count; ``close`` refuses an incomplete file.
+Optionally one background thread does the disk writes, in order, so that
+they overlap the caller's work on the next bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import json
 import math
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -75,6 +79,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 class SafetensorsWriter:
     """Write one safetensors file incrementally.
 
+    With ``background=True`` the disk writes run on one I/O thread, in order,
+    while the caller prepares the next bytes; ``write`` then returns a future
+    that completes once the data it was given may be reused. At most
+    ``max_pending`` writes wait in line, which bounds the memory they hold.
+
     Example::
 
         specs = [TensorSpec("a", "F32", (2,)), TensorSpec("b", "BF16", (4, 4))]
@@ -83,13 +92,17 @@ class SafetensorsWriter:
             w.copy_range("b", src_fd, offset, 32)     # raw bytes from another file
     """
 
-    def __init__(self, path: str | os.PathLike, specs: Sequence[TensorSpec], *, metadata: Mapping[str, str] | None = None):
+    def __init__(self, path: str | os.PathLike, specs: Sequence[TensorSpec], *, metadata: Mapping[str, str] | None = None,
+                 background: bool = False, max_pending: int = 4):
         self.path = Path(path)
         self.specs = list(specs)
         self._header = header_bytes(self.specs, metadata)
         self._index = 0  # the tensor now receiving bytes
         self._left = self.specs[0].nbytes if self.specs else 0
         self._fd: int | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="st-writer") if background else None
+        self._pending: deque[Future] = deque()
+        self._max_pending = max(1, max_pending)
 
     def __enter__(self) -> "SafetensorsWriter":
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -102,6 +115,8 @@ class SafetensorsWriter:
             if exc_type is None:
                 self.close()
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)  # never close the fd under a running write
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -112,7 +127,7 @@ class SafetensorsWriter:
             self._left = self.specs[self._index].nbytes if self._index < len(self.specs) else 0
 
     def _take(self, name: str, n: int) -> None:
-        """Check that ``n`` more bytes of ``name`` are what the file expects now."""
+        """Check that ``n`` more bytes of ``name`` are what the file expects now, and count them."""
         if self._fd is None:
             raise RuntimeError(f"{self.path}: writer is not open")
         expected = self.specs[self._index].name if self._index < len(self.specs) else None
@@ -120,30 +135,41 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: got bytes for {name!r} but the next tensor is {expected!r}")
         if n > self._left:
             raise RuntimeError(f"{self.path}: tensor {name!r} would get {n} bytes with only {self._left} left")
-
-    def _advance(self, n: int) -> None:
         self._left -= n
         self._skip_empty()
 
-    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
-        """Append bytes (or a tensor's bytes) to tensor ``name``, which must be the current one."""
+    def _run(self, fn, *args) -> Future | None:
+        if self._pool is None:
+            fn(*args)
+            return None
+        while self._pending and (self._pending[0].done() or len(self._pending) >= self._max_pending):
+            self._pending.popleft().result()  # re-raises an I/O error as soon as it is seen
+        future = self._pool.submit(fn, *args)
+        self._pending.append(future)
+        return future
+
+    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> Future | None:
+        """Append bytes (or a tensor's bytes) to tensor ``name``, which must be the current one.
+
+        In the background mode, ``data`` must stay unchanged until the returned future is done.
+        """
         view = tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data).cast("B")
         self._take(name, view.nbytes)
-        _write_all(self._fd, view)
-        self._advance(view.nbytes)
+        return self._run(_write_all, self._fd, view)
 
-    def copy_range(self, name: str, src_fd: int, offset: int, nbytes: int) -> None:
+    def copy_range(self, name: str, src_fd: int, offset: int, nbytes: int) -> Future | None:
         """Append ``nbytes`` raw bytes read from ``src_fd`` at ``offset`` to tensor ``name``.
 
         Uses ``os.copy_file_range`` (the kernel moves the bytes; nothing passes
         through this process's memory) and falls back to positional reads.
         """
         self._take(name, nbytes)
-        _copy(src_fd, self._fd, offset, nbytes)
-        self._advance(nbytes)
+        return self._run(_copy, src_fd, self._fd, offset, nbytes)
 
     def close(self) -> None:
-        """Refuse to finish a file whose tensors did not all receive their bytes."""
+        """Wait for every write; refuse to finish a file whose tensors did not all receive their bytes."""
+        while self._pending:
+            self._pending.popleft().result()
         if self._index < len(self.specs):
             spec = self.specs[self._index]
             raise RuntimeError(f"{self.path}: incomplete: tensor {spec.name!r} is missing {self._left} bytes")
