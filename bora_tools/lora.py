@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -195,14 +195,35 @@ def convert_adapter(adapter: BoraAdapter, policy: RankPolicy, *, device: torch.d
     """
     tensors: dict[str, Tensor] = {}
     results = []
-    for name in progress(list(adapter.modules), total=len(adapter.modules), label="converting to LoRA"):
-        b_k, a_k, result = convert_module(adapter.modules[name], policy, device=device, dtype=dtype, route=route)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a_k
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b_k
-        results.append(result)
+    with _one_cpu_thread(torch.device(device)):
+        for name in progress(list(adapter.modules), total=len(adapter.modules), label="converting to LoRA"):
+            b_k, a_k, result = convert_module(adapter.modules[name], policy, device=device, dtype=dtype, route=route)
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = a_k
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = b_k
+            results.append(result)
     for key, tensor in adapter.saved.items():
         tensors[PREFIX + key] = tensor.detach().cpu().contiguous()
     return tensors, results
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the per-module work on one CPU thread, restoring the setting afterwards.
+
+    Each module is a few small products (at most ``n x b*r``); on a CPU shared
+    with other work, splitting each over several OpenMP threads makes every
+    operation wait for a descheduled sibling, measured 5-10x slower than one
+    thread on the 2-core development machine (BENCHMARKS.md, to-lora).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pattern_keys(names: list[str]) -> dict[str, str]:
