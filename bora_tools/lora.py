@@ -310,7 +310,8 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
         from bora_tools.plot import require_matplotlib
 
         require_matplotlib()
-    bora = load_adapter(adapter)
+    with _one_cpu_thread(torch.device("cpu")):  # reading validates every value: small ops, see _one_cpu_thread
+        bora = load_adapter(adapter)
     tensors, results = convert_adapter(bora, policy, device=dev, dtype=DTYPES[dtype], route=route, progress=progress)
     config = peft_lora_config(bora.config, {r.name: r.rank for r in results})
     result = build_report(adapter=adapter, out=out, policy=policy.to_dict(), dtype=dtype, results=results,
