@@ -69,9 +69,9 @@ OUTTYPES: dict[str, tuple[gguf.LlamaFileType, Q]] = {
 #: The torch dtype of the plain GGUF float types.
 _TORCH_FOR = {Q.F32: torch.float32, Q.F16: torch.float16}
 #: Elements per block of rows read, converted and written at a time.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 #: Elements per parallel Q8_0 task: bounds the float32 temporaries of gguf.quants.
-_Q8_SLICE_ELEMENTS = 1 << 20
+_Q8_SLICE_ELEMENTS = 1 << 17
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> tuple[Q, str | None]:
