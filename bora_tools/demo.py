@@ -131,9 +131,27 @@ def step_export_gguf(ctx: DemoContext) -> None:
         raise BoraError("demo: llama.cpp does not reproduce the BoRA model within the bound")
 
 
+def step_merge(ctx: DemoContext) -> None:
+    """Merge the adapter into the base; transformers must give the adapted model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from bora_tools.merge import merge_adapter
+
+    out = ctx.workdir / "merged"
+    report = merge_adapter(ctx.adapter_dir, ctx.base_dir, out, device="cpu")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        err = float((merged(ctx.input_ids).logits.float() - ctx.bora_logits).abs().max())
+    if err > 1e-4:
+        raise BoraError(f"demo: merged logits differ from the BoRA model's by {err:.2e} (> 1e-4)")
+    ctx.results["merge"] = {"max_abs_logit_error": err, "merged": report.merged, "copied": report.copied}
+    ctx.say(f"[merge]   {report.merged} weights got W + dW (float32, rounded once), {report.copied} copied as raw bytes; "
+            f"transformers loads {out.name}/ and its logits match the BoRA model's within {err:.1e} (max abs)")
+
+
 # Steps are registered above this line.
 
-STEPS: list[Callable[[DemoContext], None]] = [step_train, step_inspect, step_export_gguf]
+STEPS: list[Callable[[DemoContext], None]] = [step_train, step_inspect, step_merge, step_export_gguf]
 
 
 def run_demo(*, workdir: str | Path | None = None, steps: int = 60, say: Callable[[str], None] = print,

@@ -19,9 +19,9 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from concurrent.futures import Future
 from typing import Iterator, Union
 
 import torch
@@ -370,7 +370,7 @@ def _write_merged(writer: SafetensorsWriter, fd: int, job: _Job, *, fan_in_fan_o
     pin = device.type == "cuda"
     buf = torch.empty(height * cols * DTYPES[job.entry.dtype][0], dtype=torch.uint8, pin_memory=pin)
     work = torch.empty((height, cols), dtype=torch.float32, device=device)
-    out_dev = torch.empty((height, cols), dtype=job.spec_torch_dtype, device=device)
+    out_dev = torch.empty((height, cols), dtype=job.spec_torch_dtype, device=device) if pin else None
     ring = [torch.empty((height, cols), dtype=job.spec_torch_dtype, pin_memory=pin) for _ in range(2)]
     busy: list[Future | None] = [None, None]
     for n, (start, stop) in enumerate(row_chunks(rows, cols, chunk_elements=chunk)):
@@ -379,10 +379,7 @@ def _write_merged(writer: SafetensorsWriter, fd: int, job: _Job, *, fan_in_fan_o
             busy[slot].result()  # the writer is done with this buffer
         merged = merger.rows(_read_rows(fd, job.entry, start, stop, buf), start, work=work[:k])
         out = ring[slot][:k]
-        if pin:
-            out.copy_(out_dev[:k].copy_(merged))  # round on the GPU, then bring back half the bytes
-        else:
-            out.copy_(merged)
+        out.copy_(out_dev[:k].copy_(merged) if pin else merged)  # GPU: round there, bring back half the bytes
         if out.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
             raise ValidationError(f"{PREFIX + job.replacement.name}: the merged weight overflows float16 "
                                   f"(values beyond +-65504)", hint="use --dtype bfloat16 or float32")
