@@ -158,6 +158,9 @@ def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: st
                        ) -> list[PlannedTensor]:
     """Every tensor of the GGUF, in file order of the shards; every problem is reported at once.
 
+    Example: ``plan_model_tensors(model, arch_spec("LlamaForCausalLM", source="x"), hp, "q8_0", replacements={})``
+    -> ``[PlannedTensor("token_embd.weight", (320, 64), Q8_0, ...), ...]``
+
     Raises:
         UnsupportedError: tensors llama.cpp has no name for, or non-float tensors.
         ConfigError: shapes that disagree with ``config.json``.
@@ -265,7 +268,10 @@ def _export_merged(adapter_dir: Path, base_dir: Path, out: Path, *, outtype: str
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """A few human-readable lines for the CLI."""
+    """A few human-readable lines for the CLI.
+
+    Example: ``print(format_report(export_gguf("models/tiny", "t.gguf")))``
+    """
     types = ", ".join(f"{n} {t}" for t, n in sorted(report.get("types", {}).items()))
     lines = [f"wrote {report['out']} ({report['bytes'] / 2**20:.1f} MiB, {report['kind']}, "
              f"llama.cpp arch {report['architecture']}) in {report.get('seconds', 0):.1f} s",

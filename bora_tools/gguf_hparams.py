@@ -112,7 +112,10 @@ def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], 
 
 
 def add_hparams(writer: gguf.GGUFWriter, hp: Hparams, spec: ArchSpec) -> None:
-    """Write the ``{arch}.*`` keys llama.cpp reads for this architecture."""
+    """Write the ``{arch}.*`` keys llama.cpp reads for this architecture.
+
+    Example: ``add_hparams(gguf.GGUFWriter(None, "llama"), read_hparams(config, source="config.json"), spec)``
+    """
     writer.add_vocab_size(hp.vocab_size)
     writer.add_context_length(hp.n_ctx)
     writer.add_embedding_length(hp.n_embd)
@@ -137,6 +140,9 @@ def rope_freq_factors(hp: Hparams) -> torch.Tensor | None:
     llama.cpp divides each rotary frequency by its factor; transformers'
     ``llama3`` rope type scales the same frequencies: low frequencies by
     ``factor``, high ones not at all, and a smooth blend in between.
+
+    Example: with ``factor=8`` and a 64-token original context, the slowest
+    rotary frequencies get 8.0, the fastest 1.0.
     """
     if hp.rope_type != "llama3":
         return None

@@ -60,23 +60,10 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
     spec = arch_spec(base.architecture, source=config_path)
     hp = read_hparams(base.config, source=config_path)
     names = _check(adapter, base, spec, n_layer=hp.n_layer)
-    modules = list(adapter.modules.values())
-    prepared = {m.name: _factors(m, rank) for m in modules}
+    prepared = {m.name: _factors(m, rank) for m in adapter.modules.values()}
     alpha = float(max(k for k, _, _ in prepared.values()))
-    plan: list[PlannedTensor] = []
-    rows = []
-    for mod in modules:
-        k, err, factors = prepared[mod.name]
-        gname = names[mod.name]
-        heads = qk_heads(gname, hp) if spec.permute_qk else None
-        pair = _Pair(factors, fold=k / alpha, heads=heads)
-        (m, n) = mod.shape
-        for suffix, shape, load in ((".lora_a", (k, n), pair.a), (".lora_b", (m, k), pair.b)):
-            qtype, fallback = tensor_type(gname + suffix, shape, outtype)
-            plan.append(PlannedTensor(gname + suffix, shape, qtype, lambda f=load: iter((f(),)),
-                                      source=PREFIX + mod.name, fallback=fallback))
-        rows.append({"module": mod.name, "gguf_name": gname, "rank": k, "max_rank": mod.b * mod.r,
-                     "scaling": mod.scaling, "relative_error": err})
+    plan, rows = _plan(adapter.modules.values(), prepared, names, alpha=alpha, outtype=outtype,
+                       heads_of=lambda g: qk_heads(g, hp) if spec.permute_qk else None)
     check_target(out, overwrite=overwrite)
     writer = gguf.GGUFWriter(None, spec.name)
     add_general(writer, kind=gguf.GGUFType.ADAPTER, name=adapter_dir.resolve().name, outtype=outtype)
@@ -91,6 +78,25 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
             "outtype": outtype, "tensors": len(plan), "bytes": out.stat().st_size, "types": types,
             "fallbacks": [{"tensor": p.name, "type": p.qtype.name, "reason": p.fallback} for p in plan if p.fallback],
             "alpha": alpha, "rank": rank, "modules": rows, "adapter": str(adapter_dir), "warnings": []}
+
+
+def _plan(modules, prepared: dict, names: dict[str, str], *, alpha: float, outtype: str,
+          heads_of: Callable[[str], int | None]) -> tuple[list[PlannedTensor], list[dict[str, Any]]]:
+    """The ``lora_a`` / ``lora_b`` pair of every module (in that order, as llama.cpp's tools expect) and report rows."""
+    plan: list[PlannedTensor] = []
+    rows = []
+    for mod in modules:
+        k, err, factors = prepared[mod.name]
+        gname = names[mod.name]
+        pair = _Pair(factors, fold=k / alpha, heads=heads_of(gname))
+        (m, n) = mod.shape
+        for suffix, shape, load in ((".lora_a", (k, n), pair.a), (".lora_b", (m, k), pair.b)):
+            qtype, fallback = tensor_type(gname + suffix, shape, outtype)
+            plan.append(PlannedTensor(gname + suffix, shape, qtype, lambda f=load: iter((f(),)),
+                                      source=PREFIX + mod.name, fallback=fallback))
+        rows.append({"module": mod.name, "gguf_name": gname, "rank": k, "max_rank": mod.b * mod.r,
+                     "scaling": mod.scaling, "relative_error": err})
+    return plan, rows
 
 
 def _check(adapter, base: ModelDir, spec, *, n_layer: int) -> dict[str, str]:

@@ -97,7 +97,10 @@ def open_llama(path: str | Path, *, lora_path: str | Path | None = None, lora_sc
 
 
 def gguf_logits(path: str | Path, ids: Sequence[int], *, lora_path: str | Path | None = None) -> np.ndarray:
-    """llama.cpp's float32 logits ``(len(ids), n_vocab)`` for the token sequence ``ids``."""
+    """llama.cpp's float32 logits ``(len(ids), n_vocab)`` for the token sequence ``ids``.
+
+    Example: ``gguf_logits("base.gguf", [0, 5, 9], lora_path="lora.gguf").shape`` -> ``(3, 320)``
+    """
     llm = open_llama(path, lora_path=lora_path)
     try:
         llm.eval(list(int(i) for i in ids))
@@ -107,7 +110,10 @@ def gguf_logits(path: str | Path, ids: Sequence[int], *, lora_path: str | Path |
 
 
 def gguf_tokenize(path: str | Path, text: str, *, add_bos: bool = True) -> list[int]:
-    """llama.cpp's tokenization of ``text`` (special tokens in the text are not parsed)."""
+    """llama.cpp's tokenization of ``text`` (special tokens in the text are not parsed).
+
+    Example: ``gguf_tokenize("model.gguf", "Hello")`` -> ``[0, 54, 262]`` (with the BOS token)
+    """
     llm = open_llama(path)  # vocab_only has no context length, and llama.cpp then warns
     try:
         return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False))

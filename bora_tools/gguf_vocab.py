@@ -190,6 +190,11 @@ def choose_pre_tokenizer(tok: dict[str, Any]) -> tuple[str, str | None]:
 
 def _sentencepiece_vocab(path: Path) -> GgufVocab:
     try:
+        import sentencepiece  # noqa: F401
+    except ImportError as e:
+        raise UnsupportedError(f"{path / 'tokenizer.model'}: reading a SentencePiece tokenizer needs the "
+                               "sentencepiece package", hint="pip install sentencepiece protobuf") from e
+    try:
         spm = gguf.SentencePieceVocab(path)
     except (RuntimeError, ValueError, OSError) as e:
         raise ModelDirError(f"{path / 'tokenizer.model'}: unusable SentencePiece model ({e})") from e

@@ -49,6 +49,8 @@ ARCHS: dict[str, ArchSpec] = {
 def arch_spec(architecture: str | None, *, source: str) -> ArchSpec:
     """The llama.cpp mapping of ``architecture``.
 
+    Example: ``arch_spec("MistralForCausalLM", source="config.json").name`` -> ``"llama"``
+
     Raises:
         UnsupportedError: naming the architecture and the supported ones.
     """
@@ -80,6 +82,9 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> tuple[Q
     As llama.cpp expects: 1-D tensors and norms stay F32; Q8_0 needs rows
     (the last dimension) that are a multiple of its 32-element block, and falls
     back to F16 otherwise.
+
+    Example: ``tensor_type("blk.0.ffn_down.weight", (64, 80), "q8_0")``
+    -> ``(F16, "row of 80 is not a multiple of 32")``
     """
     want = OUTTYPES[outtype][1]
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
@@ -100,6 +105,8 @@ def to_gguf_array(t: torch.Tensor, qtype: Q) -> np.ndarray:
 
     F32/F16/BF16 are plain casts (torch rounds to nearest even, as ggml does);
     Q8_0 goes through gguf-py's bit-exact quantiser, in parallel row slices.
+
+    Example: ``to_gguf_array(torch.randn(4, 64), Q.Q8_0).shape`` -> ``(4, 68)`` (2 blocks of 34 bytes a row)
     """
     t = t.detach().cpu()
     if qtype in (Q.F32, Q.F16):
@@ -139,12 +146,17 @@ def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
     the halves of every head are interleaved. ``W_gguf = W_hf[order]``; it
     applies to weights, biases and a LoRA's ``lora_b`` alike (they all index
     output rows).
+
+    Example: ``qk_row_order(4, 1)`` -> ``tensor([0, 2, 1, 3])``
     """
     return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
 def qk_heads(gguf_name: str, hparams: "Any") -> int | None:
-    """Heads whose rows ``qk_row_order`` permutes for this tensor, or None (no permutation)."""
+    """Heads whose rows ``qk_row_order`` permutes for this tensor, or None (no permutation).
+
+    Example: ``qk_heads("blk.3.attn_k.weight", hp)`` -> ``hp.n_head_kv``
+    """
     part = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
     if part == "attn_q":
         return hparams.n_head
@@ -154,14 +166,20 @@ def qk_heads(gguf_name: str, hparams: "Any") -> int | None:
 
 
 def row_blocks(rows: int, cols: int, *, align: int = 1) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` row ranges of about ``CHUNK_ELEMENTS`` elements, multiples of ``align`` rows."""
+    """``(start, stop)`` row ranges of about ``CHUNK_ELEMENTS`` elements, multiples of ``align`` rows.
+
+    Example: ``list(row_blocks(5000, 2048, align=128))`` -> ``[(0, 512), (512, 1024), ..., (4608, 5000)]``
+    """
     step = max(align, CHUNK_ELEMENTS // max(cols, 1) // align * align)
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
 
 def read_rows(entry: TensorEntry, start: int, stop: int, *, file: BinaryIO) -> torch.Tensor:
-    """Rows ``start:stop`` of a safetensors tensor, by a positional read of just those bytes."""
+    """Rows ``start:stop`` of a safetensors tensor, by a positional read of just those bytes.
+
+    Example: ``with open(entry.shard, "rb") as f: head = read_rows(entry, 0, 16, file=f)``
+    """
     row_bytes = entry.nbytes // max(entry.shape[0], 1)
     buf = bytearray((stop - start) * row_bytes)
     file.seek(entry.start + start * row_bytes)
@@ -221,7 +239,10 @@ class _Streamed:
 
 def write_streaming(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTensor], *,
                     progress: Progress = no_progress, label: str = "writing GGUF") -> None:
-    """Write ``writer``'s key-values and ``plan``'s tensors to ``path``, a block of rows in memory at a time."""
+    """Write ``writer``'s key-values and ``plan``'s tensors to ``path``, a block of rows in memory at a time.
+
+    Example: ``write_streaming(gguf.GGUFWriter(None, "llama"), Path("m.gguf"), plan, progress=bar)``
+    """
     for p in plan:
         # The dtype argument only matters without raw_dtype; the shape is the logical one.
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
