@@ -11,9 +11,10 @@ import torch
 
 from bora_tools.tiny import TEXT, build_model_dir
 
-llama_cpp = pytest.importorskip("llama_cpp")  # in the test extra; skip (not fail) where absent
+from bora_tools.gguf_run import correlation, gguf_logits, gguf_tokenize, llama_cpp_available, relative_error
 
-from bora_tools.gguf_run import correlation, gguf_logits, gguf_tokenize, relative_error  # noqa: E402
+#: For test modules that run llama.cpp: it is in the test extra; skip (not fail) where absent.
+needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
 
 #: Texts llama.cpp must tokenize exactly like the HF tokenizer.
 SAMPLES = [
@@ -55,4 +56,4 @@ def set_config(model_dir: Path, **changes) -> None:
 
 
 __all__ = ["SAMPLES", "IDS", "F32_RTOL", "F16_RTOL", "BF16_RTOL", "Q8_MIN_CORR", "hf_logits", "tiny_dir",
-           "set_config", "gguf_logits", "gguf_tokenize", "relative_error", "correlation", "llama_cpp"]
+           "set_config", "gguf_logits", "gguf_tokenize", "relative_error", "correlation", "needs_llama_cpp"]

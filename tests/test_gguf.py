@@ -6,11 +6,12 @@ import gguf
 import numpy as np
 import pytest
 from gguf_support import (BF16_RTOL, F16_RTOL, F32_RTOL, IDS, Q8_MIN_CORR, SAMPLES, correlation, gguf_logits,
-                          gguf_tokenize, hf_logits, relative_error, set_config, tiny_dir)
+                          gguf_tokenize, hf_logits, needs_llama_cpp, relative_error, set_config, tiny_dir)
 
 from bora_tools.gguf_export import export_gguf
 
 Q = gguf.GGMLQuantizationType
+pytestmark = needs_llama_cpp
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import gguf
-import numpy as np
 import pytest
 import torch
-from gguf_support import F16_RTOL, F32_RTOL, IDS, Q8_MIN_CORR, correlation, gguf_logits, relative_error, tiny_dir
+from gguf_support import (F16_RTOL, F32_RTOL, IDS, Q8_MIN_CORR, correlation, gguf_logits, needs_llama_cpp,
+                          relative_error, tiny_dir)
 
+from bora_tools.checkpoint import load_adapter
 from bora_tools.config import BoraConfig
 from bora_tools.errors import UnsupportedError
 from bora_tools.gguf_export import export_gguf
 from bora_tools.math import delta_weight
-from bora_tools.checkpoint import load_adapter
 from bora_tools.tiny import default_targets
 from bora_tools.training import add_bora, randomize_bora, save_bora
+
+pytestmark = needs_llama_cpp
 
 # Per-module ranks and alphas, rsLoRA: llama.cpp's own converter would get these scalings wrong.
 CONFIG = dict(r=4, bora_blocks=2, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj": 2, "down_proj": 6},

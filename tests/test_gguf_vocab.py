@@ -8,12 +8,14 @@ import shutil
 
 import gguf
 import pytest
-from gguf_support import F32_RTOL, IDS, SAMPLES, gguf_logits, gguf_tokenize, hf_logits, relative_error, set_config, \
-    tiny_dir
+from gguf_support import (F32_RTOL, IDS, SAMPLES, gguf_logits, gguf_tokenize, hf_logits, needs_llama_cpp,
+                          relative_error, set_config, tiny_dir)
 
 from bora_tools.gguf_export import export_gguf
 from bora_tools.gguf_vocab import KNOWN_SPLIT_REGEXES, choose_pre_tokenizer
 from bora_tools.tiny import TEXT
+
+pytestmark = needs_llama_cpp
 
 LEADING_SPACES = "  leading spaces, trailing spaces   "
 
