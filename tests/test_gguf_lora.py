@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from gguf_support import (F16_RTOL, F32_RTOL, IDS, Q8_MIN_CORR, correlation, gguf_logits, needs_llama_cpp,
