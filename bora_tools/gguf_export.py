@@ -282,7 +282,14 @@ def format_report(report: dict[str, Any]) -> str:
                      + (f" ({v['padded']} padding)" if v["padded"] else "") + f" from {v['source']}")
     if report.get("merged_tensors"):
         lines.append(f"merged: {report['merged_tensors']} adapted weights merged in one pass from {report['adapter']}")
-    for m in report.get("modules", []):
+    modules = report.get("modules", [])
+    if modules:
+        ranks = sorted({m["rank"] for m in modules})
+        worst = max(modules, key=lambda m: m["relative_error"])
+        lines.append(f"LoRA: {len(modules)} modules, rank {'/'.join(map(str, ranks))}, adapter.lora.alpha "
+                     f"{report['alpha']:g} (each module's scaling folded into lora_b); largest relative error "
+                     f"{worst['relative_error']:.2e} ({worst['gguf_name']})")
+    for m in modules if len(modules) <= 16 else []:
         lines.append(f"  {m['gguf_name']:<28} rank {m['rank']:>4} / {m['max_rank']:<4} "
                      f"rel. error {m['relative_error']:.2e}")
     if report.get("fallbacks"):
