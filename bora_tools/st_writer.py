@@ -130,6 +130,8 @@ class SafetensorsWriter:
         """Check that ``n`` more bytes of ``name`` are what the file expects now, and count them."""
         if self._fd is None:
             raise RuntimeError(f"{self.path}: writer is not open")
+        if n == 0:  # an empty tensor (or chunk) has nothing to place
+            return
         expected = self.specs[self._index].name if self._index < len(self.specs) else None
         if name != expected:
             raise RuntimeError(f"{self.path}: got bytes for {name!r} but the next tensor is {expected!r}")

@@ -211,10 +211,10 @@ def test_merge_plan_names_base_tensors(tmp_path):
 
 
 def test_writer_bytes_equal_safetensors_save_file(tmp_path):
-    tensors = {"z": torch.arange(3, dtype=torch.int64), "c": torch.randn(2, 3), "é": torch.randn(1),
+    tensors = {"z": torch.arange(3, dtype=torch.int64), "c": torch.randn(2, 3), "d": torch.zeros(0, 4), "é": torch.randn(1),
                "a": torch.randn(4, dtype=torch.bfloat16), "b": torch.randn(2, 2, dtype=torch.float16)}
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
-    order = ["z", "c", "é", "a", "b"]  # safetensors' order: wider dtypes first, then by name
+    order = ["z", "c", "d", "é", "a", "b"]  # safetensors' order: wider dtypes first, then by name
     specs = [TensorSpec(k, {torch.int64: "I64", torch.float32: "F32", torch.bfloat16: "BF16",
                             torch.float16: "F16"}[tensors[k].dtype], tuple(tensors[k].shape)) for k in order]
     with SafetensorsWriter(tmp_path / "ours.safetensors", specs, metadata={"format": "pt"}) as w:
@@ -354,6 +354,24 @@ def test_refuses_float16_overflow(tmp_path):
 def test_refuses_non_finite_scale(llama, tmp_path):
     _expect_refusal(tmp_path / "out", _run(llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out", "--scale", "nan"),
                     "--scale")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_refuses_cuda_without_a_gpu(llama, tmp_path):
+    _expect_refusal(tmp_path / "out", _run(llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out",
+                                           "--device", "cuda"), "--device cuda", "no CUDA device")
+
+
+def test_merged_weight_rounds_once_to_out_dtype():
+    from bora_tools.checkpoint import BoraModule
+
+    g = torch.Generator().manual_seed(1)
+    mod = BoraModule("x", torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g),
+                     torch.randn(2, 2, 2, generator=g), 1.0)
+    w = torch.randn(8, 16, generator=g).to(torch.bfloat16)
+    out = merged_weight(w, mod, fan_in_fan_out=False)
+    ref = (w.double() + delta_weight(mod.A, mod.B, mod.sigma, 1.0, dtype=torch.float64)).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and (out == ref).float().mean() > 0.99
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
