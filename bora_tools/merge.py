@@ -260,8 +260,7 @@ def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dty
     with _one_cpu_thread(dev):
         bora = load_adapter(adapter)
         model = ModelDir.open(base)
-        if out.resolve() == model.path.resolve():
-            raise ValidationError(f"output {out} is the base model directory; inputs are never modified")
+        _refuse_output_over_inputs(out, model.path, Path(adapter))
         plan = merge_plan(bora, model)
         shards = {shard: _jobs(model, shard, plan, out_dtype) for shard in model.shard_names}
         report = MergeReport(out=out, device=str(dev), dtype=dtype, scale=scale, shards=len(shards), merged=0,
@@ -290,6 +289,15 @@ def _write_output(model: ModelDir, shards: dict[str, list[_Job]], report: MergeR
             _write_index(model, tmp, shards)
     for _ in ticks:  # finish the bar
         pass
+
+
+def _refuse_output_over_inputs(out: Path, *inputs: Path) -> None:
+    # --overwrite replaces OUT whole: it must not be, or hold, an input.
+    target = out.resolve()
+    for path in inputs:
+        p = path.resolve()
+        if p == target or target in p.parents:
+            raise ValidationError(f"output {out} would replace {path}, an input; inputs are never modified")
 
 
 @contextlib.contextmanager

@@ -286,6 +286,13 @@ def test_refuses_existing_output(llama, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_refuses_an_output_that_holds_an_input(llama):
+    parent = llama["base"].parent
+    result = _run(llama["adapter"], "--base", llama["base"], "--out", parent, "--overwrite")
+    assert result.exit_code == 1 and "an input" in result.stderr.splitlines()[-1]
+    assert ModelDir.open(llama["base"]) and load_adapter(llama["adapter"])
+
+
 def test_refuses_module_absent_from_base(llama, tmp_path):
     other = _make(tmp_path, "llama", model_kw={"layers": 3})  # layer 2 does not exist in the 2-layer base
     adapter = _save(other, tmp_path)
