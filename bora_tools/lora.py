@@ -40,7 +40,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Two routes to the same SVD (SPEC section 1): "gram" reads each factor once by matrix products and is the
 # default (several times faster than "qr" on a busy 2-core CPU, where Householder QR of tall factors crawls);
 # "qr" is the thin-QR route, accurate to float64 rounding rather than ~1e-7 * S[0].
-SVD_ROUTES = {"gram": gram_svd, "qr": factored_svd}
+SVD_ROUTES = {"gram": gram_svd, "qr": lambda A, B, sigma, scaling, vectors=None: factored_svd(A, B, sigma, scaling)}
 ZERO_NOTE = "zero update: written as rank 1 with zero factors"
 
 
@@ -91,6 +91,11 @@ class RankPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": "full" if self.full else self.rank, "energy": self.energy}
+
+    @property
+    def vectors(self) -> int | None:
+        """The most singular vectors any module can need (``None``: all): the exact form needs none."""
+        return 0 if self.full else self.rank
 
     def choose(self, S: Tensor, update_rank: int) -> tuple[int, str | None]:
         """The rank to keep for one non-zero update with singular values ``S``, and a note when capped."""
@@ -148,7 +153,7 @@ def convert_module(module: BoraModule, policy: RankPolicy, *, device: torch.devi
         res.rel_error    # ||dW - B_k A_k||_F / ||dW||_F, the optimum (Eckart-Young)
     """
     A, B, sigma = (t.to(device) for t in (module.A, module.B, module.sigma))
-    svd = SVD_ROUTES[route](A, B, sigma, module.scaling)
+    svd = SVD_ROUTES[route](A, B, sigma, module.scaling, vectors=policy.vectors)
     update_rank = svd.rank()
     m, n = module.shape
     note = None

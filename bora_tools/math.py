@@ -147,7 +147,7 @@ def factored_svd(A: Tensor, B: Tensor, sigma: Tensor, scaling: float) -> Factore
     return FactoredSVD(U=u, S=s, Vh=vh)
 
 
-def gram_svd(A: Tensor, B: Tensor, sigma: Tensor, scaling: float) -> FactoredSVD:
+def gram_svd(A: Tensor, B: Tensor, sigma: Tensor, scaling: float, *, vectors: int | None = None) -> FactoredSVD:
     """The SVD of ``dW`` like ``factored_svd``, from the small Gram matrices of the factors.
 
     ``B'^T B'`` is block-diagonal (blocks ``B_i^T B_i``, ``r x r``) and block
@@ -160,10 +160,15 @@ def gram_svd(A: Tensor, B: Tensor, sigma: Tensor, scaling: float) -> FactoredSVD
     float32 storage) and rank-deficient factors (a fresh adapter, ``B = 0``) give
     exact zeros. Columns of ``U`` / rows of ``Vh`` for zero singular values are zero.
 
+    ``vectors`` limits ``U`` and ``Vh`` to the leading ``vectors`` singular
+    vectors (``S`` is always complete): assembling them is most of the cost,
+    and a rank-``k`` truncation needs only ``k``.
+
     Example::
 
         svd = gram_svd(A, B, sigma, scaling)     # same S as factored_svd, faster on a busy CPU
         B8, A8 = svd.lora_factors(8)
+        gram_svd(A, B, sigma, scaling, vectors=8).lora_factors(8)   # the same, cheaper
     """
     A, B, sigma = (t.to(torch.float64) for t in (A, B, sigma))
     b, _, r = sigma.shape
@@ -179,8 +184,9 @@ def gram_svd(A: Tensor, B: Tensor, sigma: Tensor, scaling: float) -> FactoredSVD
     r_b = torch.block_diag(*(root_b.unsqueeze(-1) * v_b.transpose(1, 2)).unbind(0))
     core = r_b @ (v_a * root_a) * scaling
     u_c, s, vh_c = torch.linalg.svd(core)
-    k = min(b * r, m, n)
-    u_c, s, vh_c = u_c[:, :k], s[:k], vh_c[:k]
+    s = s[: min(b * r, m, n)]
+    k = s.numel() if vectors is None else min(vectors, s.numel())
+    u_c, vh_c = u_c[:, :k], vh_c[:k]
     # U = B' V_B diag(1/sqrt(lam_B)) U_c, block by block (B' is block-diagonal).
     u = torch.bmm(b_rows, (v_b * inv_b.unsqueeze(1)) @ u_c.reshape(b, r, k)).reshape(m, k)
     # Vh = Vh_c diag(1/sqrt(lam_A)) V_A^T A'; column block j of A' is sum_i diag(sigma[i,j]) A_j, folded into weights.

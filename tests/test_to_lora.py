@@ -284,6 +284,14 @@ def test_svd_routes_match_a_dense_svd(route, kind, b, r, m, n):
     assert float((dw - b_k @ a_k).norm()) == pytest.approx(float(dense[k:].square().sum().sqrt()), rel=1e-6, abs=tol * s0)
 
 
+@pytest.mark.parametrize("vectors", [0, 1, 5, 64])
+def test_gram_svd_can_assemble_only_the_leading_vectors(vectors):
+    A, B, sigma = _factors("random", 4, 16, 256, 128)
+    whole, part = gram_svd(A, B, sigma, 1.5), gram_svd(A, B, sigma, 1.5, vectors=vectors)
+    assert torch.equal(part.S, whole.S) and part.U.shape == (256, min(vectors, 64)) and part.Vh.shape == (min(vectors, 64), 128)
+    assert torch.allclose(part.U, whole.U[:, :vectors]) and torch.allclose(part.Vh, whole.Vh[:vectors])
+
+
 # -- zero updates -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rank", ["full", 2])
