@@ -37,10 +37,16 @@ from bora_tools.progress import Progress, logger, no_progress
 
 Tensor = torch.Tensor
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _qr_route(A: Tensor, B: Tensor, sigma: Tensor, scaling: float, *, vectors: int | None = None) -> FactoredSVD:
+    return factored_svd(A, B, sigma, scaling)  # assembles every singular vector whatever ``vectors`` says
+
+
 # Two routes to the same SVD (SPEC section 1): "gram" reads each factor once by matrix products and is the
-# default (several times faster than "qr" on a busy 2-core CPU, where Householder QR of tall factors crawls);
-# "qr" is the thin-QR route, accurate to float64 rounding rather than ~1e-7 * S[0].
-SVD_ROUTES = {"gram": gram_svd, "qr": lambda A, B, sigma, scaling, vectors=None: factored_svd(A, B, sigma, scaling)}
+# default (2-3x faster than "qr" per module: a Householder QR of a tall n x b*r factor is slow next to one
+# matrix product); "qr" is accurate to float64 rounding rather than about 1e-7 * S[0].
+SVD_ROUTES = {"gram": gram_svd, "qr": _qr_route}
 ZERO_NOTE = "zero update: written as rank 1 with zero factors"
 
 
@@ -169,7 +175,8 @@ def convert_module(module: BoraModule, policy: RankPolicy, *, device: torch.devi
         rel_error, energy = _truncation_figures(svd, k)
     result = ModuleResult(name=module.name, shape=(m, n), bora_rank=module.b * module.r, update_rank=update_rank,
                           rank=k, rel_error=rel_error, energy=energy, parameters_before=module.num_parameters,
-                          parameters_after=k * (m + n), note=note, singular_values=svd.S.detach().cpu())
+                          parameters_after=k * (m + n), note=note, capped=bool(note) and note != ZERO_NOTE,
+                          singular_values=svd.S.detach().cpu())
     # The one cast of the whole conversion: float64 -> the stored dtype.
     return _cast(b_k, dtype, module.name), _cast(a_k, dtype, module.name), result
 
@@ -186,7 +193,8 @@ def _cast(t: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     out = t.to(device="cpu", dtype=dtype).contiguous()
     if not torch.isfinite(out).all():
         biggest = float(t.abs().max())
-        raise UnsupportedError(f"{PREFIX + name}: a factor value ({biggest:.3g}) overflows {str(dtype).replace('torch.', '')}",
+        dtype_name = str(dtype).replace("torch.", "")
+        raise UnsupportedError(f"{PREFIX + name}: a factor value ({biggest:.3g}) overflows {dtype_name}",
                                hint="use --dtype float32 or bfloat16")
     return out
 
@@ -239,7 +247,8 @@ def pattern_keys(names: list[str]) -> dict[str, str]:
     also match another adapted module (one name a dotted suffix of another),
     ``^`` anchors it at the start.
 
-    Example: ``pattern_keys(["model.layers.0.mlp.up_proj"])`` -> ``{"model.layers.0.mlp.up_proj": "model\\.layers\\.0\\.mlp\\.up_proj"}``
+    Example: ``pattern_keys(["model.layers.0.mlp.up_proj"])`` ->
+    ``{"model.layers.0.mlp.up_proj": "model\\.layers\\.0\\.mlp\\.up_proj"}``
     """
     keys = {}
     for name in names:
@@ -315,15 +324,17 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
         from bora_tools.plot import require_matplotlib
 
         require_matplotlib()
-    with _one_cpu_thread(torch.device("cpu")):  # reading validates every value: small ops, see _one_cpu_thread
+    with _one_cpu_thread(torch.device("cpu")):  # reading checks every value: small ops, see _one_cpu_thread
         bora = load_adapter(adapter)
-    tensors, results = convert_adapter(bora, policy, device=dev, dtype=DTYPES[dtype], route=route, progress=progress)
+    tensors, results = convert_adapter(bora, policy, device=dev, dtype=DTYPES[dtype], route=route,
+                                       progress=progress)
     config = peft_lora_config(bora.config, {r.name: r.rank for r in results})
     result = build_report(adapter=adapter, out=out, policy=policy.to_dict(), dtype=dtype, results=results,
                           peft_config=config, saved=bora.saved)
-    capped = [r for r in results if r.note and "capped" in r.note]
+    capped = [r for r in results if r.capped]
     if capped:
-        logger.warning(f"{len(capped)} module(s) kept fewer triplets than asked, e.g. {capped[0].name}: {capped[0].note}")
+        logger.warning(f"{len(capped)} module(s) kept fewer triplets than asked, "
+                       f"e.g. {capped[0].name}: {capped[0].note}")
     _write_all(out, tensors, config, result, results, extras, policy=policy, overwrite=overwrite)
     return result
 
@@ -359,5 +370,5 @@ def _write_all(out: Path, tensors: dict[str, Tensor], config: dict, report: dict
             from bora_tools.plot import plot_spectra
 
             tmp_plot = stack.enter_context(atomic_output(extras["plot"], overwrite=overwrite))
-            plot_spectra(results, tmp_plot, title=f"{Path(report['adapter']).name}: to-lora {policy_text(policy.to_dict())}",
-                         energy=policy.energy)
+            title = f"{Path(report['adapter']).name}: to-lora {policy_text(policy.to_dict())}"
+            plot_spectra(results, tmp_plot, title=title, energy=policy.energy)

@@ -28,13 +28,14 @@ class ModuleResult:
     parameters_before: int  # r*(m+n) + b*b*r
     parameters_after: int  # k*(m+n)
     note: str | None = None
+    capped: bool = False  # fewer triplets kept than the policy asked (update rank or --rank cap)
     singular_values: torch.Tensor | None = field(default=None, repr=False)  # float64, descending
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "bora_rank": self.bora_rank,
                 "update_rank": self.update_rank, "rank": self.rank, "rel_error": self.rel_error,
                 "energy": self.energy, "parameters_before": self.parameters_before,
-                "parameters_after": self.parameters_after, "note": self.note}
+                "parameters_after": self.parameters_after, "capped": self.capped, "note": self.note}
 
 
 def build_report(*, adapter: Path, out: Path, policy: dict, dtype: str, results: list[ModuleResult],
@@ -57,7 +58,7 @@ def build_report(*, adapter: Path, out: Path, policy: dict, dtype: str, results:
         "mean_rel_error": sum(errors) / len(errors),
         "min_energy": min(r.energy for r in results),
         "zero_modules": sum(1 for r in results if r.update_rank == 0),
-        "capped_modules": sum(1 for r in results if r.note and "capped" in r.note),
+        "capped_modules": sum(1 for r in results if r.capped),
     }
     return {
         "adapter": str(adapter),
