@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -162,7 +163,9 @@ def step_to_lora(ctx: DemoContext) -> None:
         out = ctx.workdir / f"lora-{label}"
         report = to_lora(ctx.adapter_dir, out, rank=rank, device="cpu")
         base = AutoModelForCausalLM.from_pretrained(ctx.base_dir, dtype=torch.float32)
-        peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+        with warnings.catch_warnings():  # PEFT 0.21 calls a transformers 5 API that warns of its own deprecation
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(base, str(out)).eval()
         with torch.no_grad():
             logit_err = float((peft_model(ctx.input_ids).logits.float() - ctx.bora_logits).abs().max())
         worst = _peft_vs_report(peft_model, ctx.model, report, delta_weight)
