@@ -7,6 +7,7 @@ reported at once, each naming the key, what was expected and what was found.
 from __future__ import annotations
 
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -118,9 +119,15 @@ def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
     # weights_only=True: a pickle may only rebuild tensors and plain containers,
     # never call arbitrary code.
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's protocol notes are not the user's concern
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"{path}: refused: not a plain tensor file ({_short(e)})") from e
+        # torch's message is boilerplate around one paragraph that names what was refused
+        paragraphs = [p.strip() for p in str(e).split("\n\n") if p.strip()][1:]
+        detail = next((p for p in paragraphs if not p.startswith("Check the documentation")), None)
+        why = f"the pickle asks for more than tensors: {_short(detail)}" if detail else _short(e)
+        raise CheckpointError(f"{path}: refused: not a plain tensor file ({why})") from e
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise CheckpointError(f"{path}: refused: expected a dict of named tensors")
     return data
