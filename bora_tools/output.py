@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
+
+from safetensors import SafetensorError
 
 from bora_tools.errors import BoraError, OutputExistsError, OutputWriteError
 
@@ -86,6 +89,11 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
         if isinstance(e, BoraError):
             raise
         raise OutputWriteError(f"writing {target} failed: {_os_reason(e)}; nothing was written") from e
+    except SafetensorError as e:  # safetensors' writer reports I/O errors as its own type
+        _remove(tmp)
+        found = re.search(r"os error (\d+)", str(e))
+        reason = _os_reason(OSError(int(found.group(1)), str(e))) if found else " ".join(str(e).split())
+        raise OutputWriteError(f"writing {target} failed: {reason}; nothing was written") from e
     except BaseException:
         _remove(tmp)
         raise
@@ -106,4 +114,6 @@ def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
 def _os_reason(e: OSError) -> str:
     names = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large", errno.EROFS: "read-only file system",
              errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
+    if e.errno is None and "requested and" in str(e):  # numpy's short write: the kernel stopped accepting bytes
+        return f"short write ({e}): file too large or no space left on device"
     return names.get(e.errno, e.strerror or str(e))
