@@ -205,9 +205,65 @@ def _peft_vs_report(peft_model, bora_model, report: dict, delta_weight) -> float
     return worst
 
 
+DEMO_HUB_OWNER = "your-name"  # a placeholder namespace: the demo never contacts a Hub
+
+
+def step_push(ctx: DemoContext) -> None:
+    """Build the model cards ``bora-tools push`` would write, parse them back, print the push commands.
+
+    Pushing needs a Hub, so nothing is uploaded: the cards are the part of ``push`` that can be
+    proven offline (metadata the Hub reads, no local path leaked, the same card on every run).
+    """
+    from bora_tools.hub import build_model_card, upload_files
+
+    # The demo's base model exists only on this disk, so the cards name it with --base-model, as a
+    # user whose base is a local copy would; the adapter's own base_model_name_or_path is a path.
+    base_id = f"{DEMO_HUB_OWNER}/tiny-{DEMO_ARCH}"
+    commands, figures = [], {}
+    for name, repo, library, relation in (("merged", "tiny-bora-merged", "transformers", "finetune"),
+                                          ("lora-full", "tiny-bora-lora", "peft", "adapter")):
+        path, repo_id = ctx.workdir / name, f"{DEMO_HUB_OWNER}/{repo}"
+        card = str(build_model_card(path, repo_id=repo_id, base_model=base_id))
+        meta = _check_card(card, [str(ctx.workdir.resolve()), str(ctx.base_dir)], repo_id=repo_id, library=library,
+                           relation=relation, base=base_id)
+        if card != str(build_model_card(path, repo_id=repo_id, base_model=base_id)):
+            raise BoraError(f"demo: the model card for {name}/ changes from one build to the next")
+        files = upload_files(path)
+        size = sum(local.stat().st_size for _, local in files)
+        figures[name] = {"repo_id": repo_id, "files": len(files) + 1, "bytes": size + len(card.encode()), **meta}
+        commands.append((f"bora-tools push {name} {repo_id} --base-model {base_id}",
+                         f"{len(files)} files ({size / 1024:,.0f} KB) + card: library_name={library}, "
+                         f"base_model_relation={relation}"))
+    ctx.results["push"] = {"uploaded": False, "base_model": base_id, "cards": figures,
+                           "commands": [c for c, _ in commands]}
+    ctx.say("[push]    not run (it needs a Hub); the model cards it would add parse back with huggingface_hub's "
+            "ModelCard, carry no local path and are the same on every build:")
+    width = max(len(c) for c, _ in commands)
+    for command, what in commands:
+        ctx.say(f"          {command:<{width}}  # {what}")
+
+
+def _check_card(card: str, local_paths: list[str], *, repo_id: str, library: str, relation: str, base: str) -> dict:
+    """The card's metadata as huggingface_hub parses it; raises when it is not what push must write."""
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard(card).data.to_dict()
+    got = (meta.get("library_name"), meta.get("base_model"), meta.get("base_model_relation"))
+    problems = [f"metadata {got} instead of {(library, base, relation)}"] if got != (library, base, relation) else []
+    if "bora-tools" not in meta.get("tags", []):
+        problems.append(f"tags {meta.get('tags')} lack bora-tools")
+    if repo_id not in ModelCard(card).text:
+        problems.append(f"the usage example does not name {repo_id}")
+    problems += [f"a local path ({p}) leaked into the card" for p in local_paths if p in card]
+    if problems:
+        raise BoraError(f"demo: the model card for {repo_id}: {'; '.join(problems)}")
+    return {k: meta[k] for k in ("library_name", "base_model", "base_model_relation", "tags") if k in meta}
+
+
 # Steps are registered above this line.
 
-STEPS: list[Callable[[DemoContext], None]] = [step_train, step_inspect, step_merge, step_to_lora, step_export_gguf]
+STEPS: list[Callable[[DemoContext], None]] = [step_train, step_inspect, step_merge, step_to_lora, step_export_gguf,
+                                              step_push]
 
 
 def run_demo(*, workdir: str | Path | None = None, steps: int = 60, say: Callable[[str], None] = print,

@@ -3,8 +3,9 @@
 An adapter is trained with ``bora_tools.training`` (a few AdamW steps) and saved; from then on only
 ``python -m bora_tools.cli`` runs, in subprocesses, as a user would run it: ``inspect``, ``merge``,
 ``to-lora`` (exact and truncated), ``export-gguf`` (full model, LoRA adapter, one-pass merge) and
-``push`` to the local Hub server. The tests run in file order and share the module's ``flow``; a step
-whose input an earlier step failed to make is skipped, not failed twice.
+``push`` to the local Hub server; then ``bora-tools demo`` runs the same chain on its own. The tests
+run in file order and share the module's ``flow``; a step whose input an earlier step failed to make
+is skipped, not failed twice.
 
 Consumers: transformers for the merged directory, ``peft.PeftModel.from_pretrained`` for the LoRA
 adapters, llama.cpp (llama-cpp-python) for the GGUF files, the real ``huggingface_hub`` client
@@ -216,3 +217,9 @@ class TestEndToEnd:
                     (library, HUB_BASE, relation), repo
                 assert "bora-tools" in meta["tags"]
 
+    def test_demo_runs_the_same_chain_and_says_what_each_step_proved(self, flow):
+        out = bora_tools(flow, "demo", "--quiet", "--steps", "5", "--workdir", "demo").stdout
+        labels = [line.split("]")[0] + "]" for line in out.splitlines() if line.startswith("[")]
+        assert labels == ["[train]", "[inspect]", "[merge]", "[to-lora]", "[gguf]", "[push]"], out
+        assert "bora-tools push merged " in out and "bora-tools push lora-full " in out
+        assert out.splitlines()[-1].startswith("demo done in ")
