@@ -206,8 +206,9 @@ class TestEndToEnd:
                         "me/tiny-lora": (lora, "peft", "adapter"),
                         "me/tiny-lora-gguf": (lora_gguf, "gguf", "adapter")}
             for repo, (path, library, relation) in expected.items():
-                bora_tools(flow, "push", str(path), repo, "--token", WRITE,
-                           "--base-model", HUB_BASE, "--quiet", env=env)
+                result = bora_tools(flow, "push", str(path), repo, "--token", WRITE, "--base-model", HUB_BASE,
+                                    "--quiet", env=env)
+                assert WRITE not in result.stdout + result.stderr
                 local = _local_files(path)
                 assert set(hub.files(repo)) == {".gitattributes", "README.md", *local}, repo
                 for name, file in local.items():
