@@ -141,6 +141,12 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
     warnings = _warnings(model, hp, plan, outtype) + vocab.notes
     writer = gguf.GGUFWriter(None, spec.name)
     add_general(writer, kind=gguf.GGUFType.MODEL, name=model.path.resolve().name, outtype=outtype)
+    if replacements:
+        # Provenance: a merged model is a fine-tune of its base, not a plain conversion of it
+        # (what `bora-tools push` reads to write the model card's base_model_relation).
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, model.path.resolve().name)
+        writer.add_tags(["bora", "merged"])
     add_hparams(writer, hp, spec)
     vocab.add_to(writer)
     with atomic_output(out, overwrite=overwrite) as tmp:

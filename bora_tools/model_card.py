@@ -176,7 +176,7 @@ def _describe_gguf(files: list[Path]) -> Source:
     # "quantized" form, and that model's own bases (general.base_model.*); when only the bases are
     # known, the file is a fine-tune of them. An adapter's general.base_model.* is what it applies to.
     refs = [ref for e in entries for ref in (e["bases"] if adapters else e["source"] or e["bases"])]
-    finetune = not adapters and any(e["bases"] and not e["source"] for e in entries)
+    finetune = not adapters and any(e["derived"] and not e["source"] for e in entries)
     return Source("gguf-lora" if adapters else "gguf-model", refs, {"files": entries},
                   "finetune" if finetune else None, base_from="GGUF base model")
 
@@ -204,7 +204,8 @@ def _read_gguf(path: Path) -> dict[str, Any]:
         type_name = str(file_type)
     return {"file": path.name, "type": kind, "architecture": value(general.ARCHITECTURE),
             "name": value(general.NAME), "file_type": type_name, "lora_alpha": value(gguf.Keys.Adapter.LORA_ALPHA),
-            "source": [s for s in [value(general.SOURCE_REPO_URL)] if s], "bases": [b for b in bases if b]}
+            "source": [s for s in [value(general.SOURCE_REPO_URL)] if s], "bases": [b for b in bases if b],
+            "derived": count > 0}  # names a base model, even one known only by name: a fine-tune of it
 
 
 def build_model_card(path: Path, *, repo_id: str | None = None, base_model: str | None = None) -> "ModelCard":

@@ -441,3 +441,22 @@ def test_gguf_that_names_only_its_base_is_a_finetune_of_it(tmp_path):
 def test_cards_are_deterministic(tmp_path):
     src = bora_adapter(tmp_path / "adapter")
     assert str(build_model_card(src, repo_id="me/x")) == str(build_model_card(src, repo_id="me/x"))
+
+
+def test_exported_ggufs_carry_the_right_relation(tmp_path):
+    """A real export: a merged GGUF is a fine-tune of its base, a plain conversion a quantized form."""
+    from bora_tools.config import BoraConfig
+    from bora_tools.gguf_export import export_gguf
+    from bora_tools.tiny import build_model, save_model_dir
+    from bora_tools.training import add_bora, randomize_bora, save_bora
+
+    model = build_model("llama")
+    base = save_model_dir(model, tmp_path / "base")
+    add_bora(model, BoraConfig(r=2, bora_blocks=2, target_modules=["q_proj"]))
+    adapter = save_bora(randomize_bora(model), tmp_path / "adapter")
+    export_gguf(adapter, tmp_path / "merged.gguf", base=base, merge=True, outtype="f32")
+    export_gguf(base, tmp_path / "base.gguf", outtype="f32")
+    merged = build_model_card(tmp_path / "merged.gguf", repo_id="me/m", base_model="org/tiny-llama").data
+    plain = build_model_card(tmp_path / "base.gguf", repo_id="me/b", base_model="org/tiny-llama").data
+    assert (merged.base_model, merged.base_model_relation) == ("org/tiny-llama", "finetune")
+    assert (plain.base_model, plain.base_model_relation) == ("org/tiny-llama", "quantized")
