@@ -36,45 +36,16 @@ import sys
 import time
 from pathlib import Path
 
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
-
-
-def shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    kv = HIDDEN // HEADS * KV_HEADS
-    out = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
-                    p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (kv, HIDDEN),
-                    p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-                    p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-                    p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE)})
-    return out
+from synthetic import HIDDEN, write_model  # noqa: E402  (scripts/ is on sys.path when run)
 
 
 def build_model(path: Path, layers: int) -> int:
     """Random bf16 weights in one ``model.safetensors``, a LlamaConfig and a SentencePiece tokenizer."""
     import sentencepiece as spm
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     from bora_tools.tiny import TEXT
 
-    path.mkdir(parents=True)
-    LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers, num_attention_heads=HEADS,
-                num_key_value_heads=KV_HEADS, vocab_size=VOCAB, tie_word_embeddings=False, bos_token_id=1,
-                eos_token_id=2, dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(path)
-    gen = torch.Generator().manual_seed(0)
-    pool = (torch.randn(1 << 24, generator=gen) * 0.02).to(torch.bfloat16)  # sliced, so building stays fast
-    tensors = {}
-    for name, shape in shapes(layers).items():
-        n = 1
-        for d in shape:
-            n *= d
-        start = int(torch.randint(0, pool.numel(), (1,), generator=gen))
-        tensors[name] = pool.roll(start).repeat(-(-n // pool.numel()))[:n].reshape(shape).clone()
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    size = write_model(path, layers, bos_token_id=1, eos_token_id=2)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 20), model_writer=buf, vocab_size=450,
                                    model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
@@ -82,7 +53,7 @@ def build_model(path: Path, layers: int) -> int:
     (path / "tokenizer.model").write_bytes(buf.getvalue())
     (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
                                                             "eos_token": "</s>", "unk_token": "<unk>"}))
-    return (path / "model.safetensors").stat().st_size
+    return size
 
 
 def run(cmd: list[str], *, cwd: Path | None = None) -> dict:

@@ -34,53 +34,16 @@ import sys
 import time
 from pathlib import Path
 
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
+from synthetic import shapes, write_model  # noqa: E402  (scripts/ is on sys.path when run)
 RANK, BLOCKS, ALPHA = 8, 4, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # -- setup (parent) ---------------------------------------------------------
 
-def llama_config(layers: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
-                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
-                       tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"])
-
-
-def shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    kv = HIDDEN // HEADS * KV_HEADS
-    out = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
-                    p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (kv, HIDDEN),
-                    p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-                    p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-                    p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE)})
-    return out
-
-
 def build_base(path: Path, layers: int) -> int:
     """Random bf16 weights in one ``model.safetensors`` written by safetensors itself."""
-    import torch
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True)
-    llama_config(layers).save_pretrained(path)
-    gen = torch.Generator().manual_seed(0)
-    pool = (torch.randn(1 << 24, generator=gen) * 0.02).to(torch.bfloat16)  # sliced, so building stays fast
-    tensors = {}
-    for name, shape in shapes(layers).items():
-        n = 1
-        for d in shape:
-            n *= d
-        reps = -(-n // pool.numel())
-        start = int(torch.randint(0, pool.numel(), (1,), generator=gen))
-        tensors[name] = pool.roll(start).repeat(reps)[:n].reshape(shape).clone()
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return (path / "model.safetensors").stat().st_size
+    return write_model(path, layers)
 
 
 def build_adapters(base: Path, bora_dir: Path, lora_dir: Path, layers: int) -> None:
