@@ -19,7 +19,6 @@ never to ``lora_a``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +30,7 @@ from bora_tools.errors import UnsupportedError, raise_if_problems
 from bora_tools.gguf_hparams import read_hparams
 from bora_tools.gguf_write import (PlannedTensor, add_general, arch_spec, qk_heads, qk_row_order, tensor_type,
                                    write_streaming)
-from bora_tools.math import exact_lora_factors, factored_svd
+from bora_tools.lora import RankPolicy, balanced_exact_factors, convert_module
 from bora_tools.model_dir import ModelDir
 from bora_tools.output import atomic_output, check_target
 from bora_tools.progress import Progress, no_progress
@@ -122,18 +121,18 @@ def _check(adapter, base: ModelDir, spec, *, n_layer: int) -> dict[str, str]:
 
 
 def _factors(mod: BoraModule, rank: int | str) -> tuple[int, float, Factors]:
-    """``(k, relative error, factors)`` for one module; the exact form is built only when written."""
+    """``(k, relative error, factors)`` for one module, computed as ``to-lora`` computes them.
+
+    The exact form (balanced, scaling folded) is built only when written; a
+    truncation keeps the best rank-``K`` factors, ``K`` capped at the update's rank.
+    """
     if rank == "full":
         def exact() -> tuple[torch.Tensor, torch.Tensor]:
-            b_full, a_full = exact_lora_factors(mod.A.float(), mod.B.float(), mod.sigma.float())
-            return b_full * mod.scaling, a_full
+            b_full, a_full = balanced_exact_factors(mod.A, mod.B, mod.sigma, mod.scaling)
+            return b_full.float(), a_full.float()
         return mod.b * mod.r, 0.0, exact
-    svd = factored_svd(mod.A, mod.B, mod.sigma, mod.scaling)
-    k = min(int(rank), int(svd.S.numel()))
-    total = math.sqrt(float(svd.energy))
-    err = svd.discarded_error(k) / total if total > 0 else 0.0
-    b_k, a_k = svd.lora_factors(k, dtype=torch.float32)
-    return k, err, lambda: (b_k, a_k)
+    b_k, a_k, result = convert_module(mod, RankPolicy.parse(rank=int(rank)))
+    return result.rank, result.rel_error, lambda: (b_k, a_k)
 
 
 class _Pair:
