@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from bora_tools.errors import UnsupportedError
@@ -24,3 +27,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name not in DEVICE_CHOICES:
         raise UnsupportedError(f"--device {name!r}: expected one of {', '.join(DEVICE_CHOICES)}")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device | str) -> Iterator[None]:
+    """Run torch on one CPU thread inside the block, restoring the setting afterwards.
+
+    Streaming and per-module work is a series of small, cache-sized operations:
+    a second thread gains little, and on a CPU shared with other processes the
+    thread pool's barriers made a merge up to 20x and a to-lora conversion
+    5-10x slower (BENCHMARKS.md). No effect on a GPU.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -32,6 +32,23 @@ def check_target(target: Path, *, overwrite: bool) -> None:
         raise OutputWriteError(f"output directory {target.parent} does not exist")
 
 
+def refuse_output_over_inputs(out: str | os.PathLike, *inputs: str | os.PathLike) -> None:
+    """Refuse an output that is, holds, or lies inside an input: inputs are never modified.
+
+    ``--overwrite`` replaces the output whole, so an output that holds an input
+    would delete it, and one inside an input would change it.
+
+    Raises:
+        OutputWriteError: naming the output and the input.
+    """
+    target = Path(out).resolve()
+    for path in inputs:
+        src = Path(path).resolve()
+        if target == src or src.is_relative_to(target) or target.is_relative_to(src):
+            raise OutputWriteError(f"output {out} is, contains or lies inside the input {path}; inputs are never modified",
+                                   hint="choose an output path outside the inputs")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -79,9 +96,9 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
     check_target(target, overwrite=overwrite)
     _clean_stale(target)
     tmp = target.parent / f".{target.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    if directory:
-        tmp.mkdir()
     try:
+        if directory:
+            tmp.mkdir()
         yield tmp
         _commit(tmp, target, overwrite=overwrite)
     except OSError as e:

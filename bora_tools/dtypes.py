@@ -1,0 +1,30 @@
+"""Output dtypes and the one place where a float tensor is rounded to a narrower type."""
+
+from __future__ import annotations
+
+import torch
+
+from bora_tools.errors import UnsupportedError
+
+#: --dtype names -> torch dtypes (``auto`` is resolved by each command).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cast_finite(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``t`` rounded to ``dtype``, refusing values that become infinite (float16 overflow).
+
+    A finite input that the cast turns into ``inf`` is the only failure: the
+    message names the tensor, the largest magnitude and the dtype.
+
+    Example: ``cast_finite(torch.tensor([7e4]), torch.float16, "lm_head.weight")`` raises
+    ``UnsupportedError("lm_head.weight: a value (7e+04) overflows float16 ...")``.
+    """
+    out = t.to(dtype)
+    if out.is_floating_point() and t.is_floating_point() and not torch.isfinite(out).all():
+        newly = torch.isfinite(t) & ~torch.isfinite(out.to(t.dtype) if t.dtype != dtype else out)
+        if bool(newly.any()):
+            biggest = float(t[newly].abs().max())
+            dtype_name = str(dtype).replace("torch.", "")
+            raise UnsupportedError(f"{name}: a value ({biggest:.3g}) overflows {dtype_name}",
+                                   hint="use float32 or bfloat16")
+    return out
