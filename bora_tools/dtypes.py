@@ -21,7 +21,7 @@ def cast_finite(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     """
     out = t.to(dtype)
     if out.is_floating_point() and t.is_floating_point() and not torch.isfinite(out).all():
-        newly = torch.isfinite(t) & ~torch.isfinite(out.to(t.dtype) if t.dtype != dtype else out)
+        newly = torch.isfinite(t) & ~torch.isfinite(out)
         if bool(newly.any()):
             biggest = float(t[newly].abs().max())
             dtype_name = str(dtype).replace("torch.", "")
