@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from bora_tools.config import CONFIG_NAME, BoraConfig, matches_target
+from bora_tools.config import BoraConfig, matches_target
 from bora_tools.errors import CheckpointError, ShapeError, raise_if_problems
 from bora_tools.output import atomic_output
 

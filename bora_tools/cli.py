@@ -8,7 +8,6 @@ stdout.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys

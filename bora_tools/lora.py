@@ -18,25 +18,25 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from bora_tools.checkpoint import PREFIX, WEIGHTS_NAME, BoraAdapter, BoraModule, load_adapter
 from bora_tools.config import CONFIG_NAME, BoraConfig
-from bora_tools.devices import resolve_device
-from bora_tools.errors import OutputWriteError, UnsupportedError, ValidationError
+from bora_tools.devices import one_cpu_thread, resolve_device
+from bora_tools.dtypes import DTYPES, cast_finite
+from bora_tools.errors import ValidationError
 from bora_tools.lora_report import ModuleResult, build_report, policy_text
 from bora_tools.math import FactoredSVD, exact_lora_factors, factored_svd, gram_svd
-from bora_tools.output import atomic_output, check_target
+from bora_tools.output import atomic_output, check_target, refuse_output_over_inputs
 from bora_tools.progress import Progress, logger, no_progress
 
 Tensor = torch.Tensor
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _qr_route(A: Tensor, B: Tensor, sigma: Tensor, scaling: float, *, vectors: int | None = None) -> FactoredSVD:
@@ -178,7 +178,9 @@ def convert_module(module: BoraModule, policy: RankPolicy, *, device: torch.devi
                           parameters_after=k * (m + n), note=note, capped=bool(note) and note != ZERO_NOTE,
                           singular_values=svd.S.detach().cpu())
     # The one cast of the whole conversion: float64 -> the stored dtype.
-    return _cast(b_k, dtype, module.name), _cast(a_k, dtype, module.name), result
+    key = PREFIX + module.name
+    return (cast_finite(b_k.cpu(), dtype, key + ".lora_B.weight").contiguous(),
+            cast_finite(a_k.cpu(), dtype, key + ".lora_A.weight").contiguous(), result)
 
 
 def _truncation_figures(svd: FactoredSVD, k: int) -> tuple[float, float]:
@@ -187,16 +189,6 @@ def _truncation_figures(svd: FactoredSVD, k: int) -> tuple[float, float]:
     # The discarded tail is summed directly (not 1 - retained) so tiny errors keep their precision.
     discarded = float(s2[k:].sum())
     return (discarded / total) ** 0.5, float(s2[:k].sum()) / total
-
-
-def _cast(t: Tensor, dtype: torch.dtype, name: str) -> Tensor:
-    out = t.to(device="cpu", dtype=dtype).contiguous()
-    if not torch.isfinite(out).all():
-        biggest = float(t.abs().max())
-        dtype_name = str(dtype).replace("torch.", "")
-        raise UnsupportedError(f"{PREFIX + name}: a factor value ({biggest:.3g}) overflows {dtype_name}",
-                               hint="use --dtype float32 or bfloat16")
-    return out
 
 
 def convert_adapter(adapter: BoraAdapter, policy: RankPolicy, *, device: torch.device | str = "cpu",
@@ -208,7 +200,7 @@ def convert_adapter(adapter: BoraAdapter, policy: RankPolicy, *, device: torch.d
     """
     tensors: dict[str, Tensor] = {}
     results = []
-    with _one_cpu_thread(torch.device(device)):
+    with one_cpu_thread(torch.device(device)):
         for name in progress(list(adapter.modules), total=len(adapter.modules), label="converting to LoRA"):
             b_k, a_k, result = convert_module(adapter.modules[name], policy, device=device, dtype=dtype, route=route)
             tensors[f"{PREFIX}{name}.lora_A.weight"] = a_k
@@ -217,26 +209,6 @@ def convert_adapter(adapter: BoraAdapter, policy: RankPolicy, *, device: torch.d
     for key, tensor in adapter.saved.items():
         tensors[PREFIX + key] = tensor.detach().cpu().contiguous()
     return tensors, results
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the per-module work on one CPU thread, restoring the setting afterwards.
-
-    Each module is a few small products (at most ``n x b*r``); on a CPU shared
-    with other work, splitting each over several OpenMP threads makes every
-    operation wait for a descheduled sibling, measured 5-10x slower than one
-    thread on the 2-core development machine (BENCHMARKS.md, to-lora).
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def pattern_keys(names: list[str]) -> dict[str, str]:
@@ -324,8 +296,11 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
         from bora_tools.plot import require_matplotlib
 
         require_matplotlib()
-    with _one_cpu_thread(torch.device("cpu")):  # reading checks every value: small ops, see _one_cpu_thread
+    with one_cpu_thread(torch.device("cpu")):  # reading checks every value: small ops
         bora = load_adapter(adapter)
+    if not bora.modules:
+        raise ValidationError(f"{adapter}: no adapted module to convert (only modules_to_save tensors)",
+                              hint="a LoRA needs at least one adapted module; use merge to apply whole tensors")
     tensors, results = convert_adapter(bora, policy, device=dev, dtype=DTYPES[dtype], route=route,
                                        progress=progress)
     config = peft_lora_config(bora.config, {r.name: r.rank for r in results})
@@ -341,12 +316,9 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
 
 def _check_outputs(adapter: Path, out: Path, extra: list[Path], *, overwrite: bool) -> None:
     """Refuse before any work: outputs that are or hold the input, clashing outputs, existing outputs."""
-    src, dst_out = adapter.resolve(), out.resolve()
+    dst_out = out.resolve()
     for target in [out, *extra]:
-        dst = target.resolve()
-        if dst == src or src.is_relative_to(dst) or dst.is_relative_to(src):
-            raise OutputWriteError(f"output {target} is or contains the input adapter {adapter}",
-                                   hint="choose a path outside the input")
+        refuse_output_over_inputs(target, adapter)
     for p in extra:
         if p.resolve().is_relative_to(dst_out):
             raise ValidationError(f"output {p} would be inside the LoRA adapter directory {out}")

@@ -64,7 +64,8 @@ def _layer_job(method: str, m: int, n: int, reps: int, queue) -> None:
     import torch
 
     from bora_tools.checkpoint import BoraModule
-    from bora_tools.lora import RankPolicy, _one_cpu_thread, convert_module
+    from bora_tools.devices import one_cpu_thread
+    from bora_tools.lora import RankPolicy, convert_module
     from bora_tools.math import delta_weight, factored_svd
 
     A, Bm, sigma = _factors(m, n, seed=m + n)
@@ -75,7 +76,7 @@ def _layer_job(method: str, m: int, n: int, reps: int, queue) -> None:
     for _ in range(reps):
         t0 = time.perf_counter()
         if method in ("gram", "qr"):
-            with _one_cpu_thread(torch.device("cpu")):
+            with one_cpu_thread("cpu"):
                 threads = torch.get_num_threads()
                 _, _, result = convert_module(module, policy, route=method)
             S = result.singular_values

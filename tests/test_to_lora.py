@@ -391,8 +391,8 @@ def test_refusals_are_one_line_and_leave_nothing(llama, tmp_path):
     (bad / "adapter_config.json").write_text("{not json")
     cases = [
         ([str(bad), "--out", str(out), "--rank", "2"], "adapter_config.json: not valid JSON"),
-        ([str(llama["path"]), "--out", str(llama["path"]), "--rank", "2", "--overwrite"], "is or contains the input adapter"),
-        ([str(llama["path"]), "--out", str(llama["path"].parent), "--rank", "2", "--overwrite"], "is or contains the input"),
+        ([str(llama["path"]), "--out", str(llama["path"]), "--rank", "2", "--overwrite"], "is, contains or lies inside the input"),
+        ([str(llama["path"]), "--out", str(llama["path"].parent), "--rank", "2", "--overwrite"], "is, contains or lies inside the input"),
         ([str(llama["path"]), "--out", str(out), "--rank", "2", "--report", str(out / "r.json")], "inside the LoRA adapter"),
         ([str(llama["path"]), "--out", str(out), "--rank", "2", "--report", str(tmp_path / "missing" / "r.json")],
          "does not exist"),
@@ -435,5 +435,38 @@ def test_existing_outputs_are_refused_before_any_work_then_replaced_with_overwri
 
 
 def test_out_inside_the_input_is_refused(llama):
-    with pytest.raises(OutputWriteError, match="is or contains the input adapter"):
+    with pytest.raises(OutputWriteError, match="is, contains or lies inside the input"):
         to_lora(llama["path"], llama["path"] / "lora", rank=2)
+
+
+def test_adapter_with_only_modules_to_save_is_refused_cleanly(tmp_path):
+    from bora_tools.checkpoint import BoraAdapter, save_adapter
+    from bora_tools.config import BoraConfig
+
+    cfg = BoraConfig(r=2, bora_blocks=1, modules_to_save=["lm_head"])
+    src = save_adapter(BoraAdapter(cfg, {}, saved={"lm_head.weight": torch.randn(4, 4)}), tmp_path / "a")
+    result = CliRunner().invoke(cli, ["to-lora", str(src), "--out", str(tmp_path / "out"), "--rank", "full"])
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and "no adapted module" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_output_inside_the_input_is_refused(tmp_path):
+    from bora_tools.checkpoint import BoraAdapter, BoraModule, save_adapter
+    from bora_tools.config import BoraConfig
+
+    mod = BoraModule("q", torch.randn(2, 4), torch.randn(4, 2), torch.ones(1, 1, 2), 1.0)
+    src = save_adapter(BoraAdapter(BoraConfig(r=2, bora_blocks=1), {"q": mod}), tmp_path / "a")
+    result = CliRunner().invoke(cli, ["to-lora", str(src), "--out", str(src / "lora"), "--rank", "full"])
+    assert result.exit_code == 1 and "lies inside the input" in result.stderr and not (src / "lora").exists()
+
+
+def test_float16_overflow_names_the_tensor(tmp_path):
+    from bora_tools.checkpoint import BoraAdapter, BoraModule, save_adapter
+    from bora_tools.config import BoraConfig
+
+    mod = BoraModule("q", torch.full((2, 4), 1e5), torch.full((4, 2), 1e5), torch.ones(1, 1, 2), 1.0)
+    src = save_adapter(BoraAdapter(BoraConfig(r=2, bora_blocks=1), {"q": mod}), tmp_path / "a")
+    result = CliRunner().invoke(cli, ["to-lora", str(src), "--out", str(tmp_path / "o"), "--rank", "1",
+                                      "--dtype", "float16"])
+    assert result.exit_code == 1 and "overflows float16" in result.stderr and "base_model.model.q.lora_" in result.stderr
+    assert not (tmp_path / "o").exists()
