@@ -106,7 +106,11 @@ class SafetensorsWriter:
 
     def __enter__(self) -> "SafetensorsWriter":
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _write_all(self._fd, self._header)
+        try:
+            _write_all(self._fd, self._header)
+        except BaseException:
+            self._release()  # __exit__ never runs when __enter__ raises
+            raise
         self._skip_empty()
         return self
 
@@ -115,11 +119,14 @@ class SafetensorsWriter:
             if exc_type is None:
                 self.close()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)  # never close the fd under a running write
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._release()
+
+    def _release(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)  # never close the fd under a running write
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _skip_empty(self) -> None:
         while self._index < len(self.specs) and self._left == 0:
