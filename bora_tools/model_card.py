@@ -11,16 +11,19 @@ directory twice yields the same ``README.md`` and no new commit.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bora_tools.config import read_json
 from bora_tools.errors import ConfigError
+from bora_tools.model_dir import read_header
 from bora_tools.progress import logger
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 _HUB_URL = re.compile(r"^https://huggingface\.co/(?:models/)?([^/]+/[^/]+?)/?$")
@@ -117,10 +120,7 @@ def describe_source(path: Path) -> Source:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read as JSON: {e}") from e
+    data = read_json(path, error=ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -139,16 +139,8 @@ def _describe_adapter(path: Path, config: dict[str, Any]) -> Source:
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header (8-byte little-endian length, then JSON): no tensor is read."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > os.fstat(f.fileno()).st_size - 8:
-                raise ValueError(f"header length {length} is beyond the end of the file")
-            header = json.loads(f.read(length))
-    except (OSError, struct.error, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable safetensors file: {e}") from e
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    """Tensor shapes from a safetensors header, checked as every reader checks it; no tensor is read."""
+    return {name: list(e.shape) for name, e in read_header(path).entries.items()}
 
 
 def _adapter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:

@@ -22,7 +22,7 @@ import pytest
 from huggingface_hub import HfApi, ModelCard
 from safetensors.numpy import save_file
 
-from bora_tools.errors import HubError, UnsafePathError
+from bora_tools.errors import BoraError, HubError, UnsafePathError
 from bora_tools.hub import build_model_card, hub_errors, push
 from bora_tools.progress import logger
 from hub_server import FakeHub
@@ -460,3 +460,14 @@ def test_exported_ggufs_carry_the_right_relation(tmp_path):
     plain = build_model_card(tmp_path / "base.gguf", repo_id="me/b", base_model="org/tiny-llama").data
     assert (merged.base_model, merged.base_model_relation) == ("org/tiny-llama", "finetune")
     assert (plain.base_model, plain.base_model_relation) == ("org/tiny-llama", "quantized")
+
+
+@pytest.mark.parametrize("header", [{"x": {"dtype": "F32", "data_offsets": [0, 4]}}, ["not", "an", "object"]])
+def test_malformed_adapter_header_is_a_clean_error(tmp_path, header):
+    import struct
+
+    src = bora_adapter(tmp_path / "adapter")
+    raw = json.dumps(header).encode()
+    (src / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    with pytest.raises(BoraError, match="adapter_model.safetensors: corrupt safetensors header"):
+        build_model_card(src, repo_id="me/x")
