@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -104,17 +105,22 @@ def add_bora(model: nn.Module, config: BoraConfig, *, dropout: float = 0.0) -> n
                and (isinstance(model.get_submodule(n), nn.Linear) or _is_conv1d(model.get_submodule(n)))]
     if not targets:
         raise ConfigError(f"target_modules {config.target_modules!r} matched no linear module of {type(model).__name__}")
+    conv = [n for n in targets if _is_conv1d(model.get_submodule(n))]
+    if conv and not config.fan_in_fan_out:  # a copy: the caller's config is never modified
+        logger.warning(f"{conv[0]} is a Conv1D (weight stored (in, out)): setting fan_in_fan_out=True")
+        config = dataclasses.replace(config, fan_in_fan_out=True)
     for name in targets:
         base = model.get_submodule(name)
-        if _is_conv1d(base) and not config.fan_in_fan_out:
-            logger.warning(f"{name} is a Conv1D (weight stored (in, out)): setting fan_in_fan_out=True")
-            config.fan_in_fan_out = True
         if isinstance(base, nn.Linear) and config.fan_in_fan_out:
             raise ConfigError(f"{name}: fan_in_fan_out=True but the module is nn.Linear (weight stored (out, in))")
         layer = BoraLinear(base, r=config.rank_for(name), blocks=config.bora_blocks,
                            scaling=config.scaling_for(name), dropout=dropout, name=name)
         _replace(model, name, layer)
-    for name in [n for n in names if config.is_module_to_save(n) and n not in targets]:
+    saved = [n for n in names if config.is_module_to_save(n) and n not in targets]
+    nested = [n for n in saved if any(True for _ in model.get_submodule(n).children())]
+    if nested:  # the format stores P.weight / P.bias only: a container's inner tensors have no key
+        raise ConfigError(f"modules_to_save: {nested[0]} holds submodules; list its leaf modules instead")
+    for name in saved:
         _replace(model, name, _SavedModule(model.get_submodule(name)))
     model.bora_config = config
     return model

@@ -131,3 +131,11 @@ def test_load_into_wrong_base_is_refused(tmp_path):
     save_bora(model, tmp_path / "a")
     with pytest.raises(ShapeError, match="another base model"):
         load_bora(build_model("llama", hidden=32, intermediate=64), tmp_path / "a")
+
+
+def test_callers_config_is_never_modified_and_nested_saves_are_refused():
+    cfg = config("gpt2")
+    add_bora(build_model("gpt2"), cfg)
+    assert cfg.fan_in_fan_out is False  # the model got a copy with fan_in_fan_out=True
+    with pytest.raises(ConfigError, match="modules_to_save: model.layers.0.mlp holds submodules"):
+        add_bora(build_model("llama"), config(modules_to_save=["mlp"]))
