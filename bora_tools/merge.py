@@ -13,7 +13,6 @@ so that other one-pass writers (GGUF export with ``--merge``) reuse them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -27,11 +26,12 @@ from typing import Iterator, Union
 import torch
 
 from bora_tools.checkpoint import PREFIX, BoraAdapter, BoraModule, check_against_base, load_adapter
-from bora_tools.devices import resolve_device
+from bora_tools.devices import one_cpu_thread, resolve_device
+from bora_tools.dtypes import DTYPES as OUT_DTYPES, cast_finite
 from bora_tools.errors import ModelDirError, ShapeError, UnsupportedError, ValidationError, raise_if_problems
 from bora_tools.math import mixed_row_blocks
-from bora_tools.model_dir import DTYPES, INDEX_FILE, ModelDir, TensorEntry
-from bora_tools.output import atomic_output, check_target
+from bora_tools.model_dir import DTYPES, INDEX_FILE, ModelDir, TensorEntry, read_rows
+from bora_tools.output import atomic_output, check_target, refuse_output_over_inputs
 from bora_tools.progress import Progress, no_progress
 from bora_tools.st_writer import SafetensorsWriter, TensorSpec, st_dtype
 
@@ -184,9 +184,6 @@ def merged_weight(weight: Tensor, module: BoraModule, *, fan_in_fan_out: bool, s
 
 # -- the streaming pipeline ------------------------------------------------
 
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 @dataclass
 class MergeReport:
     """What ``merge_adapter`` wrote: counts per kind of tensor, sizes and time."""
@@ -257,10 +254,10 @@ def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dty
         raise ValidationError(f"--scale {scale}: expected a finite number")
     dev = resolve_device(device)
     check_target(out, overwrite=overwrite)
-    with _one_cpu_thread(dev):
+    with one_cpu_thread(dev):
         bora = load_adapter(adapter)
         model = ModelDir.open(base)
-        _refuse_output_over_inputs(out, model.path, Path(adapter))
+        refuse_output_over_inputs(out, model.path, adapter)
         plan = merge_plan(bora, model)
         shards = {shard: _jobs(model, shard, plan, out_dtype) for shard in model.shard_names}
         report = MergeReport(out=out, device=str(dev), dtype=dtype, scale=scale, shards=len(shards), merged=0,
@@ -291,36 +288,12 @@ def _write_output(model: ModelDir, shards: dict[str, list[_Job]], report: MergeR
         pass
 
 
-def _refuse_output_over_inputs(out: Path, *inputs: Path) -> None:
-    # --overwrite replaces OUT whole: it must not be, or hold, an input.
-    target = out.resolve()
-    for path in inputs:
-        p = path.resolve()
-        if p == target or target in p.parents:
-            raise ValidationError(f"output {out} would replace {path}, an input; inputs are never modified")
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    # Streaming work is a series of small, cache-sized, memory-bound operations:
-    # a second torch thread gains little, and when the cores are shared with
-    # other processes the thread pool's barriers made a merge up to 20x slower
-    # (measured). The caller's setting is restored.
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _parse_dtype(dtype: str) -> torch.dtype | None:
     if dtype == "auto":
         return None
-    if dtype not in DTYPE_NAMES:
-        raise ValidationError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[dtype]
+    if dtype not in OUT_DTYPES:
+        raise ValidationError(f"--dtype {dtype!r}: expected auto, {', '.join(OUT_DTYPES)}")
+    return OUT_DTYPES[dtype]
 
 
 def _jobs(model: ModelDir, shard: str, plan: dict[str, Replacement], out_dtype: torch.dtype | None) -> list[_Job]:
@@ -348,22 +321,14 @@ def _write_shard(path: Path, jobs: list[_Job], *, metadata: dict, fan_in_fan_out
                 elif job.kind == "merged":
                     _write_merged(writer, fd, job, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device)
                 elif job.kind == "replaced":
-                    writer.write(job.spec.name, job.replacement.to(job.spec_torch_dtype).reshape(job.spec.shape))
+                    new = cast_finite(job.replacement, job.spec_torch_dtype, job.spec.name)
+                    writer.write(job.spec.name, new.reshape(job.spec.shape))
                 else:
                     _write_converted(writer, fd, job)
                 next(ticks, None)
     finally:
         if fd >= 0:
             os.close(fd)
-
-
-def _read_rows(fd: int, entry: TensorEntry, start: int, stop: int, buf: Tensor) -> Tensor:
-    """Stored rows ``start:stop`` of a 2-D tensor, read positionally into the byte tensor ``buf``."""
-    row_bytes = entry.nbytes // entry.shape[0]
-    n = (stop - start) * row_bytes
-    if os.preadv(fd, [buf[:n].numpy()], entry.start + start * row_bytes) != n:
-        raise ModelDirError(f"{entry.shard}: truncated: tensor {entry.name} ends early")
-    return buf[:n].view(entry.torch_dtype).reshape(stop - start, entry.shape[1])
 
 
 def _write_merged(writer: SafetensorsWriter, fd: int, job: _Job, *, fan_in_fan_out: bool, scale: float,
@@ -378,19 +343,16 @@ def _write_merged(writer: SafetensorsWriter, fd: int, job: _Job, *, fan_in_fan_o
     pin = device.type == "cuda"
     buf = torch.empty(height * cols * DTYPES[job.entry.dtype][0], dtype=torch.uint8, pin_memory=pin)
     work = torch.empty((height, cols), dtype=torch.float32, device=device)
-    out_dev = torch.empty((height, cols), dtype=job.spec_torch_dtype, device=device) if pin else None
     ring = [torch.empty((height, cols), dtype=job.spec_torch_dtype, pin_memory=pin) for _ in range(2)]
     busy: list[Future | None] = [None, None]
     for n, (start, stop) in enumerate(row_chunks(rows, cols, chunk_elements=chunk)):
         k, slot = stop - start, n % 2
         if busy[slot] is not None:
             busy[slot].result()  # the writer is done with this buffer
-        merged = merger.rows(_read_rows(fd, job.entry, start, stop, buf), start, work=work[:k])
+        merged = merger.rows(read_rows(job.entry, start, stop, fd=fd, buf=buf), start, work=work[:k])
         out = ring[slot][:k]
-        out.copy_(out_dev[:k].copy_(merged) if pin else merged)  # GPU: round there, bring back half the bytes
-        if out.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
-            raise ValidationError(f"{PREFIX + job.replacement.name}: the merged weight overflows float16 "
-                                  f"(values beyond +-65504)", hint="use --dtype bfloat16 or float32")
+        # The one rounding; on a GPU it happens there, so half the bytes come back.
+        out.copy_(cast_finite(merged, out.dtype, job.spec.name))
         busy[slot] = writer.write(job.spec.name, out)
 
 
@@ -403,7 +365,8 @@ def _write_converted(writer: SafetensorsWriter, fd: int, job: _Job) -> None:
         view = memoryview(buf)[:min(step, entry.nbytes - offset)]
         if os.preadv(fd, [view], entry.start + offset) != view.nbytes:
             raise ModelDirError(f"{entry.shard}: truncated: tensor {entry.name} ends early")
-        writer.write(job.spec.name, torch.frombuffer(view, dtype=entry.torch_dtype).to(job.spec_torch_dtype))
+        writer.write(job.spec.name, cast_finite(torch.frombuffer(view, dtype=entry.torch_dtype),
+                                                job.spec_torch_dtype, entry.name))
 
 
 def _copy_other_files(model: ModelDir, tmp: Path, *, dtype: torch.dtype | None) -> list[str]:

@@ -15,16 +15,19 @@ import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from bora_tools.config import read_json
 from bora_tools.errors import ModelDirError, UnsafePathError, raise_if_problems
+from bora_tools.progress import logger
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+#: Files holding weights in some format; only the model's own shards are used.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf", ".h5", ".msgpack")
 
 #: safetensors dtype name -> (bytes per element, torch dtype)
 DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
@@ -142,15 +145,43 @@ def safe_member(directory: Path, name: str, *, what: str = "file") -> Path:
     """``directory/name`` for a plain file name that stays inside ``directory``.
 
     Refuses path separators, ``..``, absolute paths and symlinks that resolve
-    outside the directory.
+    outside the directory, except, in a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<revision>/``), links into that cache's own
+    ``blobs/``, which is how the hub stores every file.
+
+    Example: ``safe_member(Path("base"), "config.json")`` -> ``Path("base/config.json")``;
+    ``safe_member(Path("base"), "../x")`` raises ``UnsafePathError``.
     """
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
         raise UnsafePathError(f"{directory}: {what} name {name!r} is not a plain file name inside the directory")
     path = directory / name
     resolved, root = path.resolve(), directory.resolve()
-    if path.is_symlink() and root not in resolved.parents:
+    if path.is_symlink() and root not in resolved.parents and _hub_blobs(root) not in resolved.parents:
         raise UnsafePathError(f"{path}: symlink leads outside {directory} (to {resolved})")
     return path
+
+
+def _hub_blobs(root: Path) -> Path | None:
+    # huggingface_hub keeps each file once in <repo>/blobs/<hash>; a snapshot
+    # directory <repo>/snapshots/<revision>/ holds only symlinks to them.
+    return root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+
+
+def read_rows(entry: TensorEntry, start: int, stop: int, *, fd: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Stored rows ``start:stop`` of a 2-D tensor, read positionally from ``fd`` (open on ``entry.shard``).
+
+    ``buf``, a uint8 tensor of at least the rows' bytes, receives them (reusing
+    one across chunks spares an allocation per chunk); the result is a view of it.
+
+    Example: ``fd = os.open(e.shard, os.O_RDONLY); head = read_rows(e, 0, 16, fd=fd)``
+    """
+    row_bytes = entry.nbytes // max(entry.shape[0], 1)
+    n = (stop - start) * row_bytes
+    if buf is None:
+        buf = torch.empty(n, dtype=torch.uint8)
+    if n and os.preadv(fd, [buf[:n].numpy()], entry.start + start * row_bytes) != n:
+        raise ModelDirError(f"{entry.shard}: truncated: tensor {entry.name} ends early")
+    return buf[:n].view(entry.torch_dtype).reshape(stop - start, *entry.shape[1:])
 
 
 class ModelDir:
@@ -241,18 +272,37 @@ class ModelDir:
         """Tensors of one shard, in file order."""
         return [e for e in self.headers[shard].entries.values() if self.entries.get(e.name) is e]
 
-    def other_files(self) -> Iterator[Path]:
-        """Every top-level file that is not weights or index (config, tokenizer, ...)."""
+    def other_files(self) -> list[Path]:
+        """Every top-level file that is not this model's weights or index (config, tokenizer, ...).
+
+        Other weight files (``consolidated.safetensors``, ``pytorch_model*.bin``,
+        ``*.pth``, ``*.gguf``, a ``model.safetensors`` beside an index, ...) are
+        not the model's shards: copied next to changed weights they would be
+        stale copies, so they are left out, with one warning naming them.
+
+        Example: ``[p.name for p in ModelDir.open("base").other_files()]`` -> ``["config.json", ...]``
+        """
         skip = set(self.shard_names) | {INDEX_FILE}
+        keep, stale = [], []
         for p in sorted(self.path.iterdir()):
             if p.name in skip or p.name.startswith(".") or not p.is_file():
                 continue
-            yield safe_member(self.path, p.name)
+            (stale if _is_weights(p.name) else keep).append(p.name)
+        if stale:
+            logger.warning("%s: not copied, weight files that are not this model's shards: %s",
+                           self.path, ", ".join(stale))
+        return [safe_member(self.path, name) for name in keep]
 
     @property
     def architecture(self) -> str | None:
         arch = self.config.get("architectures")
         return arch[0] if isinstance(arch, list) and arch else None
+
+
+def _is_weights(name: str) -> bool:
+    # An index of other weights (pytorch_model.bin.index.json) names files that are not copied either.
+    name = name.lower().removesuffix(".index.json")
+    return name.endswith(WEIGHT_SUFFIXES)
 
 
 def _index_shards(index_path: Path, index: Any) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -94,6 +95,34 @@ def test_modules_to_save_replace_the_base_tensor(tmp_path):
     assert report.replaced == 1
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert (_logits(merged) - case["bora_logits"]).abs().max() < ATOL_LOGITS
+
+
+def test_merges_a_base_in_the_hugging_face_cache(tmp_path):
+    # huggingface_hub's layout: every file of snapshots/<rev>/ is a symlink to ../../blobs/<hash>.
+    from transformers import AutoModelForCausalLM
+
+    from test_model_dir import hub_snapshot
+
+    case = _make(tmp_path, "llama")
+    snap = hub_snapshot(case["base"], tmp_path / "hub")
+    merge_adapter(_save(case, tmp_path), snap, tmp_path / "out")
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())  # real files, not links into the cache
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert (_logits(merged) - case["bora_logits"]).abs().max() < ATOL_LOGITS
+
+
+def test_stale_weight_files_stay_out_of_the_merged_model(tmp_path):
+    case = _make(tmp_path, "llama", target_modules=["v_proj"])
+    adapter = _save(case, tmp_path)
+    stale = ["consolidated.safetensors", "model.safetensors", "pytorch_model.bin", "original.pth", "model-q8.gguf"]
+    for name in stale:
+        (case["base"] / name).write_bytes(b"stale weights")
+    result = _run(adapter, "--base", case["base"], "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 1 and all(name in warnings[0] for name in stale)
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert not names & set(stale) and {"config.json", "tokenizer.json", INDEX_FILE} <= names
 
 
 # -- weights against float64 references -----------------------------------
@@ -238,6 +267,16 @@ def test_writer_enforces_order_and_completeness(tmp_path):
             w.write("a", torch.ones(2))
 
 
+
+def test_writer_closes_its_file_when_the_header_cannot_be_written():
+    # /dev/full opens, then refuses every write (ENOSPC): __enter__ fails after the open.
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="No space left"):
+        with SafetensorsWriter("/dev/full", [TensorSpec("a", "F32", (2,))], background=True):
+            pass
+    assert set(os.listdir("/proc/self/fd")) <= fds
+
+
 # -- the command line and every refusal -----------------------------------
 
 def _run(*args) -> object:
@@ -289,8 +328,43 @@ def test_refuses_existing_output(llama, tmp_path):
 def test_refuses_an_output_that_holds_an_input(llama):
     parent = llama["base"].parent
     result = _run(llama["adapter"], "--base", llama["base"], "--out", parent, "--overwrite")
-    assert result.exit_code == 1 and "an input" in result.stderr.splitlines()[-1]
+    assert result.exit_code == 1 and "the input" in result.stderr.splitlines()[-1]
     assert ModelDir.open(llama["base"]) and load_adapter(llama["adapter"])
+
+
+@pytest.mark.parametrize("where", ["base", "adapter"])
+def test_refuses_an_output_inside_an_input(llama, where):
+    inside = llama[where] / "merged"
+    before = sorted(p.name for p in llama[where].iterdir())
+    _expect_refusal(inside, _run(llama["adapter"], "--base", llama["base"], "--out", inside),
+                    "lies inside the input", str(llama[where]))
+    assert sorted(p.name for p in llama[where].iterdir()) == before
+
+
+def _poke(base: Path, name: str, value: float) -> None:
+    """Set one element of base tensor ``name`` to ``value``, rewriting its shard."""
+    entry = ModelDir.open(base).entries[name]
+    tensors = load_file(entry.shard)
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, entry.shard, metadata={"format": "pt"})
+
+
+def test_refuses_float16_overflow_in_an_untouched_tensor(tmp_path):
+    case = _make(tmp_path, "llama", target_modules=["v_proj"])
+    adapter = _save(case, tmp_path)
+    _poke(case["base"], "model.layers.1.mlp.up_proj.weight", 1e6)  # fine in float32, not in float16
+    _expect_refusal(tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out",
+                                           "--dtype", "float16"), "model.layers.1.mlp.up_proj.weight", "overflows float16")
+    assert merge_adapter(adapter, case["base"], tmp_path / "out", dtype="bfloat16").converted > 0  # bfloat16 holds it
+
+
+def test_refuses_float16_overflow_in_a_modules_to_save_tensor(tmp_path):
+    case = _make(tmp_path, "llama", target_modules=["v_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        case["model"].lm_head.module.weight[3, 5] = 1e6
+    adapter = _save(case, tmp_path)
+    _expect_refusal(tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out",
+                                           "--dtype", "float16"), "lm_head.weight", "overflows float16")
 
 
 def test_refuses_module_absent_from_base(llama, tmp_path):

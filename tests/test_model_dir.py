@@ -1,6 +1,7 @@
 """Model directories: headers that lie, unsafe shard names, symlinks, missing shards."""
 
 import json
+import logging
 import os
 import struct
 
@@ -10,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from bora_tools.errors import ModelDirError, UnsafePathError
 from bora_tools.model_dir import INDEX_FILE, ModelDir, read_header, read_tensor
+from bora_tools.progress import logger
 from bora_tools.tiny import build_model_dir
 
 
@@ -124,3 +126,67 @@ def test_single_file_bf16(tmp_path):
     save_file({"w": t}, d / "model.safetensors")
     md = ModelDir.open(d)
     assert md.entry("w").dtype == "BF16" and torch.equal(md.load("w"), t)
+
+
+STALE = ["consolidated.safetensors", "model.safetensors", "pytorch_model.bin", "pytorch_model-00001-of-00002.bin",
+         "pytorch_model.bin.index.json", "original.pth", "optimizer.pt", "last.ckpt", "model-q8.gguf", "tf_model.h5",
+         "flax_model.msgpack"]
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_other_files_leave_out_weights_that_are_not_shards(tmp_path, sharded):
+    d = copy_dir(sharded, tmp_path / "m")
+    for name in STALE:
+        (d / name).write_bytes(b"stale weights")
+    collect = Collect()  # on the logger itself: the CLI stops it propagating to pytest's handler
+    logger.addHandler(collect)
+    try:
+        names = {p.name for p in ModelDir.open(d).other_files()}
+    finally:
+        logger.removeHandler(collect)
+    assert names == {p.name for p in ModelDir.open(sharded).other_files()}
+    assert {"config.json", "tokenizer.json"} <= names and not names & set(STALE)
+    assert len(collect.messages) == 1 and all(name in collect.messages[0] for name in STALE)
+
+
+def hub_snapshot(src, root):
+    """``src`` laid out as huggingface_hub caches it: snapshots/<rev>/NAME -> ../../blobs/<hash>."""
+    import hashlib
+
+    repo = root / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        os.symlink(os.path.join("..", "..", "blobs", blob.name), snap / f.name)
+    return snap
+
+
+def test_hub_cache_snapshot_opens(tmp_path, sharded):
+    snap = hub_snapshot(sharded, tmp_path / "hub")
+    md = ModelDir.open(snap)
+    assert all((snap / n).is_symlink() for n in md.shard_names)
+    for name, entry in ModelDir.open(sharded).entries.items():
+        assert torch.equal(md.load(name), read_tensor(entry))
+    assert {p.name for p in md.other_files()} == {p.name for p in ModelDir.open(sharded).other_files()}
+
+
+def test_hub_cache_symlink_outside_its_blobs_is_refused(tmp_path, sharded):
+    snap = hub_snapshot(sharded, tmp_path / "hub")
+    name = json.loads((snap / INDEX_FILE).read_text())["weight_map"]["lm_head.weight"]
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((snap / name).read_bytes())
+    os.remove(snap / name)
+    os.symlink(outside, snap / name)
+    with pytest.raises(UnsafePathError, match="symlink leads outside"):
+        ModelDir.open(snap)
