@@ -155,7 +155,7 @@ def inspect_cmd(adapter: Path, device: str, as_json: bool) -> None:
     from bora_tools.devices import resolve_device
     from bora_tools.inspection import format_report, inspect_adapter
 
-    report = inspect_adapter(adapter, device=resolve_device(device))
+    report = inspect_adapter(adapter, device=resolve_device(device), progress=make_progress())
     if as_json:
         emit_json(report)
     else:
@@ -165,16 +165,21 @@ def inspect_cmd(adapter: Path, device: str, as_json: bool) -> None:
 @cli.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the demo's files here (default: a temporary directory, removed afterwards).")
-@click.option("--steps", type=int, default=60, show_default=True, help="Training steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="Training steps.")
+@json_option
 @common_options
-def demo_cmd(workdir: Path | None, steps: int) -> None:
+def demo_cmd(workdir: Path | None, steps: int, as_json: bool) -> None:
     """Train a BoRA adapter on a tiny model offline, then run every command on it.
 
     Example: bora-tools demo
     """
     from bora_tools.demo import run_demo
 
-    run_demo(workdir=workdir, steps=steps, say=click.echo, progress=make_progress())
+    # With --json the step lines go to stderr and stdout holds only the figures.
+    say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+    results = run_demo(workdir=workdir, steps=steps, say=say, progress=make_progress())
+    if as_json:
+        emit_json(results)
 
 
 @cli.command("push")

@@ -8,10 +8,13 @@ from typing import Any
 import torch
 
 from bora_tools.checkpoint import load_adapter
-from bora_tools.math import factored_svd
+from bora_tools.devices import one_cpu_thread
+from bora_tools.math import gram_svd
+from bora_tools.progress import Progress, no_progress
 
 
-def inspect_adapter(path: str | Path, *, device: torch.device | str = "cpu") -> dict[str, Any]:
+def inspect_adapter(path: str | Path, *, device: torch.device | str = "cpu",
+                    progress: Progress = no_progress) -> dict[str, Any]:
     """A JSON-ready description of the adapter at ``path``.
 
     Per module: shape ``(m, n)``, ``b``, ``r``, scaling, trainable parameters
@@ -24,21 +27,11 @@ def inspect_adapter(path: str | Path, *, device: torch.device | str = "cpu") -> 
         report = inspect_adapter("out/my-adapter")
         report["total_parameters"], report["modules"][0]["rank"]
     """
-    adapter = load_adapter(path)
+    with one_cpu_thread(device):  # many small products: see devices.one_cpu_thread
+        adapter = load_adapter(path)
+        modules = [_describe(mod, adapter.config.alpha_for(mod.name), device)
+                   for mod in progress(list(adapter.modules.values()), label="inspecting")]
     cfg = adapter.config
-    modules = []
-    for name, mod in adapter.modules.items():
-        A, B, sigma = (t.to(device) for t in (mod.A, mod.B, mod.sigma))
-        svd = factored_svd(A, B, sigma, mod.scaling)
-        s = sigma.double()
-        m, n = mod.shape
-        modules.append({
-            "name": name, "shape": [m, n], "dtype": str(mod.A.dtype).replace("torch.", ""),
-            "r": mod.r, "b": mod.b, "alpha": cfg.alpha_for(name), "scaling": mod.scaling,
-            "parameters": mod.num_parameters, "max_rank": min(mod.b * mod.r, m, n), "rank": svd.rank(),
-            "delta_norm": float(svd.energy.sqrt()),
-            "sigma": {"norm": float(s.norm()), "min": float(s.min()), "max": float(s.max()), "mean": float(s.mean())},
-        })
     saved = [{"key": k, "shape": list(t.shape), "parameters": t.numel()} for k, t in adapter.saved.items()]
     return {
         "path": str(path), "peft_type": cfg.peft_type, "r": cfg.r, "bora_blocks": cfg.bora_blocks,
@@ -47,6 +40,21 @@ def inspect_adapter(path: str | Path, *, device: torch.device | str = "cpu") -> 
         "modules_to_save": cfg.modules_to_save, "base_model_name_or_path": cfg.base_model_name_or_path,
         "num_modules": len(modules), "total_parameters": sum(m["parameters"] for m in modules),
         "saved_parameters": sum(s["parameters"] for s in saved), "modules": modules, "saved": saved,
+    }
+
+
+def _describe(mod, alpha: float, device: torch.device | str) -> dict[str, Any]:
+    """One module's figures; the spectrum comes from the factors' Gram matrices (no singular vectors)."""
+    A, B, sigma = (t.to(device) for t in (mod.A, mod.B, mod.sigma))
+    svd = gram_svd(A, B, sigma, mod.scaling, vectors=0)
+    s = sigma.double()
+    m, n = mod.shape
+    return {
+        "name": mod.name, "shape": [m, n], "dtype": str(mod.A.dtype).replace("torch.", ""),
+        "r": mod.r, "b": mod.b, "alpha": alpha, "scaling": mod.scaling,
+        "parameters": mod.num_parameters, "max_rank": min(mod.b * mod.r, m, n), "rank": svd.rank(),
+        "delta_norm": float(svd.energy.sqrt()),
+        "sigma": {"norm": float(s.norm()), "min": float(s.min()), "max": float(s.max()), "mean": float(s.mean())},
     }
 
 

@@ -96,3 +96,11 @@ def test_demo_refuses_non_empty_workdir(tmp_path):
     (tmp_path / "x").write_text("keep me")
     result = run("demo", "--workdir", tmp_path)
     assert result.exit_code == 1 and "is not empty" in result.stderr and (tmp_path / "x").read_text() == "keep me"
+
+
+def test_demo_json_prints_only_the_figures_on_stdout(tmp_path):
+    result = run("demo", "--workdir", tmp_path / "d", "--steps", "5", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert list(figures)[:3] == ["train", "inspect", "merge"] and figures["train"]["steps"] == 5
+    assert "[train]" in result.stderr
