@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from bora_tools.config import BoraConfig, matches_target
 from bora_tools.errors import CheckpointError, ShapeError, raise_if_problems
+from bora_tools.math import block_problems
 from bora_tools.output import atomic_output
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -213,9 +214,7 @@ def _module_problems(name: str, p: dict[str, torch.Tensor], config: BoraConfig) 
     want_r = config.rank_for(name)
     if r != want_r:
         out.append(f"{key + SUFFIX_A}: shape {tuple(A.shape)} has rank {r}, but the config gives r={want_r} for {name}")
-    for dim_name, dim in (("out_features m", m), ("in_features n", n)):
-        if dim % b:
-            out.append(f"{key}: shape of {dim_name}={dim} is not divisible by bora_blocks b={b}")
+    out.extend(block_problems(m, n, b, name=key))
     if config.target_modules is not None and not matches_target(config.target_modules, name):
         out.append(f"{key}: module {name} is not matched by target_modules {config.target_modules!r}")
     return out

@@ -17,13 +17,19 @@ import torch
 Tensor = torch.Tensor
 
 
+def block_problems(m: int, n: int, b: int, *, name: str = "module") -> list[str]:
+    """Why ``b`` blocks do not fit an ``(m, n)`` update (empty when they do), naming module, dimension and ``b``."""
+    if b < 1:
+        return [f"{name}: bora_blocks must be >= 1, found {b}"]
+    return [f"{name}: {dim_name}={dim} is not divisible by bora_blocks b={b}"
+            for dim_name, dim in (("out_features m", m), ("in_features n", n)) if dim % b]
+
+
 def check_blocks(m: int, n: int, b: int, *, name: str = "module") -> None:
     """Raise ``ValueError`` naming the module and dimension when ``b`` does not divide it."""
-    if b < 1:
-        raise ValueError(f"{name}: bora_blocks must be >= 1, found {b}")
-    for dim_name, dim in (("out_features m", m), ("in_features n", n)):
-        if dim % b:
-            raise ValueError(f"{name}: {dim_name}={dim} is not divisible by bora_blocks b={b}")
+    problems = block_problems(m, n, b, name=name)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def mixed_row_blocks(A: Tensor, sigma: Tensor) -> Tensor:
