@@ -11,7 +11,10 @@ holds a few MiB of rows, never the model and not even its largest tensor.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import os
+from collections import Counter
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
@@ -20,6 +23,7 @@ import gguf
 import numpy as np
 import torch
 
+from bora_tools.dtypes import cast_finite
 from bora_tools.errors import ModelDirError, UnsupportedError
 from bora_tools.model_dir import TensorEntry
 from bora_tools.progress import Progress, no_progress
@@ -69,7 +73,7 @@ OUTTYPES: dict[str, tuple[gguf.LlamaFileType, Q]] = {
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
 }
 #: The torch dtype of the plain GGUF float types.
-_TORCH_FOR = {Q.F32: torch.float32, Q.F16: torch.float16}
+_TORCH_FOR = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 #: Elements per block of rows read, converted and written at a time.
 CHUNK_ELEMENTS = 1 << 20
 #: Elements per parallel Q8_0 task: bounds the float32 temporaries of gguf.quants.
@@ -100,42 +104,56 @@ def tensor_nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     return math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))
 
 
-def to_gguf_array(t: torch.Tensor, qtype: Q) -> np.ndarray:
+def to_gguf_array(t: torch.Tensor, qtype: Q, *, name: str = "tensor", pool: Executor | None = None) -> np.ndarray:
     """The bytes of ``t`` (whole rows) as GGUF type ``qtype``: a contiguous numpy array to write as is.
 
     F32/F16/BF16 are plain casts (torch rounds to nearest even, as ggml does);
-    Q8_0 goes through gguf-py's bit-exact quantiser, in parallel row slices.
+    Q8_0 goes through gguf-py's bit-exact quantiser, in row slices run on
+    ``pool`` when given (serially otherwise). A value the narrowing would turn
+    into ``inf`` (beyond float16's 65504, or a Q8_0 block scale beyond it) is
+    refused, naming the tensor, rather than written.
 
     Example: ``to_gguf_array(torch.randn(4, 64), Q.Q8_0).shape`` -> ``(4, 68)`` (2 blocks of 34 bytes a row)
+
+    Raises:
+        UnsupportedError: a value overflows the GGUF type (``name`` is named).
     """
     t = t.detach().cpu()
-    if qtype in (Q.F32, Q.F16):
-        return t.to(_TORCH_FOR[qtype]).contiguous().numpy()
-    if qtype == Q.BF16:
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)
+    if qtype in _TORCH_FOR:
+        out = cast_finite(t, _TORCH_FOR[qtype], name).contiguous()
+        return out.view(torch.int16).numpy().view(np.uint8) if qtype == Q.BF16 else out.numpy()
     if qtype != Q.Q8_0:
         raise UnsupportedError(f"GGUF type {qtype.name} is not supported")
-    rows = t.reshape(-1, t.shape[-1])
+    rows = cast_finite(t.reshape(-1, t.shape[-1]), torch.float32, name)
+    _check_q8_scales(rows, name)
     out = np.empty(gguf.quant_shape_to_byte_shape(tuple(rows.shape), qtype), dtype=np.uint8)
     step = max(1, _Q8_SLICE_ELEMENTS // rows.shape[1])
 
     def quantize(start: int) -> None:
-        chunk = rows[start:start + step].to(torch.float32).numpy()
+        chunk = rows[start:start + step].numpy()
         out[start:start + step] = gguf.quants.quantize(chunk, qtype)
 
     # numpy releases the GIL inside its loops, so row slices quantise in parallel threads.
-    list(_pool().map(quantize, range(0, rows.shape[0], step)))
+    list((pool.map if pool is not None else map)(quantize, range(0, rows.shape[0], step)))
     return out
 
 
-_POOL: ThreadPoolExecutor | None = None
+def _check_q8_scales(rows: torch.Tensor, name: str) -> None:
+    # Each Q8_0 block stores its scale max|x| / 127 as float16: beyond 65504 it becomes inf.
+    block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
+    scales = rows.reshape(-1, block).abs().amax(dim=1) / 127
+    cast_finite(scales, torch.float16, f"{name} (Q8_0 block scale = max|x| / 127)")
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="bora-q8")
-    return _POOL
+def quantize_pool() -> ThreadPoolExecutor:
+    """A thread pool for Q8_0 row slices, sized to the CPUs this process may use (at most 8).
+
+    Use it as a context manager so its threads end with the export.
+
+    Example: ``with quantize_pool() as pool: to_gguf_array(t, Q.Q8_0, pool=pool)``
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ThreadPoolExecutor(max_workers=max(1, min(cpus, 8)), thread_name_prefix="bora-q8")
 
 
 def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
@@ -224,13 +242,14 @@ class _Streamed:
     converted tensor never exists whole.
     """
 
-    def __init__(self, plan: PlannedTensor):
-        self.plan, self.nbytes = plan, plan.nbytes
+    def __init__(self, plan: PlannedTensor, pool: Executor | None):
+        self.plan, self.pool, self.nbytes = plan, pool, plan.nbytes
 
     def tofile(self, fout: BinaryIO) -> None:
         written = 0
+        name = f"{self.plan.name} ({self.plan.source})" if self.plan.source else self.plan.name
         for block in self.plan.chunks():
-            data = to_gguf_array(block, self.plan.qtype)
+            data = to_gguf_array(block, self.plan.qtype, name=name, pool=self.pool)
             data.tofile(fout)
             written += data.nbytes
         if written != self.nbytes:
@@ -242,19 +261,33 @@ def write_streaming(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTenso
     """Write ``writer``'s key-values and ``plan``'s tensors to ``path``, a block of rows in memory at a time.
 
     Example: ``write_streaming(gguf.GGUFWriter(None, "llama"), Path("m.gguf"), plan, progress=bar)``
+
+    Raises:
+        UnsupportedError: a value overflows its tensor's GGUF type (the file is then incomplete:
+            write to a temporary path, as ``atomic_output`` does).
     """
     for p in plan:
         # The dtype argument only matters without raw_dtype; the shape is the logical one.
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-    try:
+    with ExitStack() as stack:
+        stack.callback(writer.close)
+        # The pool lives for this file only: no thread outlives the export.
+        pool = stack.enter_context(quantize_pool()) if any(p.qtype == Q.Q8_0 for p in plan) else None
         writer.write_header_to_file(path=Path(path))
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in progress(plan, total=len(plan), label=label):
-            writer.write_tensor_data(_Streamed(p))  # type: ignore[arg-type]  # duck-typed array
+            writer.write_tensor_data(_Streamed(p, pool))  # type: ignore[arg-type]  # duck-typed array
         writer.flush()
-    finally:
-        writer.close()
+
+
+def tensor_report(plan: list[PlannedTensor]) -> dict[str, Any]:
+    """The tensor part of an export report: count, count per GGUF type, and every fallback with its reason.
+
+    Example: ``tensor_report(plan)`` -> ``{"tensors": 21, "types": {"F32": 5, "Q8_0": 16}, "fallbacks": []}``
+    """
+    return {"tensors": len(plan), "types": dict(Counter(p.qtype.name for p in plan)),
+            "fallbacks": [{"tensor": p.name, "type": p.qtype.name, "reason": p.fallback} for p in plan if p.fallback]}
 
 
 def add_general(writer: gguf.GGUFWriter, *, kind: str, name: str, outtype: str) -> None:

@@ -170,11 +170,11 @@ def test_streams_a_block_of_rows_at_a_time(models, tmp_path, monkeypatch):
     alive: list[weakref.ref] = []
     original = gguf_write.to_gguf_array
 
-    def spy(t, qtype):
+    def spy(t, qtype, **kwargs):
         assert all(ref() is None for ref in alive), "an earlier block is still in memory"
         assert t.numel() <= 1024 or t.shape[0] == 16  # a block, or one whole head of q/k rows
         alive.append(weakref.ref(t))
-        return original(t, qtype)
+        return original(t, qtype, **kwargs)
 
     monkeypatch.setattr(gguf_write, "to_gguf_array", spy)
     monkeypatch.setattr(gguf_write, "CHUNK_ELEMENTS", 1024)
@@ -207,6 +207,51 @@ def test_conversions_are_gguf_py_bit_for_bit(qtype, monkeypatch):
     x = torch.randn(37, 96, generator=torch.Generator().manual_seed(0)) * 3
     x[0, :32] = 0.0  # an all-zero Q8_0 block
     x[1, :4] = torch.tensor([1e-30, -1e-30, 65504.0, 1e-8])
-    got = gguf_write.to_gguf_array(x, qtype)
+    with gguf_write.quantize_pool() as pool:
+        got = gguf_write.to_gguf_array(x, qtype, pool=pool)
     want = gguf.quants.quantize(x.numpy(), qtype)
     assert got.tobytes() == want.tobytes()
+    assert gguf_write.to_gguf_array(x, qtype).tobytes() == want.tobytes()  # serially, without a pool
+
+
+def test_stored_lm_head_is_written_even_if_config_says_tied(tmp_path):
+    """transformers 5 unties embeddings whose two matrices are stored and differ; llama.cpp must agree."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_dir(tmp_path, "llama")  # lm_head.weight stored, distinct from embed_tokens
+    set_config(path, tie_word_embeddings=True)
+    want = hf_logits(path)
+    tied = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        tied.lm_head.weight.copy_(tied.model.embed_tokens.weight)
+        wrong = tied(torch.tensor([IDS])).logits[0].numpy()
+    assert relative_error(wrong, want) > 0.05  # output = token_embd would be visibly wrong
+    out = tmp_path / "m.gguf"
+    export_gguf(path, out, outtype="f32")
+    _, tensors = fields(out)
+    assert "output.weight" in tensors
+    assert relative_error(gguf_logits(out, IDS), want) < F32_RTOL
+
+
+def test_q8_0_thread_pool_ends_with_the_export(models, tmp_path):
+    import threading
+
+    path, _ = models["llama"]
+    export_gguf(path, tmp_path / "m.gguf", outtype="q8_0")
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("bora-q8")]
+
+
+@pytest.mark.parametrize("qtype,value", [(Q.F16, 65520.0), (Q.BF16, 3.4e38), (Q.Q8_0, 127 * 65520.0)])
+def test_narrowing_overflow_is_refused(qtype, value):
+    """A finite value the GGUF type cannot hold is an error naming the tensor, never an inf in the file."""
+    import torch
+
+    from bora_tools import gguf_write
+    from bora_tools.errors import UnsupportedError
+
+    x = torch.zeros(2, 64)
+    gguf_write.to_gguf_array(x + 6e4, qtype)  # large but representable
+    x[1, 40] = value
+    with pytest.raises(UnsupportedError, match=r"^blk\.0\.attn_q\.weight.* overflows"):
+        gguf_write.to_gguf_array(x, qtype, name="blk.0.attn_q.weight")
