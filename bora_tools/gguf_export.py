@@ -20,7 +20,6 @@ import contextlib
 import logging
 import math
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,9 +33,9 @@ from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
 from bora_tools.gguf_hparams import Hparams, add_hparams, read_hparams, rope_freq_factors
 from bora_tools.gguf_vocab import read_vocab
 from bora_tools.gguf_write import (OUTTYPES, ArchSpec, PlannedTensor, add_general, arch_spec, qk_heads, qk_row_order,
-                                   read_rows, row_blocks, tensor_type, whole, write_streaming)
+                                   read_rows, row_blocks, tensor_report, tensor_type, whole, write_streaming)
 from bora_tools.model_dir import ModelDir, TensorEntry
-from bora_tools.output import atomic_output, check_target
+from bora_tools.output import atomic_output, check_target, refuse_output_over_inputs
 from bora_tools.progress import Progress, logger, no_progress
 
 #: Tensors the HF checkpoints may carry that llama.cpp recomputes itself.
@@ -68,9 +67,11 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
         UnsupportedError: an architecture or setting llama.cpp export does not handle.
         ModelDirError, CheckpointError, ShapeError: bad inputs, named.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
+        OutputWriteError: ``out`` is, holds or lies inside an input (inputs are never modified).
     """
     source, out = Path(source), Path(out)
     _check_options(source, base=base, merge=merge, rank=rank, outtype=outtype)
+    refuse_output_over_inputs(out, source, *([base] if base is not None else []))
     start = time.perf_counter()
     with _quiet_gguf_py():
         report = _dispatch(source, out, base=base, merge=merge, rank=rank, outtype=outtype, overwrite=overwrite,
@@ -101,7 +102,8 @@ def _dispatch(source: Path, out: Path, *, base: Any, merge: bool, rank: int | st
                               progress=progress)
     from bora_tools.gguf_lora import export_lora
 
-    return export_lora(source, Path(base), out, rank=rank, outtype=outtype, overwrite=overwrite, progress=progress)
+    return export_lora(source, Path(base), out, rank=rank, outtype=outtype, overwrite=overwrite, device=device,
+                       progress=progress)
 
 
 def _check_options(source: Path, *, base: Any, merge: bool, rank: Any, outtype: str) -> None:
@@ -131,7 +133,12 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
     returns them.
 
     Example: ``export_model(ModelDir.open("base"), Path("base.gguf"), outtype="f32")``
+
+    Raises:
+        OutputWriteError: ``out`` is, holds or lies inside the model directory.
+        UnsupportedError: a value overflows its GGUF type (``f16``: beyond 65504), named; nothing is left.
     """
+    refuse_output_over_inputs(out, model.path)
     config_path = str(model.path / "config.json")
     spec = arch_spec(model.architecture, source=config_path)
     hp = read_hparams(model.config, source=config_path)
@@ -152,9 +159,7 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
     with atomic_output(out, overwrite=overwrite) as tmp:
         write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF")
     return {"kind": kind, "out": str(out), "architecture": spec.name, "hf_architecture": model.architecture,
-            "outtype": outtype, "tensors": len(plan), "bytes": out.stat().st_size,
-            "types": dict(Counter(p.qtype.name for p in plan)),
-            "fallbacks": [{"tensor": p.name, "type": p.qtype.name, "reason": p.fallback} for p in plan if p.fallback],
+            "outtype": outtype, **tensor_report(plan), "bytes": out.stat().st_size,
             "merged_tensors": sum(1 for p in plan if p.source.endswith("(merged)")),
             "vocab": vocab.summary(), "warnings": warnings}
 
@@ -182,8 +187,12 @@ def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: st
                                   source="rope_parameters (llama3)"))
     for shard in model.shard_names:
         for entry in model.shard_entries(shard):
-            if entry.name.endswith(_SKIPPED_SUFFIXES) or (entry.name == "lm_head.weight" and hp.tie_embeddings):
-                continue  # recomputed by llama.cpp / the same matrix as token_embd
+            # A stored lm_head.weight is always written (output.weight), whatever config.json's
+            # tie_word_embeddings says: transformers unties embeddings whose two matrices are both
+            # stored and differ, and a merge may change lm_head. Tied means "lm_head.weight is not
+            # stored"; llama.cpp then reuses token_embd, as transformers does.
+            if entry.name.endswith(_SKIPPED_SUFFIXES):
+                continue  # recomputed by llama.cpp
             gname = tmap.get_name(entry.name, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 unsupported.append(f"{entry.name}: no llama.cpp {spec.name} tensor corresponds to it")
@@ -262,6 +271,7 @@ def _export_merged(adapter_dir: Path, base_dir: Path, out: Path, *, outtype: str
                    progress: Progress) -> dict[str, Any]:
     from bora_tools.merge import merge_plan
 
+    refuse_output_over_inputs(out, adapter_dir, base_dir)
     adapter = load_adapter(adapter_dir)
     base = ModelDir.open(base_dir)
     if adapter.config.fan_in_fan_out:
@@ -298,6 +308,7 @@ def format_report(report: dict[str, Any]) -> str:
     for m in modules if len(modules) <= 16 else []:
         lines.append(f"  {m['gguf_name']:<28} rank {m['rank']:>4} / {m['max_rank']:<4} "
                      f"rel. error {m['relative_error']:.2e}")
+    lines.extend(f"note: {note}" for note in report.get("notes", []))
     if report.get("fallbacks"):
         lines.append(f"{len(report['fallbacks'])} tensor(s) kept as F16: rows not a multiple of 32")
     return "\n".join(lines)

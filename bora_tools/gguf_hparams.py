@@ -36,7 +36,6 @@ class Hparams:
     rms_eps: float
     head_dim: int
     explicit_head_dim: bool
-    tie_embeddings: bool
     rope_theta: float = DEFAULT_ROPE_THETA
     rope: dict[str, Any] = field(default_factory=dict)  # rope_type and its parameters
 
@@ -70,8 +69,7 @@ def read_hparams(config: dict[str, Any], *, source: str) -> Hparams:
     hp = Hparams(n_layer=need("num_hidden_layers"), n_embd=need("hidden_size"), n_ff=need("intermediate_size"),
                  n_head=n_head, n_head_kv=need("num_key_value_heads", n_head), vocab_size=need("vocab_size"),
                  n_ctx=need("max_position_embeddings", 4096), rms_eps=_number(config, "rms_norm_eps", 1e-6, problems),
-                 head_dim=1, explicit_head_dim=config.get("head_dim") is not None,
-                 tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+                 head_dim=1, explicit_head_dim=config.get("head_dim") is not None)
     hp.head_dim = need("head_dim") if hp.explicit_head_dim else hp.n_embd // max(hp.n_head, 1)
     if not hp.explicit_head_dim and hp.n_embd % hp.n_head:
         problems.append(f"hidden_size {hp.n_embd} is not divisible by num_attention_heads {hp.n_head}")

@@ -150,13 +150,83 @@ def test_failure_while_writing_leaves_nothing(dirs, tmp_path, monkeypatch):
     _, base, _ = dirs
     calls = []
 
-    def broken(t, qtype):
+    def broken(t, qtype, **kwargs):
         calls.append(1)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
-        return original(t, qtype)
+        return original(t, qtype, **kwargs)
 
     original = gguf_write.to_gguf_array
     monkeypatch.setattr(gguf_write, "to_gguf_array", broken)
     assert_refused(run("export-gguf", base, "--out", tmp_path / "x.gguf"), "no space left on device")
+    assert leftovers(tmp_path) == []
+
+
+def _fingerprint(*dirs):
+    """Every file under ``dirs`` with its bytes: an input that changes, or a leftover, shows."""
+    return {str(p): p.read_bytes() for d in dirs for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("mode,inside,target", [
+    ("model", "base", "model.safetensors"),
+    ("merge", "base", "model.safetensors"),
+    ("merge", "adapter", "adapter_model.safetensors"),
+    ("merge", "adapter", "sub/m.gguf"),
+    ("lora", "adapter", "adapter_config.json"),
+    ("lora", "base", "lora.gguf"),
+])
+def test_output_over_an_input_refused_even_with_overwrite(dirs, mode, inside, target):
+    root, base, adapter = dirs
+    out = {"root": root, "base": base, "adapter": adapter}[inside] / target
+    source = ["export-gguf", base] if mode == "model" else ["export-gguf", adapter, "--base", base]
+    before = _fingerprint(base, adapter)
+    result = run(*source, *(["--merge"] if mode == "merge" else []), "--out", out, "--overwrite")
+    assert_refused(result, "inputs are never modified")
+    assert _fingerprint(base, adapter) == before
+    assert not (adapter / "sub").exists()
+
+
+@pytest.mark.parametrize("mode,inside", [("model", "base"), ("model", "root"), ("merge", "adapter"),
+                                         ("lora", "adapter"), ("lora", "root")])
+def test_library_refuses_an_output_that_is_or_holds_an_input(dirs, mode, inside):
+    """The CLI refuses a directory --out already; the library refuses it as well, before any work."""
+    from bora_tools.errors import OutputWriteError
+    from bora_tools.gguf_export import export_gguf
+
+    root, base, adapter = dirs
+    out = {"root": root, "base": base, "adapter": adapter}[inside]
+    before = _fingerprint(base, adapter)
+    kwargs = {} if mode == "model" else {"base": base, "merge": mode == "merge"}
+    with pytest.raises(OutputWriteError, match="inputs are never modified"):
+        export_gguf(base if mode == "model" else adapter, out, overwrite=True, **kwargs)
+    assert _fingerprint(base, adapter) == before
+
+
+def _with_value(base, tmp_path, name, row, value):
+    model = _copy(base, tmp_path)
+    tensors = load_file(model / "model.safetensors")
+    tensors[name][row, 0] = value
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
+def test_float16_overflow_refused_naming_the_tensor(dirs, tmp_path):
+    _, base, _ = dirs
+    # Token 310 is padding (the tokenizer has 300 tokens): harmless to the logits, fatal to float16.
+    model = _with_value(base, tmp_path, "model.embed_tokens.weight", 310, 1e6)
+    out = tmp_path / "x.gguf"
+    assert_refused(run("export-gguf", model, "--out", out, "--outtype", "f16"),
+                   "token_embd.weight (model.embed_tokens.weight)", "1e+06", "overflows float16")
+    assert leftovers(tmp_path) == []
+    assert run("export-gguf", model, "--out", out, "--outtype", "f32", "--quiet").exit_code == 0
+    reader = gguf.GGUFReader(out)
+    assert float(next(t for t in reader.tensors if t.name == "token_embd.weight").data[310, 0]) == 1e6
+
+
+def test_merged_float16_overflow_refused(dirs, tmp_path):
+    _, base, adapter = dirs
+    model = _with_value(base, tmp_path, "model.layers.0.self_attn.q_proj.weight", 0, 7e4)
+    assert_refused(run("export-gguf", adapter, "--base", model, "--merge", "--out", tmp_path / "x.gguf",
+                       "--outtype", "f16"), "blk.0.attn_q.weight (model.layers.0.self_attn.q_proj.weight (merged))",
+                   "overflows float16")
     assert leftovers(tmp_path) == []
