@@ -19,6 +19,7 @@ never to ``lora_a``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,21 +27,26 @@ import gguf
 import torch
 
 from bora_tools.checkpoint import PREFIX, BoraModule, check_against_base, load_adapter
+from bora_tools.devices import one_cpu_thread, resolve_device
 from bora_tools.errors import UnsupportedError, raise_if_problems
 from bora_tools.gguf_hparams import read_hparams
-from bora_tools.gguf_write import (PlannedTensor, add_general, arch_spec, qk_heads, qk_row_order, tensor_type,
-                                   write_streaming)
-from bora_tools.lora import RankPolicy, balanced_exact_factors, convert_module
+from bora_tools.gguf_write import (PlannedTensor, add_general, arch_spec, qk_heads, qk_row_order, tensor_report,
+                                   tensor_type, write_streaming)
+from bora_tools.lora import SVD_ROUTES, ZERO_NOTE, RankPolicy, balanced_exact_factors, convert_module
 from bora_tools.model_dir import ModelDir
-from bora_tools.output import atomic_output, check_target
+from bora_tools.output import atomic_output, check_target, refuse_output_over_inputs
 from bora_tools.progress import Progress, no_progress
 
 Factors = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> (B_k (m, k), A_k (k, n)), scaling included
 
 
 def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, *, rank: int | str = "full",
-                outtype: str = "f16", overwrite: bool = False, progress: Progress = no_progress) -> dict[str, Any]:
+                outtype: str = "f16", overwrite: bool = False, device: str | torch.device = "auto",
+                progress: Progress = no_progress) -> dict[str, Any]:
     """Write the adapter at ``adapter_dir`` as a llama.cpp LoRA GGUF for the model at ``base_dir``.
+
+    ``device`` runs the per-module work (truncated SVD, exact factors) there;
+    on the CPU it runs on one thread, which is faster for these small operations.
 
     Example::
 
@@ -51,32 +57,35 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
         UnsupportedError: ``modules_to_save`` or ``fan_in_fan_out`` (no LoRA form
             in llama.cpp), a module llama.cpp has no tensor for, or an unsupported base.
         ShapeError: the adapter does not fit the base model.
+        OutputWriteError: ``out`` is, holds or lies inside the adapter or the base.
     """
     adapter_dir, out = Path(adapter_dir), Path(out)
+    refuse_output_over_inputs(out, adapter_dir, base_dir)
+    check_target(out, overwrite=overwrite)
     adapter = load_adapter(adapter_dir)
     base = ModelDir.open(base_dir)
     config_path = str(base.path / "config.json")
     spec = arch_spec(base.architecture, source=config_path)
     hp = read_hparams(base.config, source=config_path)
     names = _check(adapter, base, spec, n_layer=hp.n_layer)
-    prepared = {m.name: _factors(m, rank) for m in adapter.modules.values()}
-    alpha = float(max(k for k, _, _ in prepared.values()))
-    plan, rows = _plan(adapter.modules.values(), prepared, names, alpha=alpha, outtype=outtype,
-                       heads_of=lambda g: qk_heads(g, hp) if spec.permute_qk else None)
-    check_target(out, overwrite=overwrite)
-    writer = gguf.GGUFWriter(None, spec.name)
-    add_general(writer, kind=gguf.GGUFType.ADAPTER, name=adapter_dir.resolve().name, outtype=outtype)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    with atomic_output(out, overwrite=overwrite) as tmp:
-        write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF LoRA")
-    types: dict[str, int] = {}
-    for p in plan:
-        types[p.qtype.name] = types.get(p.qtype.name, 0) + 1
+    dev = resolve_device(device) if isinstance(device, str) else device
+    with one_cpu_thread(dev):
+        modules = list(adapter.modules.values())
+        prepared = {m.name: _factors(m, rank, dev) for m in progress(modules, total=len(modules),
+                                                                     label="converting to LoRA")}
+        alpha = float(max(p.rank for p in prepared.values()))
+        plan, rows = _plan(modules, prepared, names, alpha=alpha, outtype=outtype,
+                           heads_of=lambda g: qk_heads(g, hp) if spec.permute_qk else None)
+        writer = gguf.GGUFWriter(None, spec.name)
+        add_general(writer, kind=gguf.GGUFType.ADAPTER, name=adapter_dir.resolve().name, outtype=outtype)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        with atomic_output(out, overwrite=overwrite) as tmp:
+            write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF LoRA")
+    notes = [f"{r['module']}: {r['note']}" for r in rows if r["note"]]
     return {"kind": "lora", "out": str(out), "architecture": spec.name, "hf_architecture": base.architecture,
-            "outtype": outtype, "tensors": len(plan), "bytes": out.stat().st_size, "types": types,
-            "fallbacks": [{"tensor": p.name, "type": p.qtype.name, "reason": p.fallback} for p in plan if p.fallback],
-            "alpha": alpha, "rank": rank, "modules": rows, "adapter": str(adapter_dir), "warnings": []}
+            "outtype": outtype, **tensor_report(plan), "bytes": out.stat().st_size, "alpha": alpha, "rank": rank,
+            "modules": rows, "adapter": str(adapter_dir), "notes": notes, "warnings": []}
 
 
 def _plan(modules, prepared: dict, names: dict[str, str], *, alpha: float, outtype: str,
@@ -85,16 +94,16 @@ def _plan(modules, prepared: dict, names: dict[str, str], *, alpha: float, outty
     plan: list[PlannedTensor] = []
     rows = []
     for mod in modules:
-        k, err, factors = prepared[mod.name]
-        gname = names[mod.name]
-        pair = _Pair(factors, fold=k / alpha, heads=heads_of(gname))
+        prep = prepared[mod.name]
+        k, gname = prep.rank, names[mod.name]
+        pair = _Pair(prep.factors, fold=k / alpha, heads=heads_of(gname))
         (m, n) = mod.shape
         for suffix, shape, load in ((".lora_a", (k, n), pair.a), (".lora_b", (m, k), pair.b)):
             qtype, fallback = tensor_type(gname + suffix, shape, outtype)
             plan.append(PlannedTensor(gname + suffix, shape, qtype, lambda f=load: iter((f(),)),
                                       source=PREFIX + mod.name, fallback=fallback))
         rows.append({"module": mod.name, "gguf_name": gname, "rank": k, "max_rank": mod.b * mod.r,
-                     "scaling": mod.scaling, "relative_error": err})
+                     "scaling": mod.scaling, "relative_error": prep.rel_error, "note": prep.note})
     return plan, rows
 
 
@@ -120,32 +129,57 @@ def _check(adapter, base: ModelDir, spec, *, n_layer: int) -> dict[str, str]:
     return names
 
 
-def _factors(mod: BoraModule, rank: int | str) -> tuple[int, float, Factors]:
-    """``(k, relative error, factors)`` for one module, computed as ``to-lora`` computes them.
+@dataclass(frozen=True)
+class _Prepared:
+    """One module's LoRA form: its rank, relative error, a note (zero update, capped rank) and its factors."""
+
+    rank: int
+    rel_error: float
+    note: str | None
+    factors: Factors
+
+
+def _factors(mod: BoraModule, rank: int | str, device: torch.device) -> _Prepared:
+    """One module's LoRA form, computed as ``to-lora`` computes it (on ``device``).
 
     The exact form (balanced, scaling folded) is built only when written; a
-    truncation keeps the best rank-``K`` factors, ``K`` capped at the update's rank.
+    truncation keeps the best rank-``K`` factors, ``K`` capped at the update's
+    rank. A zero update is rank 1 with zero factors in both cases, as in
+    ``to-lora``, and says so in its note.
     """
+    m, n = mod.shape
     if rank == "full":
+        # Singular values only (no vectors): whether the update is zero, by to-lora's own test.
+        A, B, sigma = (t.to(device) for t in (mod.A, mod.B, mod.sigma))
+        if SVD_ROUTES["gram"](A, B, sigma, mod.scaling, vectors=0).rank() == 0:
+            return _Prepared(1, 0.0, ZERO_NOTE, lambda: (torch.zeros(m, 1), torch.zeros(1, n)))
+
         def exact() -> tuple[torch.Tensor, torch.Tensor]:
-            b_full, a_full = balanced_exact_factors(mod.A, mod.B, mod.sigma, mod.scaling)
-            return b_full.float(), a_full.float()
-        return mod.b * mod.r, 0.0, exact
-    b_k, a_k, result = convert_module(mod, RankPolicy.parse(rank=int(rank)))
-    return result.rank, result.rel_error, lambda: (b_k, a_k)
+            b_full, a_full = balanced_exact_factors(*(t.to(device) for t in (mod.A, mod.B, mod.sigma)), mod.scaling)
+            return b_full.float().cpu(), a_full.float().cpu()
+        return _Prepared(mod.b * mod.r, 0.0, None, exact)
+    b_k, a_k, result = convert_module(mod, RankPolicy.parse(rank=int(rank)), device=device)
+    return _Prepared(result.rank, result.rel_error, result.note, lambda: (b_k, a_k))
 
 
 class _Pair:
-    """Produces a module's ``lora_a`` and ``lora_b`` one at a time (B folded and permuted)."""
+    """Produces a module's ``lora_a`` and ``lora_b`` one at a time (B folded and permuted).
+
+    The factors are built once: ``a()`` (written first) builds and keeps them,
+    ``b()`` uses and releases them, so at most one module's pair is in memory.
+    """
 
     def __init__(self, factors: Factors, *, fold: float, heads: int | None):
         self.factors, self.fold, self.heads = factors, fold, heads
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def a(self) -> torch.Tensor:
-        return self.factors()[1]
+        self._kept = self.factors()
+        return self._kept[1]
 
     def b(self) -> torch.Tensor:
-        b = self.factors()[0] * self.fold
+        kept, self._kept = self._kept or self.factors(), None
+        b = kept[0] * self.fold
         if self.heads is not None:
             b = b[qk_row_order(b.shape[0], self.heads)]
         return b

@@ -144,3 +144,104 @@ def test_modules_to_save_merge_and_lora_refusal(tmp_path):
     assert not (tmp_path / "lora.gguf").exists()
     export_gguf(adapter, tmp_path / "merged.gguf", base=base, merge=True, outtype="f32")
     assert relative_error(gguf_logits(tmp_path / "merged.gguf", IDS), want) < F32_RTOL
+
+
+def test_merge_keeps_an_lm_head_update_when_config_says_tied(tmp_path):
+    """A base whose config says tied but stores a distinct lm_head: transformers unties it, so must the merge."""
+    from gguf_support import set_config
+
+    base = tiny_dir(tmp_path, "llama")
+    set_config(base, tie_word_embeddings=True)
+    model = _model(base)
+    add_bora(model, BoraConfig(r=2, bora_blocks=2, target_modules=["q_proj", "lm_head"]))
+    randomize_bora(model, seed=7)
+    adapter = save_bora(model, tmp_path / "adapter")
+    want = _logits(model)
+    with torch.no_grad():
+        model.lm_head.lora_B.zero_()  # the same adapter without its lm_head update
+        without_head = _logits(model)
+    assert relative_error(without_head, want) > 0.05  # the lm_head update matters
+    merged = tmp_path / "merged.gguf"
+    report = export_gguf(adapter, merged, base=base, merge=True, outtype="f32")
+    assert report["merged_tensors"] == 3
+    assert relative_error(gguf_logits(merged, IDS), want) < F32_RTOL
+
+
+def test_exact_factors_built_once_per_module(case, tmp_path, monkeypatch):
+    from bora_tools import gguf_lora
+
+    built = []
+
+    def counting(A, B, sigma, scaling):
+        built.append(A.shape)
+        return original(A, B, sigma, scaling)
+
+    original = gguf_lora.balanced_exact_factors
+    monkeypatch.setattr(gguf_lora, "balanced_exact_factors", counting)
+    report = export_gguf(case["adapter"], tmp_path / "lora.gguf", base=case["base"], outtype="f32")
+    assert len(built) == len(report["modules"]) == 14
+
+
+def test_zero_update_is_rank_1_zeros_with_a_note(tmp_path):
+    """A fresh adapter (B = 0): both modes write rank 1 zeros, say so, and llama.cpp runs the base unchanged."""
+    from bora_tools.gguf_export import format_report
+    from bora_tools.lora import ZERO_NOTE
+
+    base = tiny_dir(tmp_path, "llama")
+    model = _model(base)
+    base_logits = _logits(model)
+    add_bora(model, BoraConfig(r=2, bora_blocks=2, target_modules=["q_proj", "v_proj"]))
+    adapter = save_bora(model, tmp_path / "adapter")
+    export_gguf(base, tmp_path / "base.gguf", outtype="f32")
+    for rank in ("full", 2):
+        lora = tmp_path / f"lora-{rank}.gguf"
+        report = export_gguf(adapter, lora, base=base, rank=rank, outtype="f32")
+        assert {(m["rank"], m["note"]) for m in report["modules"]} == {(1, ZERO_NOTE)}
+        assert len(report["notes"]) == 4 and f"note: model.layers.0.self_attn.q_proj: {ZERO_NOTE}" in format_report(report)
+        got = gguf_logits(tmp_path / "base.gguf", IDS, lora_path=lora)
+        assert relative_error(got, base_logits) < F32_RTOL
+
+
+@pytest.mark.parametrize("rank", ["full", 2])
+def test_lora_conversion_uses_the_device_on_one_thread_with_progress(case, tmp_path, monkeypatch, rank):
+    from bora_tools import gguf_lora
+
+    seen = []
+    for name in ("convert_module", "balanced_exact_factors"):
+        original = getattr(gguf_lora, name)
+
+        def spy(*args, _original=original, **kwargs):
+            # convert_module gets the device; the exact factors get tensors already on it.
+            seen.append((kwargs.get("device", getattr(args[0], "device", None)), torch.get_num_threads()))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(gguf_lora, name, spy)
+    labels = []
+
+    def progress(items, total, label):
+        labels.append((label, total))
+        return items
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        export_gguf(case["adapter"], tmp_path / "lora.gguf", base=case["base"], rank=rank, device="cpu",
+                    progress=progress)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == 14 and set(seen) == {(torch.device("cpu"), 1)}
+    assert labels == [("converting to LoRA", 14), ("writing GGUF LoRA", 28)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("rank", ["full", 3])
+def test_lora_on_cuda_gives_the_cpu_file(case, tmp_path, rank):
+    cpu, cuda = tmp_path / "cpu.gguf", tmp_path / "cuda.gguf"
+    export_gguf(case["adapter"], cpu, base=case["base"], rank=rank, device="cpu", outtype="f32")
+    export_gguf(case["adapter"], cuda, base=case["base"], rank=rank, device="cuda", outtype="f32")
+    a, b = gguf.GGUFReader(cpu), gguf.GGUFReader(cuda)
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert ta.name == tb.name
+        np.testing.assert_allclose(tb.data, ta.data, rtol=1e-4, atol=1e-5 * float(np.abs(ta.data).max()))
+    assert relative_error(gguf_logits(case["base_gguf"], IDS, lora_path=cuda), case["bora_logits"]) < F32_RTOL
