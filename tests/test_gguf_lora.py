@@ -197,7 +197,8 @@ def test_zero_update_is_rank_1_zeros_with_a_note(tmp_path):
         lora = tmp_path / f"lora-{rank}.gguf"
         report = export_gguf(adapter, lora, base=base, rank=rank, outtype="f32")
         assert {(m["rank"], m["note"]) for m in report["modules"]} == {(1, ZERO_NOTE)}
-        assert len(report["notes"]) == 4 and f"note: model.layers.0.self_attn.q_proj: {ZERO_NOTE}" in format_report(report)
+        assert len(report["notes"]) == 4
+        assert f"note: model.layers.0.self_attn.q_proj: {ZERO_NOTE}" in format_report(report)
         got = gguf_logits(tmp_path / "base.gguf", IDS, lora_path=lora)
         assert relative_error(got, base_logits) < F32_RTOL
 
