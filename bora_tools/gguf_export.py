@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,8 +34,8 @@ from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
 from bora_tools.gguf_hparams import Hparams, add_hparams, read_hparams, rope_freq_factors
 from bora_tools.gguf_vocab import read_vocab
 from bora_tools.gguf_write import (OUTTYPES, ArchSpec, PlannedTensor, add_general, arch_spec, qk_heads, qk_row_order,
-                                   read_rows, row_blocks, tensor_report, tensor_type, whole, write_streaming)
-from bora_tools.model_dir import ModelDir, TensorEntry
+                                   row_blocks, tensor_report, tensor_type, whole, write_streaming)
+from bora_tools.model_dir import ModelDir, TensorEntry, read_rows
 from bora_tools.output import atomic_output, check_target, refuse_output_over_inputs
 from bora_tools.progress import Progress, logger, no_progress
 
@@ -241,10 +242,13 @@ def _planned(entry: TensorEntry, gname: str, hp: Hparams, outtype: str, spec: Ar
             # W + dW in float32, a block of rows at a time; rounded once when converted.
             merger = RowMerger(replacement, fan_in_fan_out=False, device=device)
         cols = math.prod(entry.shape[1:])
-        with open(entry.shard, "rb") as f:
+        fd = os.open(entry.shard, os.O_RDONLY)
+        try:
             for start, stop in row_blocks(entry.shape[0] if entry.shape else 1, cols, align=head_rows):
-                block = read_rows(entry, start, stop, file=f)
+                block = read_rows(entry, start, stop, fd=fd)
                 yield permuted(merger.rows(block, start) if merger else block)
+        finally:
+            os.close(fd)
 
     how = "(merged)" if isinstance(replacement, BoraModule) else "(modules_to_save)" if replacement is not None else ""
     return PlannedTensor(gname, tuple(entry.shape), qtype, chunks, source=f"{entry.name} {how}".strip(),

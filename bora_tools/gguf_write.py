@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from bora_tools.dtypes import cast_finite
-from bora_tools.errors import ModelDirError, UnsupportedError
-from bora_tools.model_dir import TensorEntry
+from bora_tools.errors import UnsupportedError
 from bora_tools.progress import Progress, no_progress
 
 Q = gguf.GGMLQuantizationType
@@ -191,22 +190,6 @@ def row_blocks(rows: int, cols: int, *, align: int = 1) -> Iterator[tuple[int, i
     step = max(align, CHUNK_ELEMENTS // max(cols, 1) // align * align)
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
-
-
-def read_rows(entry: TensorEntry, start: int, stop: int, *, file: BinaryIO) -> torch.Tensor:
-    """Rows ``start:stop`` of a safetensors tensor, by a positional read of just those bytes.
-
-    Example: ``with open(entry.shard, "rb") as f: head = read_rows(entry, 0, 16, file=f)``
-    """
-    row_bytes = entry.nbytes // max(entry.shape[0], 1)
-    buf = bytearray((stop - start) * row_bytes)
-    file.seek(entry.start + start * row_bytes)
-    if file.readinto(buf) != len(buf):
-        raise ModelDirError(f"{entry.shard}: truncated: tensor {entry.name} ends before its declared size")
-    shape = (stop - start, *entry.shape[1:])
-    if not buf:
-        return torch.empty(shape, dtype=entry.torch_dtype)
-    return torch.frombuffer(buf, dtype=entry.torch_dtype).reshape(shape)
 
 
 def whole(t: torch.Tensor) -> Callable[[], Iterator[torch.Tensor]]:
