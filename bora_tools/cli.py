@@ -1,6 +1,6 @@
 """The ``bora-tools`` command line: parse, call one library function, report.
 
-Common rules (SPEC section 4): a known error becomes one ``Error: ...`` line on
+Common rules (docs/cli.md): a known error becomes one ``Error: ...`` line on
 stderr and a non-zero exit, with no traceback unless ``--debug``; progress bars
 go to stderr and ``--quiet`` silences them; ``--json`` prints a summary on
 stdout.
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import click
 
@@ -50,7 +52,7 @@ class _CleanErrorsGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except BoraError as e:
-            self._fail(ctx, e.one_line(), EXIT_ERROR)
+            self._fail(ctx, _with_flags(e.one_line(), self.get_command(ctx, ctx.invoked_subcommand or "")), EXIT_ERROR)
         except KeyboardInterrupt:
             self._fail(ctx, "interrupted; nothing was written", 130)
         except Exception as e:  # an internal bug: still one line, with the way to learn more
@@ -63,6 +65,24 @@ class _CleanErrorsGroup(click.Group):
             raise  # noqa: PLE0704 - re-raise the active exception with its traceback
         click.echo(f"Error: {message}", err=True)
         ctx.exit(code)
+
+
+_PARAM = re.compile(r"`([a-z_]+)`")
+
+
+def _with_flags(message: str, command: click.Command | None) -> str:
+    """Library messages name parameters in backquotes (`scale`); a terminal user reads the flag (--scale).
+
+    The one place where parameter names become flags: each command's own click parameters say how.
+    """
+    if command is None:
+        return message
+    flags = {}
+    for p in command.params:
+        shown = p.opts[0] if isinstance(p, click.Option) else (p.name or "").upper()
+        flags[p.name] = shown
+        flags.update({opt.lstrip("-").replace("-", "_"): shown for opt in p.opts})  # --plot names plot_path
+    return _PARAM.sub(lambda m: flags.get(m.group(1), m.group(1)), message)
 
 
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -118,6 +138,14 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=lambda o: str(o) if isinstance(o, Path) else list(o)))
 
 
+def print_report(report: Any, *, as_json: bool) -> None:
+    """A command's report on stdout: ``to_dict()`` as JSON with ``--json``, else its text form."""
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        click.echo(report.to_text())
+
+
 class _WarningHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -125,7 +153,8 @@ class _WarningHandler(logging.Handler):
         except RuntimeError:
             quiet = False
         if not quiet:
-            click.echo(f"Warning: {record.getMessage()}", err=True)
+            ctx = click.get_current_context(silent=True)
+            click.echo(f"Warning: {_with_flags(record.getMessage(), ctx.command if ctx else None)}", err=True)
 
 
 @click.group(cls=_CleanErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -152,14 +181,11 @@ def inspect_cmd(adapter: Path, device: str, as_json: bool) -> None:
 
     Example: bora-tools inspect ./my-bora-adapter --json
     """
-    from bora_tools.devices import resolve_device
-    from bora_tools.inspection import format_report, inspect_adapter
+    from bora_tools.core.devices import resolve_device
+    from bora_tools.inspection import inspect_adapter
 
     report = inspect_adapter(adapter, device=resolve_device(device), progress=make_progress())
-    if as_json:
-        emit_json(report)
-    else:
-        click.echo(format_report(report))
+    print_report(report, as_json=as_json)
 
 
 @cli.command("demo")
@@ -173,13 +199,14 @@ def demo_cmd(workdir: Path | None, steps: int, as_json: bool) -> None:
 
     Example: bora-tools demo
     """
-    from bora_tools.demo import run_demo
+    from bora_tools.demo.run import run_demo
 
     # With --json the step lines go to stderr and stdout holds only the figures.
     say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-    results = run_demo(workdir=workdir, steps=steps, say=say, progress=make_progress())
+    report = run_demo(workdir=workdir, steps=steps, say=say, progress=make_progress())
+    say(report.to_text())
     if as_json:
-        emit_json(results)
+        emit_json(report.to_dict())
 
 
 @cli.command("push")
@@ -208,25 +235,18 @@ def push_cmd(path: Path, repo_id: str, private: bool, revision: str | None, crea
 
     Example: bora-tools push ./my-bora-adapter me/my-bora --private
     """
-    from bora_tools.hub import push
+    from bora_tools.hub.push import push
 
     if _state().quiet:
-        from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import logging as hf_logging
 
         disable_progress_bars()
         hf_logging.set_verbosity_error()
     result = push(path=path, repo_id=repo_id, private=private, revision=revision, create_pr=create_pr,
                   commit_message=commit_message, token=token, include=include, exclude=exclude,
                   base_model=base_model)
-    if as_json:
-        emit_json(result.to_dict())
-        return
-    click.echo(f"Pushed {len(result.files)} file(s) to {result.repo_id}@{result.revision}"
-               + (" as a pull request" if result.pr_url else "")
-               + (", with a generated model card" if result.card_written else ""))
-    click.echo(f"Commit: {result.commit_url}")
-    if result.pr_url:
-        click.echo(f"Pull request: {result.pr_url}")
+    print_report(result, as_json=as_json)
 
 
 @cli.command("merge")
@@ -251,31 +271,21 @@ def merge_cmd(adapter: Path, base: Path, out: Path, dtype: str, scale: float, de
 
     report = merge_adapter(adapter, base, out, dtype=dtype, scale=scale, device=device, overwrite=overwrite,
                            progress=make_progress())
-    if as_json:
-        emit_json(report.to_dict())
-        return
-    click.echo(f"{out}: {report.merged} weights merged (W + {report.scale:g} * dW, float32 on {report.device}), "
-               f"{report.replaced} replaced (modules_to_save), {report.copied} copied as raw bytes"
-               + (f", {report.converted} cast to {report.dtype}" if report.converted else ""))
-    click.echo(f"{report.shards} shard(s), {report.bytes_written / 2**20:.1f} MiB, "
-               f"{len(report.other_files)} other file(s) copied, {report.seconds:.1f} s")
+    print_report(report, as_json=as_json)
 
 
 class _RankType(click.ParamType):
-    """``--rank K|full``: a positive integer, or ``full`` for the exact LoRA form."""
+    """``--rank K|full``: the library's ``parse_rank``, failing as a click usage error."""
 
     name = "K|full"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
-        if isinstance(value, int) or str(value).lower() == "full":
-            return value if isinstance(value, int) else "full"
+        from bora_tools.core.lowrank import parse_rank
+
         try:
-            rank = int(str(value))
-        except ValueError:
-            self.fail(f"{value!r} is neither a positive integer nor 'full'", param, ctx)
-        if rank < 1:
-            self.fail(f"{rank} is not a positive integer", param, ctx)
-        return rank
+            return parse_rank(value)
+        except BoraError:
+            self.fail(f"expected a positive integer or 'full', found {value!r}", param, ctx)
 
 
 @cli.command("export-gguf")
@@ -303,14 +313,11 @@ def export_gguf_cmd(source: Path, out: Path, base: Path | None, merge: bool, ran
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --out lora.gguf
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged.gguf
     """
-    from bora_tools.gguf_export import export_gguf, format_report
+    from bora_tools.gguf.export import export_gguf
 
     report = export_gguf(source, out, base=base, merge=merge, rank=rank, outtype=outtype, overwrite=overwrite,
                          device=device, progress=make_progress())
-    if as_json:
-        emit_json(report)
-    else:
-        click.echo(format_report(report))
+    print_report(report, as_json=as_json)
 
 
 @cli.command("to-lora")
@@ -345,15 +352,11 @@ def to_lora_cmd(adapter: Path, out: Path, rank: int | str | None, energy: float 
         raise click.UsageError("give --rank K, --rank full or --energy F")
     if rank == "full" and energy is not None:
         raise click.UsageError("--rank full keeps everything; it cannot be combined with --energy")
-    from bora_tools.lora import to_lora
-    from bora_tools.lora_report import format_report
+    from bora_tools.to_lora import to_lora
 
     report = to_lora(adapter, out, rank=rank, energy=energy, dtype=dtype, device=device, report=report_path,
                      plot=plot_path, overwrite=overwrite, progress=make_progress())
-    if as_json:
-        emit_json(report)
-    else:
-        click.echo(format_report(report))
+    print_report(report, as_json=as_json)
 
 
 # Commands are registered above this line.

@@ -66,7 +66,9 @@ class ValidationError(BoraError, ValueError):
     """Several problems found at once; each names its key, expected and found."""
 
 
-def raise_if_problems(subject: str, problems: list[str], *, cls: type = ValidationError, hint: str | None = None) -> None:
+def raise_if_problems(
+    subject: str, problems: list[str], *, cls: type = ValidationError, hint: str | None = None
+) -> None:
     """Raise one ``cls`` error listing every problem, or return when there is none.
 
     Example: ``raise_if_problems("adapter_config.json", ["r: expected >= 1, found 0"], cls=ConfigError)``

@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bora_tools.checkpoint import load_adapter
-from bora_tools.devices import one_cpu_thread
-from bora_tools.math import gram_svd
+from bora_tools.core.adapter import load_adapter
+from bora_tools.core.devices import one_cpu_thread
+from bora_tools.core.factors import gram_svd
 from bora_tools.progress import Progress, no_progress
+from bora_tools.report import Report
+
+
+@dataclass
+class InspectReport(Report):
+    """What ``inspect_adapter`` found: the config, one row per module, the ``modules_to_save`` tensors."""
+
+    path: str
+    peft_type: str
+    r: int
+    bora_blocks: int
+    lora_alpha: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    target_modules: list[str] | str | None
+    rank_pattern: dict[str, Any]
+    alpha_pattern: dict[str, Any]
+    modules_to_save: list[str] | None
+    base_model_name_or_path: str | None
+    num_modules: int
+    total_parameters: int
+    saved_parameters: int
+    modules: list[dict[str, Any]]  # name, shape, dtype, r, b, alpha, scaling, parameters, max_rank, rank, ...
+    saved: list[dict[str, Any]]  # key, shape, parameters
+
+    def to_text(self) -> str:
+        """A human-readable table (what ``bora-tools inspect`` prints)."""
+        return _table(self.to_dict())
 
 
 def inspect_adapter(path: str | Path, *, device: torch.device | str = "cpu",
-                    progress: Progress = no_progress) -> dict[str, Any]:
-    """A JSON-ready description of the adapter at ``path``.
+                    progress: Progress = no_progress) -> InspectReport:
+    """Describe the adapter at ``path``.
 
     Per module: shape ``(m, n)``, ``b``, ``r``, scaling, trainable parameters
     (``r*(m+n) + b*b*r``), the numerical rank of ``dW`` and its Frobenius
@@ -25,7 +54,8 @@ def inspect_adapter(path: str | Path, *, device: torch.device | str = "cpu",
     Example::
 
         report = inspect_adapter("out/my-adapter")
-        report["total_parameters"], report["modules"][0]["rank"]
+        report.total_parameters, report.modules[0]["rank"]
+        print(report)              # the table ``bora-tools inspect`` prints
     """
     with one_cpu_thread(device):  # many small products: see devices.one_cpu_thread
         adapter = load_adapter(path)
@@ -33,14 +63,14 @@ def inspect_adapter(path: str | Path, *, device: torch.device | str = "cpu",
                    for mod in progress(list(adapter.modules.values()), label="inspecting")]
     cfg = adapter.config
     saved = [{"key": k, "shape": list(t.shape), "parameters": t.numel()} for k, t in adapter.saved.items()]
-    return {
-        "path": str(path), "peft_type": cfg.peft_type, "r": cfg.r, "bora_blocks": cfg.bora_blocks,
-        "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora, "fan_in_fan_out": cfg.fan_in_fan_out,
-        "target_modules": cfg.target_modules, "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern,
-        "modules_to_save": cfg.modules_to_save, "base_model_name_or_path": cfg.base_model_name_or_path,
-        "num_modules": len(modules), "total_parameters": sum(m["parameters"] for m in modules),
-        "saved_parameters": sum(s["parameters"] for s in saved), "modules": modules, "saved": saved,
-    }
+    return InspectReport(
+        path=str(path), peft_type=cfg.peft_type, r=cfg.r, bora_blocks=cfg.bora_blocks,
+        lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, fan_in_fan_out=cfg.fan_in_fan_out,
+        target_modules=cfg.target_modules, rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern,
+        modules_to_save=cfg.modules_to_save, base_model_name_or_path=cfg.base_model_name_or_path,
+        num_modules=len(modules), total_parameters=sum(m["parameters"] for m in modules),
+        saved_parameters=sum(s["parameters"] for s in saved), modules=modules, saved=saved,
+    )
 
 
 def _describe(mod, alpha: float, device: torch.device | str) -> dict[str, Any]:
@@ -58,8 +88,7 @@ def _describe(mod, alpha: float, device: torch.device | str) -> dict[str, Any]:
     }
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """A human-readable table of ``inspect_adapter``'s report."""
+def _table(report: dict[str, Any]) -> str:
     lines = [
         f"BoRA adapter {report['path']}",
         f"  b={report['bora_blocks']}  r={report['r']}  lora_alpha={report['lora_alpha']:g}  "

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from bora_tools.errors import UnsupportedError
 
 if TYPE_CHECKING:
-    from bora_tools.lora_report import ModuleResult
+    from bora_tools.core.lowrank import ModuleResult
 
 
 def require_matplotlib() -> None:
@@ -24,7 +24,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
-        raise UnsupportedError("--plot needs matplotlib, which is not installed",
+        raise UnsupportedError("`plot` needs matplotlib, which is not installed",
                                hint="pip install 'bora-tools[plot]'") from e
 
 
@@ -39,7 +39,9 @@ def module_kind(name: str) -> str:
     return ".".join(parts[numbers[-1] + 1:]) if numbers and numbers[-1] < len(parts) - 1 else parts[-1]
 
 
-def plot_spectra(results: list["ModuleResult"], path: str | Path, *, title: str = "", energy: float | None = None) -> None:
+def plot_spectra(
+    results: list[ModuleResult], path: str | Path, *, title: str = "", energy: float | None = None
+) -> None:
     """Draw, per module type, the singular values (log scale) and the cumulative energy of every
     module, with the rank kept marked on each curve, and save a PNG to ``path``.
 
@@ -83,7 +85,7 @@ def plot_spectra(results: list["ModuleResult"], path: str | Path, *, title: str 
     fig.savefig(str(path), format="png", dpi=100)
 
 
-def _draw_module(ax_s, ax_e, mod: "ModuleResult", color) -> None:
+def _draw_module(ax_s, ax_e, mod: ModuleResult, color) -> None:
     import numpy as np
 
     s = mod.singular_values.double().numpy() if mod.singular_values is not None else np.zeros(0)

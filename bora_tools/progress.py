@@ -9,7 +9,8 @@ stderr (or nothing under ``--quiet``).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Optional, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -20,6 +21,6 @@ Progress = Callable[..., Iterable]
 logger = logging.getLogger("bora_tools")
 
 
-def no_progress(items: Iterable[T], *, total: Optional[int] = None, label: str = "") -> Iterable[T]:
+def no_progress(items: Iterable[T], *, total: int | None = None, label: str = "") -> Iterable[T]:
     """The silent default: return ``items`` unchanged."""
     return items

@@ -2,14 +2,14 @@
 
 Example::
 
-    from bora_tools.config import BoraConfig
+    from bora_tools.core.config import BoraConfig
     from bora_tools.training import add_bora, save_bora
 
     cfg = BoraConfig(r=4, bora_blocks=2, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model = add_bora(model, cfg)            # base frozen; a new adapter is a no-op
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ...                                     # train as usual
-    save_bora(model, "out/my-adapter")      # SPEC section 2 format
+    save_bora(model, "out/my-adapter")      # the adapter format of docs/format.md
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bora_tools.checkpoint import BoraAdapter, BoraModule, check_against_base, load_adapter, save_adapter
-from bora_tools.config import BoraConfig, matches_target
+from bora_tools.core.adapter import BoraAdapter, BoraModule, check_against_base, load_adapter, save_adapter
+from bora_tools.core.config import BoraConfig, matches_target
+from bora_tools.core.factors import bora_forward_update, check_blocks
 from bora_tools.errors import ConfigError
-from bora_tools.math import bora_forward_update, check_blocks
 from bora_tools.progress import logger
 
 
@@ -38,10 +38,12 @@ class BoraLinear(nn.Module):
     """A frozen linear layer plus a BoRA update, computed without forming ``dW``.
 
     ``forward(x) = base(x) + s * BoRA(dropout(x))`` where the BoRA path costs a
-    LoRA of rank ``r`` plus ``b*b*r`` multiply-adds per token (SPEC section 1).
+    LoRA of rank ``r`` plus ``b*b*r`` multiply-adds per token (docs/format.md, section 1).
     """
 
-    def __init__(self, base: nn.Module, *, r: int, blocks: int, scaling: float, dropout: float = 0.0, name: str = "module"):
+    def __init__(
+        self, base: nn.Module, *, r: int, blocks: int, scaling: float, dropout: float = 0.0, name: str = "module"
+    ):
         super().__init__()
         if isinstance(base, nn.Linear):
             m, n = base.out_features, base.in_features
@@ -101,10 +103,16 @@ def add_bora(model: nn.Module, config: BoraConfig, *, dropout: float = 0.0) -> n
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, _ in model.named_modules() if n]
-    targets = [n for n in names if matches_target(config.target_modules, n)
-               and (isinstance(model.get_submodule(n), nn.Linear) or _is_conv1d(model.get_submodule(n)))]
+    targets = [
+        n
+        for n in names
+        if matches_target(config.target_modules, n)
+        and (isinstance(model.get_submodule(n), nn.Linear) or _is_conv1d(model.get_submodule(n)))
+    ]
     if not targets:
-        raise ConfigError(f"target_modules {config.target_modules!r} matched no linear module of {type(model).__name__}")
+        raise ConfigError(
+            f"target_modules {config.target_modules!r} matched no linear module of {type(model).__name__}"
+        )
     conv = [n for n in targets if _is_conv1d(model.get_submodule(n))]
     if conv and not config.fan_in_fan_out:  # a copy: the caller's config is never modified
         logger.warning(f"{conv[0]} is a Conv1D (weight stored (in, out)): setting fan_in_fan_out=True")
@@ -113,8 +121,14 @@ def add_bora(model: nn.Module, config: BoraConfig, *, dropout: float = 0.0) -> n
         base = model.get_submodule(name)
         if isinstance(base, nn.Linear) and config.fan_in_fan_out:
             raise ConfigError(f"{name}: fan_in_fan_out=True but the module is nn.Linear (weight stored (out, in))")
-        layer = BoraLinear(base, r=config.rank_for(name), blocks=config.bora_blocks,
-                           scaling=config.scaling_for(name), dropout=dropout, name=name)
+        layer = BoraLinear(
+            base,
+            r=config.rank_for(name),
+            blocks=config.bora_blocks,
+            scaling=config.scaling_for(name),
+            dropout=dropout,
+            name=name,
+        )
         _replace(model, name, layer)
     saved = [n for n in names if config.is_module_to_save(n) and n not in targets]
     nested = [n for n in saved if any(True for _ in model.get_submodule(n).children())]
@@ -145,8 +159,10 @@ def bora_adapter(model: nn.Module) -> BoraAdapter:
     def cpu(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu", torch.float32).contiguous()
 
-    modules = {n: BoraModule(n, cpu(m.lora_A), cpu(m.lora_B), cpu(m.bora_sigma), m.scaling)
-               for n, m in bora_modules(model).items()}
+    modules = {
+        n: BoraModule(n, cpu(m.lora_A), cpu(m.lora_B), cpu(m.bora_sigma), m.scaling)
+        for n, m in bora_modules(model).items()
+    }
     saved = {}
     for name, mod in model.named_modules():
         if isinstance(mod, _SavedModule):
@@ -156,7 +172,7 @@ def bora_adapter(model: nn.Module) -> BoraAdapter:
 
 
 def save_bora(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Save the model's BoRA adapter in the SPEC format (atomically)."""
+    """Save the model's BoRA adapter in the format of docs/format.md (atomically)."""
     return save_adapter(bora_adapter(model), path, overwrite=overwrite)
 
 

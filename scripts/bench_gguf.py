@@ -43,7 +43,7 @@ def build_model(path: Path, layers: int) -> int:
     """Random bf16 weights in one ``model.safetensors``, a LlamaConfig and a SentencePiece tokenizer."""
     import sentencepiece as spm
 
-    from bora_tools.tiny import TEXT
+    from bora_tools.demo.tiny import TEXT
 
     size = write_model(path, layers, bos_token_id=1, eos_token_id=2)
     buf = io.BytesIO()
@@ -120,10 +120,14 @@ def main() -> None:
                 types[tool] = tensor_types(out)
                 out.unlink()
                 results.setdefault((tool, outtype), []).append(r)
-                print(f"  {outtype:5} {tool:11} {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mib']:7.0f} MiB", flush=True)
+                print(f"  {outtype:5} {tool:11} {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mib']:7.0f} MiB",
+                      flush=True)
             if types["bora-tools"] != types["llama.cpp"]:
-                diff = {k for k in types["bora-tools"].keys() | types["llama.cpp"].keys()
-                        if types["bora-tools"].get(k) != types["llama.cpp"].get(k)}
+                diff = {
+                    k
+                    for k in types["bora-tools"].keys() | types["llama.cpp"].keys()
+                    if types["bora-tools"].get(k) != types["llama.cpp"].get(k)
+                }
                 print(f"  note: tensor types differ for {sorted(diff)[:6]}", flush=True)
     report(results, size, args)
 
@@ -136,15 +140,21 @@ def report(results: dict, size: int, args) -> None:
         wall = statistics.median(r["seconds"] for r in runs)
         rss = statistics.median(r["peak_rss_mib"] for r in runs)
         rows.append({"tool": tool, "outtype": outtype, "seconds": wall, "peak_rss_mib": rss, "runs": runs})
-        print(f"| {outtype} | {tool} | {wall:.1f} | {size / 2**20 / wall:.0f} | {rss:.0f} | {runs[0]['bytes'] / 2**20:.0f} |")
+        print(
+            f"| {outtype} | {tool} | {wall:.1f} | {size / 2**20 / wall:.0f} | {rss:.0f} | "
+            f"{runs[0]['bytes'] / 2**20:.0f} |"
+        )
     print()
     for outtype in args.outtypes:
         ours = next(r for r in rows if r["tool"] == "bora-tools" and r["outtype"] == outtype)
         theirs = next(r for r in rows if r["tool"] == "llama.cpp" and r["outtype"] == outtype)
-        print(f"{outtype}: throughput x{theirs['seconds'] / ours['seconds']:.2f} of llama.cpp's, "
-              f"peak RSS {ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f} of llama.cpp's")
-    (args.workdir / "results.json").write_text(json.dumps({"model_bytes": size, "layers": args.layers, "rows": rows},
-                                                          indent=2))
+        print(
+            f"{outtype}: throughput x{theirs['seconds'] / ours['seconds']:.2f} of llama.cpp's, "
+            f"peak RSS {ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f} of llama.cpp's"
+        )
+    (args.workdir / "results.json").write_text(
+        json.dumps({"model_bytes": size, "layers": args.layers, "rows": rows}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from synthetic import shapes, write_model  # noqa: E402  (scripts/ is on sys.path when run)
+
 RANK, BLOCKS, ALPHA = 8, 4, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -52,9 +53,9 @@ def build_adapters(base: Path, bora_dir: Path, lora_dir: Path, layers: int) -> N
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from bora_tools.checkpoint import PREFIX, BoraAdapter, BoraModule, save_adapter
-    from bora_tools.config import BoraConfig
-    from bora_tools.math import exact_lora_factors
+    from bora_tools.core.adapter import PREFIX, BoraAdapter, BoraModule, save_adapter
+    from bora_tools.core.config import BoraConfig
+    from bora_tools.core.factors import exact_lora_factors
 
     config = BoraConfig(r=RANK, bora_blocks=BLOCKS, lora_alpha=ALPHA, target_modules=TARGETS, task_type="CAUSAL_LM",
                         base_model_name_or_path=str(base))
@@ -64,21 +65,31 @@ def build_adapters(base: Path, bora_dir: Path, lora_dir: Path, layers: int) -> N
         if not any(name.endswith(f"{t}.weight") for t in TARGETS):
             continue
         mod_name, (m, n) = name[: -len(".weight")], shape
-        mod = BoraModule(mod_name, torch.randn(RANK, n, generator=gen) / n ** 0.5,
-                         torch.randn(m, RANK, generator=gen) * 0.01, 1 + 0.3 * torch.randn(BLOCKS, BLOCKS, RANK, generator=gen),
-                         config.scaling_for(mod_name))
+        mod = BoraModule(
+            mod_name,
+            torch.randn(RANK, n, generator=gen) / n**0.5,
+            torch.randn(m, RANK, generator=gen) * 0.01,
+            1 + 0.3 * torch.randn(BLOCKS, BLOCKS, RANK, generator=gen),
+            config.scaling_for(mod_name),
+        )
         modules[mod_name] = mod
         b_full, a_full = exact_lora_factors(mod.A, mod.B, mod.sigma)
         lora[f"{PREFIX}{mod_name}.lora_A.weight"] = a_full.contiguous()
         lora[f"{PREFIX}{mod_name}.lora_B.weight"] = (b_full * mod.scaling).contiguous()  # scaling folded in
     save_adapter(BoraAdapter(config=config, modules=modules), bora_dir)
     lora_dir.mkdir()
-    LoraConfig(r=BLOCKS * RANK, lora_alpha=BLOCKS * RANK, target_modules=TARGETS, task_type="CAUSAL_LM",
-               base_model_name_or_path=str(base)).save_pretrained(lora_dir)
+    LoraConfig(
+        r=BLOCKS * RANK,
+        lora_alpha=BLOCKS * RANK,
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(base),
+    ).save_pretrained(lora_dir)
     save_file(lora, str(lora_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 # -- contenders (each in its own child process) ----------------------------
+
 
 def child(kind: str, base: Path, adapter: Path, out: Path) -> None:
     if kind == "copy":
@@ -110,15 +121,22 @@ def child(kind: str, base: Path, adapter: Path, out: Path) -> None:
 def run_child(kind: str, base: Path, adapter: Path, out: Path) -> dict:
     """Run one contender; its own time, the process wall time and its peak RSS."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", kind, str(base), str(adapter), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", kind, str(base), str(adapter), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{kind} failed with exit code {proc.returncode}")
-    return {"seconds": json.loads(stdout.strip().splitlines()[-1])["seconds"], "wall": time.perf_counter() - started,
-            "rss_mib": usage.ru_maxrss / 1024}
+    return {
+        "seconds": json.loads(stdout.strip().splitlines()[-1])["seconds"],
+        "wall": time.perf_counter() - started,
+        "rss_mib": usage.ru_maxrss / 1024,
+    }
 
 
 def check_agreement(ours: Path, peft_out: Path, names: list[str]) -> float:
@@ -150,7 +168,7 @@ def bench_size(work: Path, layers: int, repeats: int, *, check: bool) -> dict:
     agreement = None
     for rep in range(repeats):
         keep = check and rep == 0  # our output and PEFT's, compared once
-        for kind in order[rep % 3:] + order[: rep % 3]:  # rotate so no one always goes first
+        for kind in order[rep % 3 :] + order[: rep % 3]:  # rotate so no one always goes first
             out = work / f"out-{kind}"
             runs[kind].append(run_child(kind, base, lora if kind == "peft" else bora, out))
             if not (keep and kind != "copy"):
@@ -165,22 +183,30 @@ def bench_size(work: Path, layers: int, repeats: int, *, check: bool) -> dict:
 
 
 def report(results: list[dict], floor: dict) -> str:
-    lines = ["| model | contender | time (median) | x copy | process wall | peak RSS | RSS - import floor |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | contender | time (median) | x copy | process wall | peak RSS | RSS - import floor |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for res in results:
         med, label = res["median"], f"{res['layers']} layers, {res['bytes'] / 1e9:.2f} GB"
         for kind in ("copy", "merge", "peft"):
             m = med[kind]
             floor_mib = floor["rss_mib"] if kind == "merge" else None
             extra = f"{m['rss_mib'] - floor_mib:.0f} MiB" if floor_mib else ""
-            lines.append(f"| {label} | {kind} | {m['seconds']:.2f} s | {m['seconds'] / med['copy']['seconds']:.2f} | "
-                         f"{m['wall']:.2f} s | {m['rss_mib']:.0f} MiB | {extra} |")
-        lines.append(f"| {label} | merge vs peft | {med['peft']['seconds'] / med['merge']['seconds']:.1f}x faster | | | "
-                     f"{med['peft']['rss_mib'] / med['merge']['rss_mib']:.1f}x less | |")
+            lines.append(
+                f"| {label} | {kind} | {m['seconds']:.2f} s | {m['seconds'] / med['copy']['seconds']:.2f} | "
+                f"{m['wall']:.2f} s | {m['rss_mib']:.0f} MiB | {extra} |"
+            )
+        lines.append(
+            f"| {label} | merge vs peft | {med['peft']['seconds'] / med['merge']['seconds']:.1f}x faster | | | "
+            f"{med['peft']['rss_mib'] / med['merge']['rss_mib']:.1f}x less | |"
+        )
     lines.append(f"\nimport floor (python + torch + bora_tools.merge, nothing merged): {floor['rss_mib']:.0f} MiB")
     for res in [r for r in results if r["merge_vs_peft_equal_fraction"] is not None]:
-        lines.append(f"{res['layers']} layers: merge and PEFT agree on {100 * res['merge_vs_peft_equal_fraction']:.3f}% "
-                     f"of bf16 elements of 4 sampled adapted tensors")
+        lines.append(
+            f"{res['layers']} layers: merge and PEFT agree on {100 * res['merge_vs_peft_equal_fraction']:.3f}% "
+            f"of bf16 elements of 4 sampled adapted tensors"
+        )
     return "\n".join(lines)
 
 
@@ -196,8 +222,17 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--check":
         layers = int(sys.argv[4])
-        print(check_agreement(Path(sys.argv[2]), Path(sys.argv[3]), [f"model.layers.{i}.{p}.weight" for i in (0, layers - 1)
-                                                                     for p in ("self_attn.q_proj", "mlp.down_proj")]))
+        print(
+            check_agreement(
+                Path(sys.argv[2]),
+                Path(sys.argv[3]),
+                [
+                    f"model.layers.{i}.{p}.weight"
+                    for i in (0, layers - 1)
+                    for p in ("self_attn.q_proj", "mlp.down_proj")
+                ],
+            )
+        )
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[10, 20])
@@ -214,8 +249,10 @@ def main() -> None:
     results = [bench_size(args.workdir, layers, args.repeats, check=(i == 0)) for i, layers in enumerate(args.layers)]
     print(json.dumps({"floor": floor, "runs": {r["layers"]: r["runs"] for r in results}}))
     print(report(results, floor))
-    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s; load average at the end "
-          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print(
+        f"\ntotal benchmark time {time.perf_counter() - started:.0f} s; load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs"
+    )
     shutil.rmtree(args.workdir)
 
 

@@ -4,7 +4,7 @@ Side by side in one run (each measurement in its own child process, so its
 peak memory is its own):
 
 1. single layers 4096x4096 and 4096x11008 with ``b*r = 64`` (b=4, r=16):
-   - gram / qr: ``bora_tools.lora.convert_module`` with either SVD route
+   - gram / qr: ``bora_tools.to_lora.convert_module`` with either SVD route
      (``gram_svd`` / ``factored_svd``, never forming ``dW``), SVD + rank-16 factors;
    - dense: form ``dW`` and ``torch.linalg.svd(dW, full_matrices=False)`` in float32,
      what PEFT's LoRA conversion and mergekit's extract_lora do;
@@ -63,10 +63,10 @@ def _layer_job(method: str, m: int, n: int, reps: int, queue) -> None:
     """
     import torch
 
-    from bora_tools.checkpoint import BoraModule
-    from bora_tools.devices import one_cpu_thread
-    from bora_tools.lora import RankPolicy, convert_module
-    from bora_tools.math import delta_weight, factored_svd
+    from bora_tools.core.adapter import BoraModule
+    from bora_tools.core.devices import one_cpu_thread
+    from bora_tools.core.factors import delta_weight, factored_svd
+    from bora_tools.core.lowrank import RankPolicy, convert_module
 
     A, Bm, sigma = _factors(m, n, seed=m + n)
     s = 2.0
@@ -92,22 +92,38 @@ def _layer_job(method: str, m: int, n: int, reps: int, queue) -> None:
         exact = factored_svd(A, Bm, sigma, s).S
         approx = (u[:, :K] * S[:K]) @ v[:, :K].T
         err = float((dw.double() - approx.double()).norm()) / float(exact[K:].square().sum().sqrt())
-    queue.put({"method": method, "shape": [m, n], "threads": threads, "times": times, "median_s": statistics.median(times),
-               "peak_extra_mib": peak, "S": S[:B * R + 1].double().tolist(),
-               "lowrank_error_over_optimum": err})
+    queue.put(
+        {
+            "method": method,
+            "shape": [m, n],
+            "threads": threads,
+            "times": times,
+            "median_s": statistics.median(times),
+            "peak_extra_mib": peak,
+            "S": S[: B * R + 1].double().tolist(),
+            "lowrank_error_over_optimum": err,
+        }
+    )
 
 
 def _adapter_job(adapter: str, out: str, kwargs: dict, queue) -> None:
     """``to_lora`` end to end on the 7B-shaped adapter, in a child process."""
-    from bora_tools.lora import to_lora
+    from bora_tools.to_lora import to_lora
 
     before = _peak_mib()
     t0 = time.perf_counter()
-    report = to_lora(adapter, out, **kwargs, overwrite=True)
+    report = to_lora(adapter, out, **kwargs, overwrite=True).to_dict()
     seconds = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in Path(out).iterdir())
-    queue.put({"kwargs": kwargs, "seconds": seconds, "peak_extra_mib": max(0.0, _peak_mib() - before),
-               "out_mib": size / 2**20, "totals": report["totals"]})
+    queue.put(
+        {
+            "kwargs": kwargs,
+            "seconds": seconds,
+            "peak_extra_mib": max(0.0, _peak_mib() - before),
+            "out_mib": size / 2**20,
+            "totals": report["totals"],
+        }
+    )
 
 
 def _child(target, *args):
@@ -122,8 +138,8 @@ def _child(target, *args):
 
 def _make_7b_adapter(path: Path) -> float:
     """Write a 7B-shaped BoRA adapter (32 layers x 7 projections, b=4, r=16); returns its size in MiB."""
-    from bora_tools.checkpoint import BoraAdapter, BoraModule, save_adapter
-    from bora_tools.config import BoraConfig
+    from bora_tools.core.adapter import BoraAdapter, BoraModule, save_adapter
+    from bora_tools.core.config import BoraConfig
 
     config = BoraConfig(r=R, bora_blocks=B, lora_alpha=2 * R, target_modules=list(LLAMA7B), task_type="CAUSAL_LM")
     modules = {}
@@ -149,22 +165,31 @@ def main() -> None:
         dense = dense_reps if m * n > 4096 * 4096 else 3 * dense_reps  # 4096^2: seconds to a minute each
         for method, reps in (("gram", fast_reps), ("qr", fast_reps), ("lowrank", fast_reps), ("dense", dense)):
             row[method] = _child(_layer_job, method, m, n, reps)
-            print(f"{m}x{n} {method:8s} median {row[method]['median_s'] * 1e3:10.1f} ms over {reps} run(s) "
-                  f"({row[method]['threads']} thread(s)), peak +{row[method]['peak_extra_mib']:.0f} MiB", flush=True)
+            print(
+                f"{m}x{n} {method:8s} median {row[method]['median_s'] * 1e3:10.1f} ms over {reps} run(s) "
+                f"({row[method]['threads']} thread(s)), peak +{row[method]['peak_extra_mib']:.0f} MiB",
+                flush=True,
+            )
         _report_layer(row, m, n)
         results["layers"].append(row)
     with tempfile.TemporaryDirectory(prefix="bench-to-lora-") as tmp:
         adapter = Path(tmp) / "bora-7b"
         t0 = time.perf_counter()
         size = _make_7b_adapter(adapter)
-        print(f"\n7B-shaped BoRA adapter: {LAYERS} layers x {len(LLAMA7B)} projections, b={B}, r={R}, "
-              f"{size:.0f} MiB on disk (built in {time.perf_counter() - t0:.1f} s)", flush=True)
+        print(
+            f"\n7B-shaped BoRA adapter: {LAYERS} layers x {len(LLAMA7B)} projections, b={B}, r={R}, "
+            f"{size:.0f} MiB on disk (built in {time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
         for kwargs in ({"rank": 16}, {"energy": 0.9}, {"rank": "full"}):
             res = _child(_adapter_job, str(adapter), str(Path(tmp) / "lora"), kwargs)
             results["adapter"][json.dumps(kwargs)] = res
-            print(f"to_lora {kwargs}: {res['seconds']:.2f} s end to end (read, convert, write "
-                  f"{res['out_mib']:.0f} MiB), peak +{res['peak_extra_mib']:.0f} MiB, "
-                  f"worst rel. error {res['totals']['max_rel_error']:.3e}", flush=True)
+            print(
+                f"to_lora {kwargs}: {res['seconds']:.2f} s end to end (read, convert, write "
+                f"{res['out_mib']:.0f} MiB), peak +{res['peak_extra_mib']:.0f} MiB, "
+                f"worst rel. error {res['totals']['max_rel_error']:.3e}",
+                flush=True,
+            )
             shutil.rmtree(Path(tmp) / "lora", ignore_errors=True)
     _report_extrapolation(results)
     if args.json:
@@ -173,26 +198,36 @@ def main() -> None:
 
 def _report_layer(row: dict, m: int, n: int) -> None:
     g, q, d, lr = row["gram"], row["qr"], row["dense"], row["lowrank"]
-    s_d = d["S"][:B * R]
-    diffs = {name: max(abs(a - b) for a, b in zip(row[name]["S"][:B * R], s_d)) / s_d[0] for name in ("gram", "qr")}
-    print(f"  {m}x{n}: dense / gram = {d['median_s'] / g['median_s']:,.0f}x, dense / qr = "
-          f"{d['median_s'] / q['median_s']:,.0f}x, svd_lowrank / gram = {lr['median_s'] / g['median_s']:,.1f}x; "
-          f"same spectrum: max |S - S_dense| / S_0 = {diffs['gram']:.1e} (gram), {diffs['qr']:.1e} (qr) against "
-          f"dense float32; S_dense[{B * R}] / S_0 = {d['S'][B * R] / s_d[0]:.1e}; svd_lowrank error at rank {K}: "
-          f"{lr['lowrank_error_over_optimum']:.6f}x the optimum", flush=True)
+    s_d = d["S"][: B * R]
+    diffs = {name: max(abs(a - b) for a, b in zip(row[name]["S"][: B * R], s_d)) / s_d[0] for name in ("gram", "qr")}
+    print(
+        f"  {m}x{n}: dense / gram = {d['median_s'] / g['median_s']:,.0f}x, dense / qr = "
+        f"{d['median_s'] / q['median_s']:,.0f}x, svd_lowrank / gram = {lr['median_s'] / g['median_s']:,.1f}x; "
+        f"same spectrum: max |S - S_dense| / S_0 = {diffs['gram']:.1e} (gram), {diffs['qr']:.1e} (qr) against "
+        f"dense float32; S_dense[{B * R}] / S_0 = {d['S'][B * R] / s_d[0]:.1e}; svd_lowrank error at rank {K}: "
+        f"{lr['lowrank_error_over_optimum']:.6f}x the optimum",
+        flush=True,
+    )
 
 
 def _report_extrapolation(results: dict) -> None:
     by_shape = {tuple(row["gram"]["shape"]): row for row in results["layers"]}
     # gate/up (11008x4096) are costed as down_proj's transpose (4096x11008): the same SVD work.
-    per_layer = {method: sum(by_shape[(4096, 4096) if shape == (4096, 4096) else (4096, 11008)][method]["median_s"]
-                             for shape in LLAMA7B.values()) for method in ("gram", "qr", "dense", "lowrank")}
+    per_layer = {
+        method: sum(
+            by_shape[(4096, 4096) if shape == (4096, 4096) else (4096, 11008)][method]["median_s"]
+            for shape in LLAMA7B.values()
+        )
+        for method in ("gram", "qr", "dense", "lowrank")
+    }
     measured = results["adapter"][json.dumps({"rank": 16})]["seconds"]
-    print(f"\nwhole 7B-shaped adapter, extrapolated from the single layers (x{LAYERS} layers, not run): "
-          f"dense {per_layer['dense'] * LAYERS / 60:.0f} min, svd_lowrank {per_layer['lowrank'] * LAYERS:.0f} s; "
-          f"per-module conversion alone: gram {per_layer['gram'] * LAYERS:.1f} s, qr {per_layer['qr'] * LAYERS:.1f} s. "
-          f"Measured to_lora --rank 16 end to end: {measured:.1f} s "
-          f"({per_layer['dense'] * LAYERS / measured:,.0f}x faster than the dense route)")
+    print(
+        f"\nwhole 7B-shaped adapter, extrapolated from the single layers (x{LAYERS} layers, not run): "
+        f"dense {per_layer['dense'] * LAYERS / 60:.0f} min, svd_lowrank {per_layer['lowrank'] * LAYERS:.0f} s; "
+        f"per-module conversion alone: gram {per_layer['gram'] * LAYERS:.1f} s, qr {per_layer['qr'] * LAYERS:.1f} s. "
+        f"Measured to_lora --rank 16 end to end: {measured:.1f} s "
+        f"({per_layer['dense'] * LAYERS / measured:,.0f}x faster than the dense route)"
+    )
 
 
 if __name__ == "__main__":

@@ -24,14 +24,26 @@ def llama_config(layers: int, **extra):
 def shapes(layers: int) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the model and its shape, in the order transformers saves them."""
     kv = HIDDEN // HEADS * KV_HEADS
-    out = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    out = {
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+        "lm_head.weight": (VOCAB, HIDDEN),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
-                    p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (kv, HIDDEN),
-                    p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-                    p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-                    p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE)})
+        out.update(
+            {
+                p + "input_layernorm.weight": (HIDDEN,),
+                p + "post_attention_layernorm.weight": (HIDDEN,),
+                p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+                p + "self_attn.k_proj.weight": (kv, HIDDEN),
+                p + "self_attn.v_proj.weight": (kv, HIDDEN),
+                p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+                p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+                p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+                p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+            }
+        )
     return out
 
 

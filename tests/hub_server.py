@@ -23,9 +23,10 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import yaml
@@ -84,7 +85,7 @@ class FakeHub:
         self._server: ThreadingHTTPServer | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -399,7 +400,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _dispatch(self) -> None:
             raw_path, _, query = self.path.partition("?")
             body = self._body()
-            for method, name, rx, fn in _ROUTES:
+            for method, name, rx, fn in _ROUTES:  # noqa: B007 - used after the loop
                 match = rx.match(raw_path)
                 if method == self.command and match:
                     break

@@ -10,10 +10,16 @@ import torch
 from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 
-from bora_tools.checkpoint import (
-    PREFIX, BoraAdapter, BoraModule, adapter_from_tensors, check_against_base, load_adapter, save_adapter,
+from bora_tools.core.adapter import (
+    PREFIX,
+    BoraAdapter,
+    BoraModule,
+    adapter_from_tensors,
+    check_against_base,
+    load_adapter,
+    save_adapter,
 )
-from bora_tools.config import BoraConfig, matches_target, pattern_key
+from bora_tools.core.config import BoraConfig, matches_target, pattern_key
 from bora_tools.errors import CheckpointError, ConfigError, OutputExistsError, ShapeError
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -156,17 +162,38 @@ def _drop(key):
     return lambda t: t.pop(key)
 
 
-@pytest.mark.parametrize("mutate,error,match", [
-    (_drop(PREFIX + Q + ".bora_sigma"), CheckpointError, "q_proj: module is missing .*q_proj.bora_sigma"),
-    (lambda t: t.update({PREFIX + Q + ".bora_sigma": torch.ones(2, 2, 3)}), ShapeError, r"expected shape \(2, 2, 4\)"),
-    (lambda t: t.update({PREFIX + Q + ".lora_B.weight": torch.ones(8, 3)}), CheckpointError, "has rank 3, but lora_A has rank 4"),
-    (lambda t: t.update({PREFIX + Q + ".lora_A.weight": torch.full((4, 8), float("nan"))}), CheckpointError,
-     "q_proj.lora_A.weight: 32 non-finite"),
-    (lambda t: t.update({PREFIX + Q + ".lora_A.weight": torch.ones(4, 8, dtype=torch.int32)}), CheckpointError,
-     "expected a float tensor"),
-    (lambda t: t.update({"base_model.model.x.lora_C.weight": torch.ones(1)}), CheckpointError, "lora_C.weight: unexpected key"),
-    (lambda t: t.update({"model.q_proj.lora_A.weight": torch.ones(1)}), CheckpointError, "unexpected key"),
-])
+@pytest.mark.parametrize(
+    "mutate,error,match",
+    [
+        (_drop(PREFIX + Q + ".bora_sigma"), CheckpointError, "q_proj: module is missing .*q_proj.bora_sigma"),
+        (
+            lambda t: t.update({PREFIX + Q + ".bora_sigma": torch.ones(2, 2, 3)}),
+            ShapeError,
+            r"expected shape \(2, 2, 4\)",
+        ),
+        (
+            lambda t: t.update({PREFIX + Q + ".lora_B.weight": torch.ones(8, 3)}),
+            CheckpointError,
+            "has rank 3, but lora_A has rank 4",
+        ),
+        (
+            lambda t: t.update({PREFIX + Q + ".lora_A.weight": torch.full((4, 8), float("nan"))}),
+            CheckpointError,
+            "q_proj.lora_A.weight: 32 non-finite",
+        ),
+        (
+            lambda t: t.update({PREFIX + Q + ".lora_A.weight": torch.ones(4, 8, dtype=torch.int32)}),
+            CheckpointError,
+            "expected a float tensor",
+        ),
+        (
+            lambda t: t.update({"base_model.model.x.lora_C.weight": torch.ones(1)}),
+            CheckpointError,
+            "lora_C.weight: unexpected key",
+        ),
+        (lambda t: t.update({"model.q_proj.lora_A.weight": torch.ones(1)}), CheckpointError, "unexpected key"),
+    ],
+)
 def test_bad_tensors(tmp_path, mutate, error, match):
     path, _ = make_adapter(tmp_path)
     rewrite_tensors(path, mutate)
@@ -195,14 +222,21 @@ def test_rank_disagreeing_with_config(tmp_path):
 
 def test_all_problems_reported_together(tmp_path):
     path, _ = make_adapter(tmp_path)
-    rewrite_tensors(path, lambda t: (t.pop(PREFIX + Q + ".lora_B.weight"),
-                                     t.update({PREFIX + V + ".lora_A.weight": torch.full((4, 8), float("inf"))})))
+    rewrite_tensors(
+        path,
+        lambda t: (
+            t.pop(PREFIX + Q + ".lora_B.weight"),
+            t.update({PREFIX + V + ".lora_A.weight": torch.full((4, 8), float("inf"))}),
+        ),
+    )
     with pytest.raises(CheckpointError, match="2 problems") as e:
         load_adapter(path)
     assert "q_proj" in str(e.value) and "v_proj.lora_A.weight" in str(e.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x05", b"\xff" * 8 + b"{}", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"])
+@pytest.mark.parametrize(
+    "content", [b"", b"\x05", b"\xff" * 8 + b"{}", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"]
+)
 def test_corrupt_safetensors(tmp_path, content):
     path, _ = make_adapter(tmp_path)
     (path / "adapter_model.safetensors").write_bytes(content)

@@ -9,15 +9,17 @@ import torch
 from click.testing import CliRunner
 
 from bora_tools.cli import cli
-from bora_tools.config import BoraConfig
-from bora_tools.tiny import build_model, default_targets
+from bora_tools.core.config import BoraConfig
+from bora_tools.demo.tiny import build_model, default_targets
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
     model = build_model("llama")
-    cfg = BoraConfig(r=4, bora_blocks=4, lora_alpha=8, target_modules=default_targets("llama"), rank_pattern={"o_proj": 2})
+    cfg = BoraConfig(
+        r=4, bora_blocks=4, lora_alpha=8, target_modules=default_targets("llama"), rank_pattern={"o_proj": 2}
+    )
     add_bora(model, cfg)
     randomize_bora(model)
     return save_bora(model, tmp_path_factory.mktemp("a") / "adapter")
@@ -65,8 +67,9 @@ def test_bad_input_gives_one_line_and_no_traceback(tmp_path):
 
 def test_debug_shows_the_traceback(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{nope")
-    proc = subprocess.run([sys.executable, "-m", "bora_tools.cli", "--debug", "inspect", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bora_tools.cli", "--debug", "inspect", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
@@ -83,8 +86,12 @@ def test_cuda_refused_cleanly_without_gpu(adapter_dir):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bora_tools.cli", "demo", "--workdir", str(tmp_path / "d"), "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bora_tools.cli", "demo", "--workdir", str(tmp_path / "d"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "[train]" in proc.stdout and "[inspect]" in proc.stdout
     first, last = map(float, proc.stdout.split("loss ")[1].split(" in ")[0].split(" -> "))

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from bora_tools.config import BoraConfig
-from bora_tools.tiny import build_model, default_targets, save_model_dir
+from bora_tools.core.config import BoraConfig
+from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses Linux signals and rlimits")
@@ -72,7 +72,7 @@ def test_sigkill_mid_write_leaves_nothing_that_looks_complete(tmp_path, inputs, 
 # temporary sibling, and the process says so and waits to be killed.
 _HOLD_BEFORE_RENAME = textwrap.dedent("""
     import sys, time
-    import bora_tools.output as output
+    import bora_tools.io.atomic as output
     def held(tmp, target, **kw):
         print("READY", flush=True)
         time.sleep(600)
@@ -85,8 +85,12 @@ _HOLD_BEFORE_RENAME = textwrap.dedent("""
 @pytest.mark.parametrize("command", ["merge", "to-lora", "gguf-full", "gguf-lora"])
 def test_sigkill_before_the_final_rename(tmp_path, inputs, command):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD_BEFORE_RENAME, *map(str, argv(command, *inputs, out)), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_BEFORE_RENAME, *map(str, argv(command, *inputs, out)), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -101,7 +105,9 @@ def _limit_file_size():
 @pytest.mark.parametrize("command", ["merge", "to-lora", "gguf-full", "gguf-merge", "gguf-lora"])
 def test_write_failing_midway_gives_a_clear_error_and_no_output(tmp_path, inputs, command):
     out = tmp_path / "out"
-    proc = subprocess.run(cli(*argv(command, *inputs, out)), capture_output=True, text=True, preexec_fn=_limit_file_size)
+    proc = subprocess.run(
+        cli(*argv(command, *inputs, out)), capture_output=True, text=True, preexec_fn=_limit_file_size
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "file too large" in lines[0], proc.stderr

@@ -23,16 +23,16 @@ from pathlib import Path
 import pytest
 import torch
 from gguf_support import F32_RTOL, IDS, gguf_logits, gguf_tokenize, hf_logits, relative_error
-from huggingface_hub import ModelCard
 from hub_server import FakeHub
+from huggingface_hub import ModelCard
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_to_lora import _dense_dw, _lora_layers, _peft_delta
 
-from bora_tools.checkpoint import load_adapter
-from bora_tools.config import BoraConfig
-from bora_tools.gguf_run import llama_cpp_available
-from bora_tools.tiny import TEXT, build_model, default_targets, save_model_dir
+from bora_tools.core.adapter import load_adapter
+from bora_tools.core.config import BoraConfig
+from bora_tools.demo.llama_run import llama_cpp_available
+from bora_tools.demo.tiny import TEXT, build_model, default_targets, save_model_dir
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
 # huggingface_hub itself passes file objects as `data=` to its HTTP client, which warns about it.
@@ -163,7 +163,7 @@ class TestEndToEnd:
         adapter = load_adapter(flow["adapter"])
         assert {m["name"] for m in report["modules"]} == set(adapter.modules) == set(layers)
         for row in report["modules"]:
-            dw = _dense_dw(adapter.modules[row["name"]])  # float64, block by block from SPEC section 1
+            dw = _dense_dw(adapter.modules[row["name"]])  # float64, block by block from docs/format.md, section 1
             s = torch.linalg.svdvals(dw)
             optimum = float(s[TRUNCATED_RANK:].square().sum().sqrt())
             assert optimum > 0.05 * float(dw.norm()), row["name"]  # truncation really loses something

@@ -15,12 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from bora_tools.checkpoint import BoraAdapter, BoraModule, load_adapter, save_adapter
-from bora_tools.config import BoraConfig
+from bora_tools.core.adapter import BoraAdapter, BoraModule, load_adapter, save_adapter
+from bora_tools.core.config import BoraConfig
 from bora_tools.errors import BoraError
-from bora_tools.model_dir import INDEX_FILE, ModelDir, read_tensor
+from bora_tools.io.model_dir import INDEX_FILE, ModelDir, read_tensor
 
-FUZZ = settings(max_examples=int(os.environ.get("BORA_FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("BORA_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 Q = "model.layers.0.self_attn.q_proj"
 
 
@@ -52,7 +56,7 @@ def fresh(template, tmp_path, name):
 
 def split_safetensors(data: bytes):
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def join_safetensors(header, body: bytes) -> bytes:
@@ -63,7 +67,8 @@ def join_safetensors(header, body: bytes) -> bytes:
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 1 << 40) | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 header_fields = st.sampled_from(["dtype", "shape", "data_offsets"])
 
 
@@ -102,9 +107,26 @@ def test_adapter_header_fields_lie(tmp_path, adapter_template, field, value, whi
 
 
 @FUZZ
-@given(key=st.sampled_from(["peft_type", "r", "bora_blocks", "lora_alpha", "use_rslora", "target_modules",
-                            "rank_pattern", "alpha_pattern", "fan_in_fan_out", "modules_to_save", "bias", "new"]),
-       value=json_values, drop=st.booleans())
+@given(
+    key=st.sampled_from(
+        [
+            "peft_type",
+            "r",
+            "bora_blocks",
+            "lora_alpha",
+            "use_rslora",
+            "target_modules",
+            "rank_pattern",
+            "alpha_pattern",
+            "fan_in_fan_out",
+            "modules_to_save",
+            "bias",
+            "new",
+        ]
+    ),
+    value=json_values,
+    drop=st.booleans(),
+)
 def test_adapter_config_values(tmp_path, adapter_template, key, value, drop):
     d = fresh(adapter_template, tmp_path, "a")
     cfg = json.loads((d / "adapter_config.json").read_text())
@@ -132,13 +154,27 @@ def open_and_read_all(d):
     return md
 
 
-shard_names = st.sampled_from(["s1.safetensors", "s2.safetensors", "../s1.safetensors", "/tmp/x", "", "..", "a/b",
-                               "missing.safetensors", "config.json"]) | st.text(max_size=6)
+shard_names = st.sampled_from(
+    [
+        "s1.safetensors",
+        "s2.safetensors",
+        "../s1.safetensors",
+        "/tmp/x",
+        "",
+        "..",
+        "a/b",
+        "missing.safetensors",
+        "config.json",
+    ]
+) | st.text(max_size=6)
 
 
 @FUZZ
-@given(tensor=st.sampled_from(["a.weight", "b.weight", "c.weight", "ghost"]), shard=shard_names | json_values,
-       top=st.none() | json_values)
+@given(
+    tensor=st.sampled_from(["a.weight", "b.weight", "c.weight", "ghost"]),
+    shard=shard_names | json_values,
+    top=st.none() | json_values,
+)
 def test_index_mutations(tmp_path, model_template, tensor, shard, top):
     d = fresh(model_template, tmp_path, "m")
     index = json.loads((d / INDEX_FILE).read_text())
@@ -148,8 +184,13 @@ def test_index_mutations(tmp_path, model_template, tensor, shard, top):
 
 
 @FUZZ
-@given(shard=st.sampled_from(["s1.safetensors", "s2.safetensors"]), field=header_fields, value=json_values,
-       tensor=st.integers(0, 1), cut=st.none() | st.integers(0, 200))
+@given(
+    shard=st.sampled_from(["s1.safetensors", "s2.safetensors"]),
+    field=header_fields,
+    value=json_values,
+    tensor=st.integers(0, 1),
+    cut=st.none() | st.integers(0, 200),
+)
 def test_shard_header_mutations(tmp_path, model_template, shard, field, value, tensor, cut):
     d = fresh(model_template, tmp_path, "m")
     f = d / shard

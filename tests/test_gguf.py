@@ -5,10 +5,25 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from gguf_support import (BF16_RTOL, F16_RTOL, F32_RTOL, IDS, Q8_MIN_CORR, SAMPLES, correlation, gguf_logits,
-                          gguf_tokenize, hf_logits, needs_llama_cpp, relative_error, set_config, tiny_dir)
+from gguf_support import (
+    BF16_RTOL,
+    F16_RTOL,
+    F32_RTOL,
+    IDS,
+    Q8_MIN_CORR,
+    SAMPLES,
+    correlation,
+    gguf_logits,
+    gguf_tokenize,
+    hf_logits,
+    needs_llama_cpp,
+    relative_error,
+    set_config,
+    tiny_dir,
+)
 
-from bora_tools.gguf_export import export_gguf
+from bora_tools.core import row_merge
+from bora_tools.gguf.export import export_gguf
 
 Q = gguf.GGMLQuantizationType
 pytestmark = needs_llama_cpp
@@ -34,7 +49,7 @@ def fields(path) -> dict:
 def test_f32_logits_match_transformers(models, tmp_path, arch):
     path, want = models[arch]
     out = tmp_path / "m.gguf"
-    report = export_gguf(path, out, outtype="f32")
+    report = export_gguf(path, out, outtype="f32").to_dict()
     got = gguf_logits(out, IDS)
     assert got.shape == want.shape == (len(IDS), 320)
     assert relative_error(got, want) < F32_RTOL
@@ -57,7 +72,7 @@ def test_16_bit_logits_match_transformers(models, tmp_path, arch, outtype, rtol)
 def test_q8_0_logits_correlate(models, tmp_path, arch):
     path, want = models[arch]
     out = tmp_path / "m.gguf"
-    report = export_gguf(path, out, outtype="q8_0")
+    report = export_gguf(path, out, outtype="q8_0").to_dict()
     got = gguf_logits(out, IDS)
     assert relative_error(got, want) > 1e-5  # really quantised...
     assert correlation(got, want) > Q8_MIN_CORR  # ...and still the same model
@@ -73,7 +88,7 @@ def test_q8_0_falls_back_where_rows_are_not_multiples_of_32(tmp_path, caplog):
     want = hf_logits(path)
     out = tmp_path / "m.gguf"
     with caplog.at_level("WARNING", logger="bora_tools"):
-        report = export_gguf(path, out, outtype="q8_0")
+        report = export_gguf(path, out, outtype="q8_0").to_dict()
     _, tensors = fields(out)
     assert tensors["blk.0.ffn_down.weight"].tensor_type == Q.F16
     assert tensors["blk.0.ffn_up.weight"].tensor_type == Q.Q8_0  # rows of 64
@@ -163,7 +178,7 @@ def test_streams_a_block_of_rows_at_a_time(models, tmp_path, monkeypatch):
     """Tensors are produced in blocks of rows, each gone before the next one exists; the file is unchanged."""
     import weakref
 
-    from bora_tools import gguf_write
+    from bora_tools.gguf import writer as gguf_write
 
     path, _ = models["llama"]
     export_gguf(path, tmp_path / "whole.gguf", outtype="q8_0")
@@ -177,7 +192,7 @@ def test_streams_a_block_of_rows_at_a_time(models, tmp_path, monkeypatch):
         return original(t, qtype, **kwargs)
 
     monkeypatch.setattr(gguf_write, "to_gguf_array", spy)
-    monkeypatch.setattr(gguf_write, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(row_merge, "CPU_CHUNK_ELEMENTS", 1024)
     export_gguf(path, tmp_path / "blocks.gguf", outtype="q8_0")
     assert len(alive) > 100
     assert (tmp_path / "blocks.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
@@ -201,7 +216,7 @@ def test_conversions_are_gguf_py_bit_for_bit(qtype, monkeypatch):
     """Our casts (torch) and parallel Q8_0 slices give exactly gguf-py's bytes."""
     import torch
 
-    from bora_tools import gguf_write
+    from bora_tools.gguf import writer as gguf_write
 
     monkeypatch.setattr(gguf_write, "_Q8_SLICE_ELEMENTS", 96 * 3)  # several slices, in threads
     x = torch.randn(37, 96, generator=torch.Generator().manual_seed(0)) * 3
@@ -247,8 +262,8 @@ def test_narrowing_overflow_is_refused(qtype, value):
     """A finite value the GGUF type cannot hold is an error naming the tensor, never an inf in the file."""
     import torch
 
-    from bora_tools import gguf_write
     from bora_tools.errors import UnsupportedError
+    from bora_tools.gguf import writer as gguf_write
 
     x = torch.zeros(2, 64)
     gguf_write.to_gguf_array(x + 6e4, qtype)  # large but representable

@@ -12,7 +12,7 @@ from gguf_support import set_config, tiny_dir
 from safetensors.torch import load_file, save_file
 
 from bora_tools.cli import cli
-from bora_tools.config import BoraConfig
+from bora_tools.core.config import BoraConfig
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
 
@@ -145,7 +145,7 @@ def test_adapter_for_another_base_refused(dirs, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(dirs, tmp_path, monkeypatch):
-    from bora_tools import gguf_write
+    from bora_tools.gguf import writer as gguf_write
 
     _, base, _ = dirs
     calls = []
@@ -191,7 +191,7 @@ def test_output_over_an_input_refused_even_with_overwrite(dirs, mode, inside, ta
 def test_library_refuses_an_output_that_is_or_holds_an_input(dirs, mode, inside):
     """The CLI refuses a directory --out already; the library refuses it as well, before any work."""
     from bora_tools.errors import OutputWriteError
-    from bora_tools.gguf_export import export_gguf
+    from bora_tools.gguf.export import export_gguf
 
     root, base, adapter = dirs
     out = {"root": root, "base": base, "adapter": adapter}[inside]

@@ -6,15 +6,25 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_support import (F16_RTOL, F32_RTOL, IDS, Q8_MIN_CORR, correlation, gguf_logits, needs_llama_cpp,
-                          relative_error, tiny_dir)
+from gguf_support import (
+    F16_RTOL,
+    F32_RTOL,
+    IDS,
+    Q8_MIN_CORR,
+    correlation,
+    gguf_logits,
+    needs_llama_cpp,
+    relative_error,
+    tiny_dir,
+)
 
-from bora_tools.checkpoint import load_adapter
-from bora_tools.config import BoraConfig
+from bora_tools.core import row_merge
+from bora_tools.core.adapter import load_adapter
+from bora_tools.core.config import BoraConfig
+from bora_tools.core.factors import delta_weight
+from bora_tools.demo.tiny import default_targets
 from bora_tools.errors import UnsupportedError
-from bora_tools.gguf_export import export_gguf
-from bora_tools.math import delta_weight
-from bora_tools.tiny import default_targets
+from bora_tools.gguf.export import export_gguf
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
 pytestmark = needs_llama_cpp
@@ -63,7 +73,7 @@ def test_lora_gguf_on_base_gguf_gives_the_bora_logits(case, tmp_path):
 
 def test_merge_one_pass_gives_the_bora_logits_and_the_lora_ones(case, tmp_path):
     merged, lora = tmp_path / "merged.gguf", tmp_path / "lora.gguf"
-    report = export_gguf(case["adapter"], merged, base=case["base"], merge=True, outtype="f32")
+    report = export_gguf(case["adapter"], merged, base=case["base"], merge=True, outtype="f32").to_dict()
     export_gguf(case["adapter"], lora, base=case["base"], outtype="f32")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.gguf", "merged.gguf"]  # no safetensors
     assert report["merged_tensors"] == 14
@@ -74,9 +84,8 @@ def test_merge_one_pass_gives_the_bora_logits_and_the_lora_ones(case, tmp_path):
 
 def test_merge_in_small_row_blocks(case, tmp_path, monkeypatch):
     """Merging a few rows at a time (block offsets, q/k heads split across blocks) changes nothing."""
-    from bora_tools import gguf_write
 
-    monkeypatch.setattr(gguf_write, "CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(row_merge, "CPU_CHUNK_ELEMENTS", 256)
     merged = tmp_path / "merged.gguf"
     export_gguf(case["adapter"], merged, base=case["base"], merge=True, outtype="f32")
     assert relative_error(gguf_logits(merged, IDS), case["bora_logits"]) < F32_RTOL
@@ -84,7 +93,7 @@ def test_merge_in_small_row_blocks(case, tmp_path, monkeypatch):
 
 def test_lora_metadata_and_per_module_ranks(case, tmp_path):
     lora = tmp_path / "lora.gguf"
-    report = export_gguf(case["adapter"], lora, base=case["base"], outtype="f16")
+    report = export_gguf(case["adapter"], lora, base=case["base"], outtype="f16").to_dict()
     reader = gguf.GGUFReader(lora)
     kv = {k: f.contents() for k, f in reader.fields.items()}
     assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora"
@@ -101,7 +110,7 @@ def test_lora_metadata_and_per_module_ranks(case, tmp_path):
 def test_rank_k_matches_the_dense_svd_truncation(case, tmp_path):
     k = 3
     lora = tmp_path / "lora3.gguf"
-    report = export_gguf(case["adapter"], lora, base=case["base"], rank=k, outtype="f32")
+    report = export_gguf(case["adapter"], lora, base=case["base"], rank=k, outtype="f32").to_dict()
     assert {m["rank"] for m in report["modules"]} == {k}
     assert all(0 < m["relative_error"] < 1 for m in report["modules"])
     # Independent reference: the dense dW of every module, truncated by torch's SVD.
@@ -140,7 +149,7 @@ def test_modules_to_save_merge_and_lora_refusal(tmp_path):
     want = _logits(model)
     with pytest.raises(UnsupportedError, match=r"modules_to_save .*lm_head") as err:
         export_gguf(adapter, tmp_path / "lora.gguf", base=base)
-    assert "--merge" in err.value.one_line()
+    assert "`merge`" in err.value.one_line()  # the parameter; the CLI shows it as --merge
     assert not (tmp_path / "lora.gguf").exists()
     export_gguf(adapter, tmp_path / "merged.gguf", base=base, merge=True, outtype="f32")
     assert relative_error(gguf_logits(tmp_path / "merged.gguf", IDS), want) < F32_RTOL
@@ -162,13 +171,13 @@ def test_merge_keeps_an_lm_head_update_when_config_says_tied(tmp_path):
         without_head = _logits(model)
     assert relative_error(without_head, want) > 0.05  # the lm_head update matters
     merged = tmp_path / "merged.gguf"
-    report = export_gguf(adapter, merged, base=base, merge=True, outtype="f32")
+    report = export_gguf(adapter, merged, base=base, merge=True, outtype="f32").to_dict()
     assert report["merged_tensors"] == 3
     assert relative_error(gguf_logits(merged, IDS), want) < F32_RTOL
 
 
 def test_exact_factors_built_once_per_module(case, tmp_path, monkeypatch):
-    from bora_tools import gguf_lora
+    from bora_tools.gguf import lora as gguf_lora
 
     built = []
 
@@ -178,14 +187,13 @@ def test_exact_factors_built_once_per_module(case, tmp_path, monkeypatch):
 
     original = gguf_lora.balanced_exact_factors
     monkeypatch.setattr(gguf_lora, "balanced_exact_factors", counting)
-    report = export_gguf(case["adapter"], tmp_path / "lora.gguf", base=case["base"], outtype="f32")
+    report = export_gguf(case["adapter"], tmp_path / "lora.gguf", base=case["base"], outtype="f32").to_dict()
     assert len(built) == len(report["modules"]) == 14
 
 
 def test_zero_update_is_rank_1_zeros_with_a_note(tmp_path):
     """A fresh adapter (B = 0): both modes write rank 1 zeros, say so, and llama.cpp runs the base unchanged."""
-    from bora_tools.gguf_export import format_report
-    from bora_tools.lora import ZERO_NOTE
+    from bora_tools.core.lowrank import ZERO_NOTE
 
     base = tiny_dir(tmp_path, "llama")
     model = _model(base)
@@ -195,17 +203,18 @@ def test_zero_update_is_rank_1_zeros_with_a_note(tmp_path):
     export_gguf(base, tmp_path / "base.gguf", outtype="f32")
     for rank in ("full", 2):
         lora = tmp_path / f"lora-{rank}.gguf"
-        report = export_gguf(adapter, lora, base=base, rank=rank, outtype="f32")
+        result = export_gguf(adapter, lora, base=base, rank=rank, outtype="f32")
+        report = result.to_dict()
         assert {(m["rank"], m["note"]) for m in report["modules"]} == {(1, ZERO_NOTE)}
         assert len(report["notes"]) == 4
-        assert f"note: model.layers.0.self_attn.q_proj: {ZERO_NOTE}" in format_report(report)
+        assert f"note: model.layers.0.self_attn.q_proj: {ZERO_NOTE}" in str(result)
         got = gguf_logits(tmp_path / "base.gguf", IDS, lora_path=lora)
         assert relative_error(got, base_logits) < F32_RTOL
 
 
 @pytest.mark.parametrize("rank", ["full", 2])
 def test_lora_conversion_uses_the_device_on_one_thread_with_progress(case, tmp_path, monkeypatch, rank):
-    from bora_tools import gguf_lora
+    from bora_tools.gguf import lora as gguf_lora
 
     seen = []
     for name in ("convert_module", "balanced_exact_factors"):

@@ -8,12 +8,22 @@ import shutil
 
 import gguf
 import pytest
-from gguf_support import (F32_RTOL, IDS, SAMPLES, gguf_logits, gguf_tokenize, hf_logits, needs_llama_cpp,
-                          relative_error, set_config, tiny_dir)
+from gguf_support import (
+    F32_RTOL,
+    IDS,
+    SAMPLES,
+    gguf_logits,
+    gguf_tokenize,
+    hf_logits,
+    needs_llama_cpp,
+    relative_error,
+    set_config,
+    tiny_dir,
+)
 
-from bora_tools.gguf_export import export_gguf
-from bora_tools.gguf_vocab import KNOWN_SPLIT_REGEXES, choose_pre_tokenizer
-from bora_tools.tiny import TEXT
+from bora_tools.demo.tiny import TEXT
+from bora_tools.gguf.export import export_gguf
+from bora_tools.gguf.vocab import KNOWN_SPLIT_REGEXES, choose_pre_tokenizer
 
 pytestmark = needs_llama_cpp
 
@@ -51,7 +61,7 @@ def test_sentencepiece_tokenizer(spm_dir, tmp_path):
 
     path, sp = spm_dir
     out = tmp_path / "spm.gguf"
-    report = export_gguf(path, out, outtype="f32")
+    report = export_gguf(path, out, outtype="f32").to_dict()
     kv = _kv(out)
     assert kv["tokenizer.ggml.model"] == "llama" and len(kv["tokenizer.ggml.tokens"]) == 512
     assert report["vocab"]["padded"] == 62 and len(set(kv["tokenizer.ggml.tokens"])) == 512
@@ -78,7 +88,7 @@ def test_byte_fallback_bpe_tokenizer_json(spm_dir, tmp_path):
     (path / "tokenizer.model").unlink()
     assert json.loads((path / "tokenizer.json").read_text())["model"]["byte_fallback"] is True
     out = tmp_path / "bf.gguf"
-    report = export_gguf(path, out, outtype="f16")
+    report = export_gguf(path, out, outtype="f16").to_dict()
     assert report["vocab"]["model"] == "llama" and "byte-fallback" in report["vocab"]["source"]
     hf = AutoTokenizer.from_pretrained(path)
     for text in SAMPLES:
@@ -120,7 +130,7 @@ def test_pre_tokenizer_chosen_from_structure(tmp_path, expected):
     regex = next(r for r, name in KNOWN_SPLIT_REGEXES.items() if name == expected)
     path = _bpe_dir(tmp_path, expected, _split(regex), ignore_merges=expected == "llama-bpe")
     out = tmp_path / "m.gguf"
-    report = export_gguf(path, out, outtype="f16")
+    report = export_gguf(path, out, outtype="f16").to_dict()
     assert report["vocab"]["pre"] == expected and report["warnings"] == []
     assert _kv(out)["tokenizer.ggml.pre"] == expected
     hf = AutoTokenizer.from_pretrained(path)
@@ -135,7 +145,7 @@ def test_unknown_pre_tokenizer_uses_default_with_a_warning(tmp_path, caplog):
                                                               pre_tokenizers.ByteLevel(add_prefix_space=False)]))
     out = tmp_path / "m.gguf"
     with caplog.at_level("WARNING", logger="bora_tools"):
-        report = export_gguf(path, out, outtype="f16")
+        report = export_gguf(path, out, outtype="f16").to_dict()
     assert report["vocab"]["pre"] == "default" and "Digits+ByteLevel" in caplog.text
     assert _kv(out)["tokenizer.ggml.pre"] == "default"
     assert len(gguf_tokenize(out, "loads fine 123")) > 3  # llama.cpp accepts the file

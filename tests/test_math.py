@@ -5,13 +5,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bora_tools.math import (
-    bora_forward_update, check_blocks, delta_weight, exact_lora_factors, factored_svd, mixed_row_blocks,
+from bora_tools.core.factors import (
+    bora_forward_update,
+    check_blocks,
+    delta_weight,
+    exact_lora_factors,
+    factored_svd,
+    mixed_row_blocks,
 )
 
 
 def naive_delta(A, B, sigma, s):
-    """SPEC section 1 literally: block (i, j) = s * B_i diag(sigma[i, j]) A_j, in float64."""
+    """docs/format.md, section 1, literally: block (i, j) = s * B_i diag(sigma[i, j]) A_j, in float64."""
     A, B, sigma = A.double(), B.double(), sigma.double()
     b = sigma.shape[0]
     (m, _), n = B.shape, A.shape[1]
@@ -19,7 +24,9 @@ def naive_delta(A, B, sigma, s):
     dw = torch.zeros(m, n, dtype=torch.float64)
     for i in range(b):
         for j in range(b):
-            dw[i * mb:(i + 1) * mb, j * nb:(j + 1) * nb] = s * B[i * mb:(i + 1) * mb] @ torch.diag(sigma[i, j]) @ A[:, j * nb:(j + 1) * nb]
+            dw[i * mb : (i + 1) * mb, j * nb : (j + 1) * nb] = (
+                s * B[i * mb : (i + 1) * mb] @ torch.diag(sigma[i, j]) @ A[:, j * nb : (j + 1) * nb]
+            )
     return dw
 
 
@@ -74,7 +81,7 @@ def test_factored_svd_matches_dense_svd(f):
     assert svd.S.shape == (min(b * r, m, n),)
     dense_s = torch.linalg.svdvals(ref)
     torch.testing.assert_close(svd.S, dense_s[: svd.S.numel()], rtol=1e-9, atol=1e-9)
-    assert float(dense_s[svd.S.numel():].abs().sum()) < 1e-9  # nothing beyond b*r
+    assert float(dense_s[svd.S.numel() :].abs().sum()) < 1e-9  # nothing beyond b*r
     torch.testing.assert_close(svd.U @ torch.diag(svd.S) @ svd.Vh, ref, rtol=1e-9, atol=1e-9)
     for k in range(svd.S.numel() + 1):  # Eckart-Young: the discarded energy is the exact error
         b_k, a_k = svd.lora_factors(k, dtype=torch.float64)
@@ -132,7 +139,9 @@ def test_mixed_row_blocks_layout():
     rows = mixed_row_blocks(A, sigma)
     for i in range(3):
         for j in range(3):
-            torch.testing.assert_close(rows[i][:, 2 * j:2 * j + 2], sigma[i, j].unsqueeze(1) * A[:, 2 * j:2 * j + 2])
+            torch.testing.assert_close(
+                rows[i][:, 2 * j : 2 * j + 2], sigma[i, j].unsqueeze(1) * A[:, 2 * j : 2 * j + 2]
+            )
 
 
 @pytest.mark.parametrize("m,n,b", [(10, 8, 4), (8, 10, 4), (8, 8, 0)])

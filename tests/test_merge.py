@@ -13,15 +13,17 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bora_tools.checkpoint import PREFIX, load_adapter
 from bora_tools.cli import cli
-from bora_tools.config import BoraConfig
+from bora_tools.core import row_merge
+from bora_tools.core.adapter import PREFIX, load_adapter
+from bora_tools.core.config import BoraConfig
+from bora_tools.core.factors import delta_weight
+from bora_tools.core.row_merge import merge_plan, merged_weight
+from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
 from bora_tools.errors import ShapeError
-from bora_tools.math import delta_weight
-from bora_tools.merge import merge_adapter, merge_plan, merged_weight
-from bora_tools.model_dir import INDEX_FILE, ModelDir
-from bora_tools.st_writer import SafetensorsWriter, TensorSpec
-from bora_tools.tiny import build_model, default_targets, save_model_dir
+from bora_tools.io.model_dir import INDEX_FILE, ModelDir
+from bora_tools.io.safetensors import SafetensorsWriter, TensorSpec
+from bora_tools.merge import merge_adapter
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
 ATOL_LOGITS = 1e-4
@@ -99,9 +101,8 @@ def test_modules_to_save_replace_the_base_tensor(tmp_path):
 
 def test_merges_a_base_in_the_hugging_face_cache(tmp_path):
     # huggingface_hub's layout: every file of snapshots/<rev>/ is a symlink to ../../blobs/<hash>.
-    from transformers import AutoModelForCausalLM
-
     from test_model_dir import hub_snapshot
+    from transformers import AutoModelForCausalLM
 
     case = _make(tmp_path, "llama")
     snap = hub_snapshot(case["base"], tmp_path / "hub")
@@ -213,11 +214,9 @@ def test_single_file_base(tmp_path):
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_merged_weight_in_small_chunks(monkeypatch, fan_in_fan_out):
-    import bora_tools.merge as merge
+    from bora_tools.core.adapter import BoraModule
 
-    from bora_tools.checkpoint import BoraModule
-
-    monkeypatch.setattr(merge, "CPU_CHUNK_ELEMENTS", 70)  # chunks cut across blocks of rows
+    monkeypatch.setattr(row_merge, "CPU_CHUNK_ELEMENTS", 70)  # chunks cut across blocks of rows
     g = torch.Generator().manual_seed(0)
     m, n, b, r = 48, 32, 4, 3
     mod = BoraModule("x", torch.randn(r, n, generator=g), torch.randn(m, r, generator=g),
@@ -240,12 +239,24 @@ def test_merge_plan_names_base_tensors(tmp_path):
 
 
 def test_writer_bytes_equal_safetensors_save_file(tmp_path):
-    tensors = {"z": torch.arange(3, dtype=torch.int64), "c": torch.randn(2, 3), "d": torch.zeros(0, 4), "é": torch.randn(1),
-               "a": torch.randn(4, dtype=torch.bfloat16), "b": torch.randn(2, 2, dtype=torch.float16)}
+    tensors = {
+        "z": torch.arange(3, dtype=torch.int64),
+        "c": torch.randn(2, 3),
+        "d": torch.zeros(0, 4),
+        "é": torch.randn(1),
+        "a": torch.randn(4, dtype=torch.bfloat16),
+        "b": torch.randn(2, 2, dtype=torch.float16),
+    }
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
     order = ["z", "c", "d", "é", "a", "b"]  # safetensors' order: wider dtypes first, then by name
-    specs = [TensorSpec(k, {torch.int64: "I64", torch.float32: "F32", torch.bfloat16: "BF16",
-                            torch.float16: "F16"}[tensors[k].dtype], tuple(tensors[k].shape)) for k in order]
+    specs = [
+        TensorSpec(
+            k,
+            {torch.int64: "I64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[tensors[k].dtype],
+            tuple(tensors[k].shape),
+        )
+        for k in order
+    ]
     with SafetensorsWriter(tmp_path / "ours.safetensors", specs, metadata={"format": "pt"}) as w:
         for k in order:
             w.write(k, tensors[k])
@@ -267,7 +278,6 @@ def test_writer_enforces_order_and_completeness(tmp_path):
             w.write("a", torch.ones(2))
 
 
-
 def test_writer_closes_its_file_when_the_header_cannot_be_written():
     # /dev/full opens, then refuses every write (ENOSPC): __enter__ fails after the open.
     fds = set(os.listdir("/proc/self/fd"))
@@ -278,6 +288,7 @@ def test_writer_closes_its_file_when_the_header_cannot_be_written():
 
 
 # -- the command line and every refusal -----------------------------------
+
 
 def _run(*args) -> object:
     return CliRunner().invoke(cli, ["merge", *map(str, args)])
@@ -301,8 +312,9 @@ def test_cli_merges_and_reports_json(llama, tmp_path):
     assert ModelDir.open(out).entries.keys() == ModelDir.open(llama["base"]).entries.keys()
     again = _run(llama["adapter"], "--base", llama["base"], "--out", out, "--overwrite", "--scale", "0")
     assert again.exit_code == 0, again.output
-    assert (out / "model-00002-of-00012.safetensors").read_bytes() == \
-        (llama["base"] / "model-00002-of-00012.safetensors").read_bytes()
+    assert (out / "model-00002-of-00012.safetensors").read_bytes() == (
+        llama["base"] / "model-00002-of-00012.safetensors"
+    ).read_bytes()
 
 
 def _expect_refusal(out: Path, result, *words: str) -> None:
@@ -336,8 +348,12 @@ def test_refuses_an_output_that_holds_an_input(llama):
 def test_refuses_an_output_inside_an_input(llama, where):
     inside = llama[where] / "merged"
     before = sorted(p.name for p in llama[where].iterdir())
-    _expect_refusal(inside, _run(llama["adapter"], "--base", llama["base"], "--out", inside),
-                    "lies inside the input", str(llama[where]))
+    _expect_refusal(
+        inside,
+        _run(llama["adapter"], "--base", llama["base"], "--out", inside),
+        "lies inside the input",
+        str(llama[where]),
+    )
     assert sorted(p.name for p in llama[where].iterdir()) == before
 
 
@@ -353,8 +369,12 @@ def test_refuses_float16_overflow_in_an_untouched_tensor(tmp_path):
     case = _make(tmp_path, "llama", target_modules=["v_proj"])
     adapter = _save(case, tmp_path)
     _poke(case["base"], "model.layers.1.mlp.up_proj.weight", 1e6)  # fine in float32, not in float16
-    _expect_refusal(tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out",
-                                           "--dtype", "float16"), "model.layers.1.mlp.up_proj.weight", "overflows float16")
+    _expect_refusal(
+        tmp_path / "out",
+        _run(adapter, "--base", case["base"], "--out", tmp_path / "out", "--dtype", "float16"),
+        "model.layers.1.mlp.up_proj.weight",
+        "overflows float16",
+    )
     assert merge_adapter(adapter, case["base"], tmp_path / "out", dtype="bfloat16").converted > 0  # bfloat16 holds it
 
 
@@ -363,22 +383,35 @@ def test_refuses_float16_overflow_in_a_modules_to_save_tensor(tmp_path):
     with torch.no_grad():
         case["model"].lm_head.module.weight[3, 5] = 1e6
     adapter = _save(case, tmp_path)
-    _expect_refusal(tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out",
-                                           "--dtype", "float16"), "lm_head.weight", "overflows float16")
+    _expect_refusal(
+        tmp_path / "out",
+        _run(adapter, "--base", case["base"], "--out", tmp_path / "out", "--dtype", "float16"),
+        "lm_head.weight",
+        "overflows float16",
+    )
 
 
 def test_refuses_module_absent_from_base(llama, tmp_path):
     other = _make(tmp_path, "llama", model_kw={"layers": 3})  # layer 2 does not exist in the 2-layer base
     adapter = _save(other, tmp_path)
-    _expect_refusal(tmp_path / "out", _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
-                    "model.layers.2.self_attn.q_proj", "no tensor")
+    _expect_refusal(
+        tmp_path / "out",
+        _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+        "model.layers.2.self_attn.q_proj",
+        "no tensor",
+    )
 
 
 def test_refuses_mismatched_shapes(llama, tmp_path):
     other = _make(tmp_path, "llama", model_kw={"intermediate": 96})
     adapter = _save(other, tmp_path)
-    _expect_refusal(tmp_path / "out", _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
-                    "gate_proj", "(96, 64)", "(128, 64)")
+    _expect_refusal(
+        tmp_path / "out",
+        _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+        "gate_proj",
+        "(96, 64)",
+        "(128, 64)",
+    )
 
 
 def _raw_adapter(tmp: Path, tensors: dict, **cfg) -> Path:
@@ -392,20 +425,41 @@ def _raw_adapter(tmp: Path, tensors: dict, **cfg) -> Path:
 
 def test_refuses_blocks_that_do_not_divide(llama, tmp_path):
     key = PREFIX + "model.layers.0.self_attn.q_proj"
-    adapter = _raw_adapter(tmp_path, {key + ".lora_A.weight": torch.zeros(2, 64), key + ".lora_B.weight": torch.zeros(64, 2),
-                                      key + ".bora_sigma": torch.ones(3, 3, 2)})
-    _expect_refusal(tmp_path / "out", _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
-                    "q_proj", "not divisible by bora_blocks b=3")
+    adapter = _raw_adapter(
+        tmp_path,
+        {
+            key + ".lora_A.weight": torch.zeros(2, 64),
+            key + ".lora_B.weight": torch.zeros(64, 2),
+            key + ".bora_sigma": torch.ones(3, 3, 2),
+        },
+    )
+    _expect_refusal(
+        tmp_path / "out",
+        _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+        "q_proj",
+        "not divisible by bora_blocks b=3",
+    )
 
 
 def test_refuses_non_finite_values(llama, tmp_path):
     key = PREFIX + "model.layers.0.self_attn.q_proj"
     b_factor = torch.zeros(64, 2)
     b_factor[3, 1] = float("nan")
-    adapter = _raw_adapter(tmp_path, {key + ".lora_A.weight": torch.zeros(2, 64), key + ".lora_B.weight": b_factor,
-                                      key + ".bora_sigma": torch.ones(2, 2, 2)}, bora_blocks=2)
-    _expect_refusal(tmp_path / "out", _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
-                    key + ".lora_B.weight", "non-finite")
+    adapter = _raw_adapter(
+        tmp_path,
+        {
+            key + ".lora_A.weight": torch.zeros(2, 64),
+            key + ".lora_B.weight": b_factor,
+            key + ".bora_sigma": torch.ones(2, 2, 2),
+        },
+        bora_blocks=2,
+    )
+    _expect_refusal(
+        tmp_path / "out",
+        _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+        key + ".lora_B.weight",
+        "non-finite",
+    )
 
 
 def test_refuses_shard_names_outside_the_base(llama, tmp_path):
@@ -416,39 +470,55 @@ def test_refuses_shard_names_outside_the_base(llama, tmp_path):
     index = json.loads((base / INDEX_FILE).read_text())
     index["weight_map"]["lm_head.weight"] = "../evil.safetensors"
     (base / INDEX_FILE).write_text(json.dumps(index))
-    _expect_refusal(tmp_path / "out", _run(llama["adapter"], "--base", base, "--out", tmp_path / "out"), "../evil.safetensors")
+    _expect_refusal(
+        tmp_path / "out", _run(llama["adapter"], "--base", base, "--out", tmp_path / "out"), "../evil.safetensors"
+    )
 
 
 def test_refuses_tied_lm_head(tmp_path):
     case = _make(tmp_path, "qwen2", target_modules=["q_proj", "lm_head"])
     adapter = _save(case, tmp_path)
-    _expect_refusal(tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out"), "lm_head", "tie")
+    _expect_refusal(
+        tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out"), "lm_head", "tie"
+    )
 
 
 def test_refuses_float16_overflow(tmp_path):
     case = _make(tmp_path, "llama", dtype=torch.float16, target_modules=["v_proj"])
     adapter = _save(case, tmp_path)
-    _expect_refusal(tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out", "--scale", "1e9"),
-                    "v_proj", "overflows float16")
+    _expect_refusal(
+        tmp_path / "out",
+        _run(adapter, "--base", case["base"], "--out", tmp_path / "out", "--scale", "1e9"),
+        "v_proj",
+        "overflows float16",
+    )
 
 
 def test_refuses_non_finite_scale(llama, tmp_path):
-    _expect_refusal(tmp_path / "out", _run(llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out", "--scale", "nan"),
-                    "--scale")
+    _expect_refusal(
+        tmp_path / "out",
+        _run(llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out", "--scale", "nan"),
+        "--scale",
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_refuses_cuda_without_a_gpu(llama, tmp_path):
-    _expect_refusal(tmp_path / "out", _run(llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out",
-                                           "--device", "cuda"), "--device cuda", "no CUDA device")
+    _expect_refusal(
+        tmp_path / "out",
+        _run(llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out", "--device", "cuda"),
+        "--device cuda",
+        "no CUDA device",
+    )
 
 
 def test_merged_weight_rounds_once_to_out_dtype():
-    from bora_tools.checkpoint import BoraModule
+    from bora_tools.core.adapter import BoraModule
 
     g = torch.Generator().manual_seed(1)
-    mod = BoraModule("x", torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g),
-                     torch.randn(2, 2, 2, generator=g), 1.0)
+    mod = BoraModule(
+        "x", torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g), torch.randn(2, 2, 2, generator=g), 1.0
+    )
     w = torch.randn(8, 16, generator=g).to(torch.bfloat16)
     out = merged_weight(w, mod, fan_in_fan_out=False)
     ref = (w.double() + delta_weight(mod.A, mod.B, mod.sigma, 1.0, dtype=torch.float64)).to(torch.bfloat16)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bora_tools.demo.tiny import build_model_dir
 from bora_tools.errors import ModelDirError, UnsafePathError
-from bora_tools.model_dir import INDEX_FILE, ModelDir, read_header, read_tensor
+from bora_tools.io.model_dir import INDEX_FILE, ModelDir, read_header, read_tensor
 from bora_tools.progress import logger
-from bora_tools.tiny import build_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from hub_server import FakeHub
 from huggingface_hub import HfApi, ModelCard
 from safetensors.numpy import save_file
 
 from bora_tools.errors import BoraError, HubError, UnsafePathError
-from bora_tools.hub import build_model_card, hub_errors, push
+from bora_tools.hub.push import build_model_card, hub_errors, push
 from bora_tools.progress import logger
-from hub_server import FakeHub
 
 # huggingface_hub itself passes file objects as `data=` to its HTTP client, which warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -421,7 +421,7 @@ def test_a_local_base_model_is_left_out_with_a_warning(tmp_path, warnings_seen, 
     card = build_model_card(bora_adapter(tmp_path / "adapter", base=base), repo_id="me/card")
     assert "base_model" not in card.data.to_dict() and "base_model_relation" not in card.data.to_dict()
     assert base not in str(card)
-    assert any("not a Hub model id" in r.getMessage() and "--base-model" in r.getMessage() for r in warnings_seen)
+    assert any("not a Hub model id" in r.getMessage() and "`base_model`" in r.getMessage() for r in warnings_seen)
 
 
 def test_base_model_option_fills_the_card_for_a_merged_model(tmp_path, hub, run):
@@ -445,9 +445,9 @@ def test_cards_are_deterministic(tmp_path):
 
 def test_exported_ggufs_carry_the_right_relation(tmp_path):
     """A real export: a merged GGUF is a fine-tune of its base, a plain conversion a quantized form."""
-    from bora_tools.config import BoraConfig
-    from bora_tools.gguf_export import export_gguf
-    from bora_tools.tiny import build_model, save_model_dir
+    from bora_tools.core.config import BoraConfig
+    from bora_tools.demo.tiny import build_model, save_model_dir
+    from bora_tools.gguf.export import export_gguf
     from bora_tools.training import add_bora, randomize_bora, save_bora
 
     model = build_model("llama")

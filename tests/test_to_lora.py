@@ -17,13 +17,14 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
-from bora_tools.checkpoint import PREFIX, WEIGHTS_NAME, load_adapter
 from bora_tools.cli import cli
-from bora_tools.config import BoraConfig
+from bora_tools.core.adapter import PREFIX, WEIGHTS_NAME, load_adapter
+from bora_tools.core.config import BoraConfig
+from bora_tools.core.factors import factored_svd, gram_svd
+from bora_tools.core.lowrank import RankPolicy, balanced_exact_factors, energy_rank
+from bora_tools.demo.tiny import build_model, default_targets
 from bora_tools.errors import OutputExistsError, OutputWriteError, ValidationError
-from bora_tools.lora import RankPolicy, balanced_exact_factors, energy_rank, pattern_keys, to_lora
-from bora_tools.math import factored_svd, gram_svd
-from bora_tools.tiny import build_model, default_targets
+from bora_tools.to_lora import pattern_keys, to_lora
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
 ATOL_LOGITS = 1e-4
@@ -95,7 +96,7 @@ def _peft_delta(layer: LoraLayer) -> torch.Tensor:
 
 
 def _dense_dw(mod) -> torch.Tensor:
-    """``dW`` straight from SPEC section 1, block by block in float64 (independent of bora_tools.math)."""
+    """``dW`` from docs/format.md, section 1, block by block in float64 (independent of core.factors)."""
     A, B, sigma = mod.A.double(), mod.B.double(), mod.sigma.double()
     b, m, n = mod.b, *mod.shape
     rows = []
@@ -113,7 +114,7 @@ def _no_leftovers(path: Path) -> bool:
 
 def test_exact_form_in_peft_gives_the_bora_logits(case, tmp_path):
     out = tmp_path / "lora"
-    report = to_lora(case["path"], out, rank="full")
+    report = to_lora(case["path"], out, rank="full").to_dict()
     assert (case["bora_logits"] - case["base_logits"]).abs().max() > 0.1  # the adapter matters
     peft_model = _peft(case["arch"], out)
     assert (_logits(peft_model) - case["bora_logits"]).abs().max() <= ATOL_LOGITS
@@ -147,7 +148,8 @@ def test_qwen2_patterns_become_per_module_ranks_with_keys_matching_one_module(qw
     for key in cfg["rank_pattern"]:  # PEFT's rule, over every module of the base model
         assert len([n for n in names if re.match(rf"(.*\.)?({key})$", n)]) == 1, key
     layers = _lora_layers(_peft("qwen2", tmp_path / "lora"))
-    expected = {"model.layers.0.self_attn.q_proj": 16, "model.layers.1.mlp.down_proj": 4, "model.layers.0.mlp.up_proj": 8}
+    expected = {"model.layers.0.self_attn.q_proj": 16, "model.layers.1.mlp.down_proj": 4,
+                "model.layers.0.mlp.up_proj": 8}
     for name, rank in expected.items():
         assert layers[name].r["default"] == rank
 
@@ -161,7 +163,11 @@ def test_pattern_keys_anchor_names_that_are_suffixes_of_others():
 
 def test_balanced_exact_factors_are_exact_and_balanced():
     gen = torch.Generator().manual_seed(0)
-    A, B, sigma = torch.randn(3, 8, generator=gen), 1e-3 * torch.randn(12, 3, generator=gen), torch.randn(2, 2, 3, generator=gen)
+    A, B, sigma = (
+        torch.randn(3, 8, generator=gen),
+        1e-3 * torch.randn(12, 3, generator=gen),
+        torch.randn(2, 2, 3, generator=gen),
+    )
     b2, a2 = balanced_exact_factors(A, B, sigma, 2.5)
     mod = type("M", (), {"A": A, "B": B, "sigma": sigma, "scaling": 2.5, "b": 2, "shape": (12, 8)})
     assert torch.allclose(b2 @ a2, _dense_dw(mod), rtol=0, atol=1e-15)
@@ -178,10 +184,11 @@ def test_half_precision_exact_form_loads_in_peft(llama, tmp_path, dtype, atol):
 
 # -- truncation ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rank, route", [(1, "gram"), (3, "gram"), (3, "qr")])
 def test_truncation_is_the_optimum_of_a_dense_svd_in_peft(case, tmp_path, rank, route):
     out = tmp_path / "lora"
-    report = to_lora(case["path"], out, rank=rank, route=route)
+    report = to_lora(case["path"], out, rank=rank, route=route).to_dict()
     layers = _lora_layers(_peft(case["arch"], out))
     by_name = {m["name"]: m for m in report["modules"]}
     for name, mod in case["adapter"].modules.items():
@@ -195,7 +202,7 @@ def test_truncation_is_the_optimum_of_a_dense_svd_in_peft(case, tmp_path, rank, 
 
 
 def test_rank_above_the_update_rank_is_capped_and_lossless(llama, tmp_path, caplog):
-    report = to_lora(llama["path"], tmp_path / "lora", rank=40)  # b*r = 16 < 40
+    report = to_lora(llama["path"], tmp_path / "lora", rank=40).to_dict()  # b*r = 16 < 40
     assert all(m["rank"] == 16 and "capped at the update's rank 16" in m["note"] for m in report["modules"])
     assert "kept fewer triplets than asked" in caplog.text
     assert (_logits(_peft("llama", tmp_path / "lora")) - llama["bora_logits"]).abs().max() <= ATOL_LOGITS
@@ -204,7 +211,7 @@ def test_rank_above_the_update_rank_is_capped_and_lossless(llama, tmp_path, capl
 @pytest.mark.parametrize("fraction", [0.6, 0.9, 0.99])
 def test_energy_rank_is_minimal_against_a_dense_svd_and_loads_in_peft(qwen2, tmp_path, fraction):
     out = tmp_path / "lora"
-    report = to_lora(qwen2["path"], out, energy=fraction)
+    report = to_lora(qwen2["path"], out, energy=fraction).to_dict()
     layers = _lora_layers(_peft("qwen2", out))
     ranks = set()
     for m in report["modules"]:
@@ -221,28 +228,35 @@ def test_energy_rank_is_minimal_against_a_dense_svd_and_loads_in_peft(qwen2, tmp
 
 
 def test_energy_with_a_rank_cap(qwen2, tmp_path):
-    report = to_lora(qwen2["path"], tmp_path / "lora", energy=0.999, rank=2)
+    report = to_lora(qwen2["path"], tmp_path / "lora", energy=0.999, rank=2).to_dict()
     assert all(m["rank"] <= 2 for m in report["modules"])
     assert any(m["note"] and "capped by --rank 2" in m["note"] for m in report["modules"])
     assert {layer.r["default"] for layer in _lora_layers(_peft("qwen2", tmp_path / "lora")).values()} <= {1, 2}
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(0.0, 1e3, allow_nan=False), min_size=1, max_size=40).filter(lambda v: max(v) > 1e-3),
-       st.floats(1e-6, 1.0))
+@given(
+    st.lists(st.floats(0.0, 1e3, allow_nan=False), min_size=1, max_size=40).filter(lambda v: max(v) > 1e-3),
+    st.floats(1e-6, 1.0),
+)
 def test_energy_rank_matches_brute_force(values, fraction):
     s = torch.tensor(sorted(values, reverse=True), dtype=torch.float64)
     k = energy_rank(s, fraction)
     total = float((s**2).sum())
     assert float((s[:k] ** 2).sum()) >= fraction * total * (1 - 1e-12)
-    assert k == 1 or float((s[:k - 1] ** 2).sum()) < fraction * total * (1 + 1e-12)
+    assert k == 1 or float((s[: k - 1] ** 2).sum()) < fraction * total * (1 + 1e-12)
 
 
 # -- the two SVD routes against a dense float64 SVD --------------------------------------------------
 
+
 def _factors(kind: str, b: int, r: int, m: int, n: int):
     gen = torch.Generator().manual_seed(b * 1000 + m + n)
-    A, B, sigma = torch.randn(r, n, generator=gen), torch.randn(m, r, generator=gen), torch.randn(b, b, r, generator=gen)
+    A, B, sigma = (
+        torch.randn(r, n, generator=gen),
+        torch.randn(m, r, generator=gen),
+        torch.randn(b, b, r, generator=gen),
+    )
     if kind == "B zero":  # a fresh adapter
         B.zero_()
     elif kind == "one block zero":
@@ -258,8 +272,9 @@ def _factors(kind: str, b: int, r: int, m: int, n: int):
 
 
 @pytest.mark.parametrize("route", [gram_svd, factored_svd], ids=["gram", "qr"])
-@pytest.mark.parametrize("kind", ["random", "B zero", "one block zero", "repeated columns", "sigma row zero",
-                                  "ill-conditioned"])
+@pytest.mark.parametrize(
+    "kind", ["random", "B zero", "one block zero", "repeated columns", "sigma row zero", "ill-conditioned"]
+)
 @pytest.mark.parametrize("b, r, m, n", [(4, 16, 256, 128), (4, 16, 32, 64), (2, 3, 12, 8), (1, 8, 40, 30)])
 def test_svd_routes_match_a_dense_svd(route, kind, b, r, m, n):
     A, B, sigma = _factors(kind, b, r, m, n)
@@ -281,23 +296,30 @@ def test_svd_routes_match_a_dense_svd(route, kind, b, r, m, n):
     assert torch.allclose(u.T @ u, torch.eye(int(kept.sum()), dtype=torch.float64), atol=1e-6)
     k = max(1, svd.rank() // 2)
     b_k, a_k = svd.lora_factors(k, dtype=torch.float64)
-    assert float((dw - b_k @ a_k).norm()) == pytest.approx(float(dense[k:].square().sum().sqrt()), rel=1e-6, abs=tol * s0)
+    assert float((dw - b_k @ a_k).norm()) == pytest.approx(
+        float(dense[k:].square().sum().sqrt()), rel=1e-6, abs=tol * s0
+    )
 
 
 @pytest.mark.parametrize("vectors", [0, 1, 5, 64])
 def test_gram_svd_can_assemble_only_the_leading_vectors(vectors):
     A, B, sigma = _factors("random", 4, 16, 256, 128)
     whole, part = gram_svd(A, B, sigma, 1.5), gram_svd(A, B, sigma, 1.5, vectors=vectors)
-    assert torch.equal(part.S, whole.S) and part.U.shape == (256, min(vectors, 64)) and part.Vh.shape == (min(vectors, 64), 128)
+    assert (
+        torch.equal(part.S, whole.S)
+        and part.U.shape == (256, min(vectors, 64))
+        and part.Vh.shape == (min(vectors, 64), 128)
+    )
     assert torch.allclose(part.U, whole.U[:, :vectors]) and torch.allclose(part.Vh, whole.Vh[:vectors])
 
 
 # -- zero updates -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rank", ["full", 2])
 def test_fresh_adapter_becomes_rank_one_zero_factors_that_peft_loads(tmp_path, rank):
     fresh = _make(tmp_path, "gpt2", randomize=False)  # B = 0: every update is exactly zero
-    report = to_lora(fresh["path"], tmp_path / "lora", rank=rank)
+    report = to_lora(fresh["path"], tmp_path / "lora", rank=rank).to_dict()
     assert report["totals"]["zero_modules"] == len(report["modules"])
     assert all(m["rank"] == 1 and m["note"].startswith("zero update") for m in report["modules"])
     peft_model = _peft("gpt2", tmp_path / "lora")
@@ -312,7 +334,7 @@ def test_one_zero_module_among_others(tmp_path):
     zeroed = "model.layers.1.self_attn.o_proj"
     tensors[f"{PREFIX}{zeroed}.lora_B.weight"].zero_()
     save_file(tensors, case["path"] / WEIGHTS_NAME)
-    report = to_lora(case["path"], tmp_path / "lora", rank="full")
+    report = to_lora(case["path"], tmp_path / "lora", rank="full").to_dict()
     assert [m["name"] for m in report["modules"] if m["update_rank"] == 0] == [zeroed]
     layers = _lora_layers(_peft("llama", tmp_path / "lora"))
     assert layers[zeroed].r["default"] == 1 and layers["model.layers.0.self_attn.o_proj"].r["default"] == 16
@@ -322,10 +344,13 @@ def test_one_zero_module_among_others(tmp_path):
 
 # -- command line, report and plot ---------------------------------------------------------------
 
+
 def test_cli_json_report_file_and_table(llama, tmp_path):
     out, rep = tmp_path / "lora", tmp_path / "report.json"
-    res = CliRunner().invoke(cli, ["to-lora", str(llama["path"]), "--out", str(out), "--rank", "3",
-                                   "--report", str(rep), "--json", "--quiet"])
+    res = CliRunner().invoke(
+        cli,
+        ["to-lora", str(llama["path"]), "--out", str(out), "--rank", "3", "--report", str(rep), "--json", "--quiet"],
+    )
     assert res.exit_code == 0, res.output
     printed, written = json.loads(res.stdout), json.loads(rep.read_text())
     assert printed == written
@@ -341,8 +366,20 @@ def test_cli_json_report_file_and_table(llama, tmp_path):
 
 def test_plot_writes_a_png(qwen2, tmp_path):
     png = tmp_path / "spectra.png"
-    res = CliRunner().invoke(cli, ["to-lora", str(qwen2["path"]), "--out", str(tmp_path / "lora"),
-                                   "--energy", "0.9", "--plot", str(png), "--quiet"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "to-lora",
+            str(qwen2["path"]),
+            "--out",
+            str(tmp_path / "lora"),
+            "--energy",
+            "0.9",
+            "--plot",
+            str(png),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
@@ -351,16 +388,31 @@ def test_plot_writes_a_png(qwen2, tmp_path):
 def test_plot_without_matplotlib_is_one_clear_error_before_any_work(llama, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     out = tmp_path / "lora"
-    res = CliRunner().invoke(cli, ["to-lora", str(llama["path"]), "--out", str(out), "--rank", "2",
-                                   "--plot", str(tmp_path / "p.png")])
+    res = CliRunner().invoke(
+        cli, ["to-lora", str(llama["path"]), "--out", str(out), "--rank", "2", "--plot", str(tmp_path / "p.png")]
+    )
     assert res.exit_code == 1
-    assert res.stderr.strip() == "Error: --plot needs matplotlib, which is not installed (pip install 'bora-tools[plot]')"
+    assert (
+        res.stderr.strip() == "Error: --plot needs matplotlib, which is not installed (pip install 'bora-tools[plot]')"
+    )
     assert _no_leftovers(out)
 
 
-@pytest.mark.parametrize("args", [["--rank", "0"], ["--rank", "-3"], ["--rank", "abc"], ["--rank", "2.5"],
-                                  ["--energy", "0"], ["--energy", "1.01"], ["--energy", "-0.5"], ["--energy", "x"],
-                                  [], ["--rank", "full", "--energy", "0.5"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--rank", "0"],
+        ["--rank", "-3"],
+        ["--rank", "abc"],
+        ["--rank", "2.5"],
+        ["--energy", "0"],
+        ["--energy", "1.01"],
+        ["--energy", "-0.5"],
+        ["--energy", "x"],
+        [],
+        ["--rank", "full", "--energy", "0.5"],
+    ],
+)
 def test_usage_errors_exit_2_and_write_nothing(llama, tmp_path, args):
     out = tmp_path / "lora"
     res = CliRunner().invoke(cli, ["to-lora", str(llama["path"]), "--out", str(out), *args])
@@ -368,13 +420,16 @@ def test_usage_errors_exit_2_and_write_nothing(llama, tmp_path, args):
     assert "Traceback" not in res.output and _no_leftovers(out)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(rank=0), "--rank: expected a positive integer or 'full', found 0"),
-    (dict(rank="most"), "--rank: expected a positive integer or 'full', found 'most'"),
-    (dict(energy=1.5), "--energy: expected a fraction in (0, 1], found 1.5"),
-    (dict(rank="full", energy=0.5), "--rank full keeps everything and cannot be combined with --energy"),
-    (dict(), "give --rank K, --rank full or --energy F"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rank=0), "`rank`: expected a positive integer or 'full', found 0"),
+        (dict(rank="most"), "`rank`: expected a positive integer or 'full', found 'most'"),
+        (dict(energy=1.5), "`energy`: expected a fraction in (0, 1], found 1.5"),
+        (dict(rank="full", energy=0.5), "`rank` full keeps everything and cannot be combined with `energy`"),
+        (dict(), "give `rank` K, `rank` full or `energy` F"),
+    ],
+)
 def test_library_refuses_bad_policies(kwargs, message):
     with pytest.raises(ValidationError, match=re.escape(message)):
         RankPolicy.parse(**kwargs)
@@ -391,11 +446,22 @@ def test_refusals_are_one_line_and_leave_nothing(llama, tmp_path):
     (bad / "adapter_config.json").write_text("{not json")
     cases = [
         ([str(bad), "--out", str(out), "--rank", "2"], "adapter_config.json: not valid JSON"),
-        ([str(llama["path"]), "--out", str(llama["path"]), "--rank", "2", "--overwrite"], "is, contains or lies inside the input"),
-        ([str(llama["path"]), "--out", str(llama["path"].parent), "--rank", "2", "--overwrite"], "is, contains or lies inside the input"),
-        ([str(llama["path"]), "--out", str(out), "--rank", "2", "--report", str(out / "r.json")], "inside the LoRA adapter"),
-        ([str(llama["path"]), "--out", str(out), "--rank", "2", "--report", str(tmp_path / "missing" / "r.json")],
-         "does not exist"),
+        (
+            [str(llama["path"]), "--out", str(llama["path"]), "--rank", "2", "--overwrite"],
+            "is, contains or lies inside the input",
+        ),
+        (
+            [str(llama["path"]), "--out", str(llama["path"].parent), "--rank", "2", "--overwrite"],
+            "is, contains or lies inside the input",
+        ),
+        (
+            [str(llama["path"]), "--out", str(out), "--rank", "2", "--report", str(out / "r.json")],
+            "inside the LoRA adapter",
+        ),
+        (
+            [str(llama["path"]), "--out", str(out), "--rank", "2", "--report", str(tmp_path / "missing" / "r.json")],
+            "does not exist",
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append(([str(llama["path"]), "--out", str(out), "--rank", "2", "--device", "cuda"], "no CUDA device"))
@@ -440,8 +506,8 @@ def test_out_inside_the_input_is_refused(llama):
 
 
 def test_adapter_with_only_modules_to_save_is_refused_cleanly(tmp_path):
-    from bora_tools.checkpoint import BoraAdapter, save_adapter
-    from bora_tools.config import BoraConfig
+    from bora_tools.core.adapter import BoraAdapter, save_adapter
+    from bora_tools.core.config import BoraConfig
 
     cfg = BoraConfig(r=2, bora_blocks=1, modules_to_save=["lm_head"])
     src = save_adapter(BoraAdapter(cfg, {}, saved={"lm_head.weight": torch.randn(4, 4)}), tmp_path / "a")
@@ -451,8 +517,8 @@ def test_adapter_with_only_modules_to_save_is_refused_cleanly(tmp_path):
 
 
 def test_output_inside_the_input_is_refused(tmp_path):
-    from bora_tools.checkpoint import BoraAdapter, BoraModule, save_adapter
-    from bora_tools.config import BoraConfig
+    from bora_tools.core.adapter import BoraAdapter, BoraModule, save_adapter
+    from bora_tools.core.config import BoraConfig
 
     mod = BoraModule("q", torch.randn(2, 4), torch.randn(4, 2), torch.ones(1, 1, 2), 1.0)
     src = save_adapter(BoraAdapter(BoraConfig(r=2, bora_blocks=1), {"q": mod}), tmp_path / "a")
@@ -461,12 +527,15 @@ def test_output_inside_the_input_is_refused(tmp_path):
 
 
 def test_float16_overflow_names_the_tensor(tmp_path):
-    from bora_tools.checkpoint import BoraAdapter, BoraModule, save_adapter
-    from bora_tools.config import BoraConfig
+    from bora_tools.core.adapter import BoraAdapter, BoraModule, save_adapter
+    from bora_tools.core.config import BoraConfig
 
     mod = BoraModule("q", torch.full((2, 4), 1e5), torch.full((4, 2), 1e5), torch.ones(1, 1, 2), 1.0)
     src = save_adapter(BoraAdapter(BoraConfig(r=2, bora_blocks=1), {"q": mod}), tmp_path / "a")
-    result = CliRunner().invoke(cli, ["to-lora", str(src), "--out", str(tmp_path / "o"), "--rank", "1",
-                                      "--dtype", "float16"])
-    assert result.exit_code == 1 and "overflows float16" in result.stderr and "base_model.model.q.lora_" in result.stderr
+    result = CliRunner().invoke(
+        cli, ["to-lora", str(src), "--out", str(tmp_path / "o"), "--rank", "1", "--dtype", "float16"]
+    )
+    assert (
+        result.exit_code == 1 and "overflows float16" in result.stderr and "base_model.model.q.lora_" in result.stderr
+    )
     assert not (tmp_path / "o").exists()

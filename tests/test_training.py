@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from bora_tools.config import BoraConfig
+from bora_tools.core.config import BoraConfig
+from bora_tools.core.factors import delta_weight
+from bora_tools.demo.tiny import build_model, default_targets
 from bora_tools.errors import ConfigError, ShapeError
-from bora_tools.math import delta_weight
-from bora_tools.tiny import build_model, default_targets
 from bora_tools.training import BoraLinear, add_bora, bora_adapter, bora_modules, load_bora, randomize_bora, save_bora
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 150, 200, 7, 8, 299]])

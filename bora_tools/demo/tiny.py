@@ -41,34 +41,64 @@ def build_tokenizer(*, vocab_size: int = 300, text: str = TEXT):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([text], trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
-                          "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
     return fast
 
 
-def tiny_config(arch: str = "llama", *, vocab_size: int = 320, hidden: int = 64, layers: int = 2,
-                heads: int = 4, kv_heads: int = 2, intermediate: int = 128, tie: bool | None = None):
+def tiny_config(
+    arch: str = "llama",
+    *,
+    vocab_size: int = 320,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    tie: bool | None = None,
+):
     """A transformers config for a tiny model of ``arch`` (llama, mistral, qwen2, gpt2)."""
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     if arch == "gpt2":
-        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128, n_inner=intermediate,
-                          tie_word_embeddings=True if tie is None else tie, **common)
+        return GPT2Config(
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=128,
+            n_inner=intermediate,
+            tie_word_embeddings=True if tie is None else tie,
+            **common,
+        )
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}.get(arch)
     if cls is None:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {', '.join(ARCHS)}")
-    kwargs = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=128,
-                  rms_norm_eps=1e-5, tie_word_embeddings=(arch == "qwen2") if tie is None else tie, **common)
+    kwargs = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=(arch == "qwen2") if tie is None else tie,
+        **common,
+    )
     if arch == "mistral":
         kwargs["sliding_window"] = None
     return cls(**kwargs)
 
 
-def build_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float = 0.05, **config_kwargs):
+def build_model(
+    arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float = 0.05, **config_kwargs
+):
     """A causal LM with random weights (deterministic for ``seed``) in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
@@ -100,8 +130,15 @@ def save_model_dir(model, path: str | Path, *, tokenizer=None, max_shard_size: s
     return path
 
 
-def build_model_dir(path: str | Path, arch: str = "llama", *, max_shard_size: str | int | None = None,
-                    seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> Path:
+def build_model_dir(
+    path: str | Path,
+    arch: str = "llama",
+    *,
+    max_shard_size: str | int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **config_kwargs,
+) -> Path:
     """Build and save a tiny model directory in one call; returns ``path``."""
     model = build_model(arch, seed=seed, dtype=dtype, **config_kwargs)
     return save_model_dir(model, path, max_shard_size=max_shard_size)

@@ -1,6 +1,6 @@
 """The BoRA math as pure tensor functions (no I/O, any device).
 
-Notation (SPEC section 1): ``W`` is ``(m, n)`` (out, in); ``A`` is ``(r, n)``,
+Notation (docs/format.md, section 1): ``W`` is ``(m, n)`` (out, in); ``A`` is ``(r, n)``,
 ``B`` is ``(m, r)``, ``sigma`` is ``(b, b, r)`` and ``s`` the scaling. Block
 ``(i, j)`` of the update is ``s * B_i @ diag(sigma[i, j]) @ A_j``.
 

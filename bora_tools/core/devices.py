@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
-from bora_tools.errors import UnsupportedError
+from bora_tools.errors import UnsupportedError, ValidationError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -23,9 +23,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UnsupportedError("--device cuda: no CUDA device is available on this machine", hint="use --device cpu")
+        raise UnsupportedError("`device` cuda: no CUDA device is available on this machine", hint="use `device` cpu")
     if name not in DEVICE_CHOICES:
-        raise UnsupportedError(f"--device {name!r}: expected one of {', '.join(DEVICE_CHOICES)}")
+        raise ValidationError(f"`device` {name!r}: expected one of {', '.join(DEVICE_CHOICES)}")
     return torch.device(name)
 
 

@@ -2,7 +2,7 @@
 
 Each module becomes ``<gguf tensor>.lora_a`` ``(k, n)`` and ``.lora_b``
 ``(m, k)``: the exact LoRA form (``k = b*r``, no loss) or the best rank-``k``
-truncation, found from the factors without forming ``dW`` (``bora_tools.math``).
+truncation, found from the factors without forming ``dW`` (``bora_tools.core.factors``).
 
 llama.cpp scales every pair by ``adapter.lora.alpha / k`` (one alpha for the
 whole file, ``k`` read from the tensor). A BoRA adapter's scaling differs per
@@ -19,22 +19,32 @@ never to ``lora_a``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 import torch
 
-from bora_tools.checkpoint import PREFIX, BoraModule, check_against_base, load_adapter
-from bora_tools.devices import one_cpu_thread, resolve_device
+from bora_tools.core.adapter import PREFIX, BoraModule, check_against_base, load_adapter
+from bora_tools.core.devices import one_cpu_thread, resolve_device
+from bora_tools.core.lowrank import SVD_ROUTES, ZERO_NOTE, RankPolicy, balanced_exact_factors, convert_module
 from bora_tools.errors import UnsupportedError, raise_if_problems
-from bora_tools.gguf_hparams import read_hparams
-from bora_tools.gguf_write import (PlannedTensor, add_general, arch_spec, qk_heads, qk_row_order, tensor_report,
-                                   tensor_type, write_streaming)
-from bora_tools.lora import SVD_ROUTES, ZERO_NOTE, RankPolicy, balanced_exact_factors, convert_module
-from bora_tools.model_dir import ModelDir
-from bora_tools.output import atomic_output, check_target, refuse_output_over_inputs
+from bora_tools.gguf.hparams import read_hparams
+from bora_tools.gguf.report import ExportReport
+from bora_tools.gguf.writer import (
+    PlannedTensor,
+    add_general,
+    arch_spec,
+    qk_heads,
+    qk_row_order,
+    tensor_report,
+    tensor_type,
+    write_streaming,
+)
+from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
+from bora_tools.io.model_dir import ModelDir
 from bora_tools.progress import Progress, no_progress
 
 Factors = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> (B_k (m, k), A_k (k, n)), scaling included
@@ -42,7 +52,7 @@ Factors = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> (B_k (m, k), 
 
 def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, *, rank: int | str = "full",
                 outtype: str = "f16", overwrite: bool = False, device: str | torch.device = "auto",
-                progress: Progress = no_progress) -> dict[str, Any]:
+                progress: Progress = no_progress) -> ExportReport:
     """Write the adapter at ``adapter_dir`` as a llama.cpp LoRA GGUF for the model at ``base_dir``.
 
     ``device`` runs the per-module work (truncated SVD, exact factors) there;
@@ -83,9 +93,9 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
         with atomic_output(out, overwrite=overwrite) as tmp:
             write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF LoRA")
     notes = [f"{r['module']}: {r['note']}" for r in rows if r["note"]]
-    return {"kind": "lora", "out": str(out), "architecture": spec.name, "hf_architecture": base.architecture,
-            "outtype": outtype, **tensor_report(plan), "bytes": out.stat().st_size, "alpha": alpha, "rank": rank,
-            "modules": rows, "adapter": str(adapter_dir), "notes": notes, "warnings": []}
+    return ExportReport(kind="lora", out=str(out), architecture=spec.name, hf_architecture=base.architecture,
+                        outtype=outtype, **tensor_report(plan), bytes=out.stat().st_size, alpha=alpha, rank=rank,
+                        modules=rows, adapter=str(adapter_dir), notes=notes, warnings=[])
 
 
 def _plan(modules, prepared: dict, names: dict[str, str], *, alpha: float, outtype: str,
@@ -115,7 +125,7 @@ def _check(adapter, base: ModelDir, spec, *, n_layer: int) -> dict[str, str]:
     if adapter.saved:
         keys = ", ".join(PREFIX + k for k in sorted(adapter.saved))
         raise UnsupportedError(f"{source}: modules_to_save tensors ({keys}) cannot be expressed in a llama.cpp LoRA",
-                               hint="export the merged model instead with --merge")
+                               hint="export the merged model instead with `merge`")
     check_against_base(adapter, base.shape_of, source=source)
     tmap = gguf.get_tensor_name_map(spec.arch, n_layer)
     names, problems = {}, []

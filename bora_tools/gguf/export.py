@@ -4,13 +4,13 @@ Three sources, one entry point (``export_gguf``):
 
 - a model directory -> a full GGUF (weights, hyperparameters, tokenizer);
 - an adapter with ``base`` -> a GGUF LoRA adapter for llama.cpp's ``--lora``
-  (``bora_tools.gguf_lora``);
+  (``bora_tools.gguf.lora``);
 - an adapter with ``base`` and ``merge`` -> the merged model as a full GGUF in
   one pass: each adapted weight is merged (``bora_tools.merge.merged_weight``)
   just before it is written, and no merged safetensors ever exist.
 
 Everything is checked before the first byte is written; tensors then stream
-to disk one at a time (``bora_tools.gguf_write``), so memory holds about one
+to disk one at a time (``bora_tools.gguf.writer``), so memory holds about one
 tensor whatever the model's size.
 """
 
@@ -21,32 +21,47 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gguf
 import torch
 
-from bora_tools.checkpoint import BoraModule, load_adapter
-from bora_tools.config import CONFIG_NAME
-from bora_tools.devices import resolve_device
-from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
-from bora_tools.gguf_hparams import Hparams, add_hparams, read_hparams, rope_freq_factors
-from bora_tools.gguf_vocab import read_vocab
-from bora_tools.gguf_write import (OUTTYPES, ArchSpec, PlannedTensor, add_general, arch_spec, qk_heads, qk_row_order,
-                                   row_blocks, tensor_report, tensor_type, whole, write_streaming)
-from bora_tools.model_dir import ModelDir, TensorEntry, read_rows
-from bora_tools.output import atomic_output, check_target, refuse_output_over_inputs
+from bora_tools.core.adapter import BoraModule, load_adapter
+from bora_tools.core.config import CONFIG_NAME
+from bora_tools.core.devices import resolve_device
+from bora_tools.core.lowrank import parse_rank
+from bora_tools.core.row_merge import RowMerger, chunk_elements, merge_plan, row_chunks
+from bora_tools.errors import ConfigError, UnsupportedError, ValidationError, raise_if_problems
+from bora_tools.gguf.hparams import Hparams, add_hparams, read_hparams, rope_freq_factors
+from bora_tools.gguf.report import ExportReport
+from bora_tools.gguf.vocab import read_vocab
+from bora_tools.gguf.writer import (
+    OUTTYPES,
+    ArchSpec,
+    PlannedTensor,
+    add_general,
+    arch_spec,
+    qk_heads,
+    qk_row_order,
+    tensor_report,
+    tensor_type,
+    whole,
+    write_streaming,
+)
+from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
+from bora_tools.io.model_dir import ModelDir, TensorEntry, read_rows
+from bora_tools.io.safetensors import FLOAT_ST_DTYPES
 from bora_tools.progress import Progress, logger, no_progress
 
 #: Tensors the HF checkpoints may carry that llama.cpp recomputes itself.
 _SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None = None, merge: bool = False,
                 rank: int | str = "full", outtype: str = "f16", overwrite: bool = False, device: str = "auto",
-                progress: Progress = no_progress) -> dict[str, Any]:
+                progress: Progress = no_progress) -> ExportReport:
     """Export a model directory, or an adapter (with ``base``), as GGUF for llama.cpp.
 
     Example::
@@ -64,20 +79,21 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
         A report: kind, path, architecture, tensor types, fallbacks, vocabulary, timings.
 
     Raises:
-        ConfigError: contradictory options (an adapter without ``base``, ...).
+        ValidationError: contradictory options (an adapter without ``base``, ...).
         UnsupportedError: an architecture or setting llama.cpp export does not handle.
         ModelDirError, CheckpointError, ShapeError: bad inputs, named.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
         OutputWriteError: ``out`` is, holds or lies inside an input (inputs are never modified).
     """
     source, out = Path(source), Path(out)
+    rank = parse_rank(rank)
     _check_options(source, base=base, merge=merge, rank=rank, outtype=outtype)
     refuse_output_over_inputs(out, source, *([base] if base is not None else []))
     start = time.perf_counter()
     with _quiet_gguf_py():
         report = _dispatch(source, out, base=base, merge=merge, rank=rank, outtype=outtype, overwrite=overwrite,
                            device=device, progress=progress)
-    report["seconds"] = round(time.perf_counter() - start, 3)
+    report.seconds = round(time.perf_counter() - start, 3)
     return report
 
 
@@ -95,13 +111,13 @@ def _quiet_gguf_py() -> Iterator[None]:
 
 
 def _dispatch(source: Path, out: Path, *, base: Any, merge: bool, rank: int | str, outtype: str, overwrite: bool,
-              device: str, progress: Progress) -> dict[str, Any]:
+              device: str, progress: Progress) -> ExportReport:
     if base is None:
         return export_model(ModelDir.open(source), out, outtype=outtype, overwrite=overwrite, progress=progress)
     if merge:
         return _export_merged(source, Path(base), out, outtype=outtype, overwrite=overwrite, device=device,
                               progress=progress)
-    from bora_tools.gguf_lora import export_lora
+    from bora_tools.gguf.lora import export_lora
 
     return export_lora(source, Path(base), out, rank=rank, outtype=outtype, overwrite=overwrite, device=device,
                        progress=progress)
@@ -109,24 +125,22 @@ def _dispatch(source: Path, out: Path, *, base: Any, merge: bool, rank: int | st
 
 def _check_options(source: Path, *, base: Any, merge: bool, rank: Any, outtype: str) -> None:
     if outtype not in OUTTYPES:
-        raise ConfigError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
+        raise ValidationError(f"`outtype` {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     is_adapter = (source / CONFIG_NAME).is_file()
     if is_adapter and base is None:
-        raise ConfigError(f"{source} is an adapter: give --base BASE (the model directory it was trained on)")
+        raise ValidationError(f"{source} is an adapter: give `base` (the model directory it was trained on)")
     if not is_adapter and base is not None:
-        raise ConfigError(f"{source} has no {CONFIG_NAME}: --base applies only when SOURCE is an adapter")
+        raise ValidationError(f"{source} has no {CONFIG_NAME}: `base` applies only when `source` is an adapter")
     if merge and base is None:
-        raise ConfigError("--merge needs an adapter as SOURCE and --base BASE")
+        raise ValidationError("`merge` needs an adapter as `source` and `base`")
     if rank != "full" and (base is None or merge):
-        raise ConfigError("--rank applies only to a LoRA adapter export (an adapter with --base, without --merge)")
-    if rank != "full" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-        raise ConfigError(f"--rank {rank!r}: expected a positive integer or 'full'")
+        raise ValidationError("`rank` applies only to a LoRA adapter export (an adapter with `base`, without `merge`)")
 
 
 def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite: bool = False,
                  replacements: dict[str, BoraModule | torch.Tensor] | None = None,
                  device: torch.device | str = "cpu", progress: Progress = no_progress,
-                 kind: str = "model") -> dict[str, Any]:
+                 kind: str = "model") -> ExportReport:
     """Write ``model`` (with ``replacements`` merged in, if any) as a full GGUF file.
 
     ``replacements`` maps base tensor names to a ``BoraModule`` (written as
@@ -159,10 +173,10 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
     vocab.add_to(writer)
     with atomic_output(out, overwrite=overwrite) as tmp:
         write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF")
-    return {"kind": kind, "out": str(out), "architecture": spec.name, "hf_architecture": model.architecture,
-            "outtype": outtype, **tensor_report(plan), "bytes": out.stat().st_size,
-            "merged_tensors": sum(1 for p in plan if p.source.endswith("(merged)")),
-            "vocab": vocab.summary(), "warnings": warnings}
+    return ExportReport(kind=kind, out=str(out), architecture=spec.name, hf_architecture=model.architecture,
+                        outtype=outtype, **tensor_report(plan), bytes=out.stat().st_size,
+                        merged_tensors=sum(1 for p in plan if p.source.endswith("(merged)")),
+                        vocab=vocab.summary(), warnings=warnings)
 
 
 def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: str, *,
@@ -198,7 +212,7 @@ def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: st
             if gname is None:
                 unsupported.append(f"{entry.name}: no llama.cpp {spec.name} tensor corresponds to it")
                 continue
-            if entry.dtype not in _FLOAT_DTYPES:
+            if entry.dtype not in FLOAT_ST_DTYPES:
                 unsupported.append(f"{entry.name}: dtype {entry.dtype} is not a float type")
                 continue
             problems.extend(_shape_problems(entry, gname, hp))
@@ -237,22 +251,22 @@ def _planned(entry: TensorEntry, gname: str, hp: Hparams, outtype: str, spec: Ar
             return
         merger = None
         if isinstance(replacement, BoraModule):
-            from bora_tools.merge import RowMerger
-
             # W + dW in float32, a block of rows at a time; rounded once when converted.
             merger = RowMerger(replacement, fan_in_fan_out=False, device=device)
         cols = math.prod(entry.shape[1:])
         fd = os.open(entry.shard, os.O_RDONLY)
         try:
-            for start, stop in row_blocks(entry.shape[0] if entry.shape else 1, cols, align=head_rows):
+            rows = entry.shape[0] if entry.shape else 1
+            for start, stop in row_chunks(rows, cols, chunk=chunk_elements(device), align=head_rows):
                 block = read_rows(entry, start, stop, fd=fd)
                 yield permuted(merger.rows(block, start) if merger else block)
         finally:
             os.close(fd)
 
     how = "(merged)" if isinstance(replacement, BoraModule) else "(modules_to_save)" if replacement is not None else ""
-    return PlannedTensor(gname, tuple(entry.shape), qtype, chunks, source=f"{entry.name} {how}".strip(),
-                         fallback=fallback)
+    return PlannedTensor(
+        gname, tuple(entry.shape), qtype, chunks, source=f"{entry.name} {how}".strip(), fallback=fallback
+    )
 
 
 def _warnings(model: ModelDir, hp: Hparams, plan: list[PlannedTensor], outtype: str) -> list[str]:
@@ -260,60 +274,39 @@ def _warnings(model: ModelDir, hp: Hparams, plan: list[PlannedTensor], outtype: 
     fallbacks = [p.name for p in plan if p.fallback]
     if fallbacks:
         shown = ", ".join(fallbacks[:4]) + (f" and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else "")
-        out.append(f"{len(fallbacks)} tensor(s) written as F16 instead of {outtype.upper()}: their rows are not a "
-                   f"multiple of 32 ({shown})")
+        out.append(
+            f"{len(fallbacks)} tensor(s) written as F16 instead of {outtype.upper()}: their rows are not a "
+            f"multiple of 32 ({shown})"
+        )
     window = model.config.get("sliding_window")
     if model.architecture == "MistralForCausalLM" and isinstance(window, int) and window < hp.n_ctx:
-        out.append(f"sliding_window {window}: llama.cpp runs this model with full attention; sequences longer "
-                   f"than {window} tokens will differ")
+        out.append(
+            f"sliding_window {window}: llama.cpp runs this model with full attention; sequences longer "
+            f"than {window} tokens will differ"
+        )
     for w in out:
         logger.warning(w)
     return out
 
 
-def _export_merged(adapter_dir: Path, base_dir: Path, out: Path, *, outtype: str, overwrite: bool, device: str,
-                   progress: Progress) -> dict[str, Any]:
-    from bora_tools.merge import merge_plan
-
+def _export_merged(
+    adapter_dir: Path, base_dir: Path, out: Path, *, outtype: str, overwrite: bool, device: str, progress: Progress
+) -> ExportReport:
     refuse_output_over_inputs(out, adapter_dir, base_dir)
     adapter = load_adapter(adapter_dir)
     base = ModelDir.open(base_dir)
     if adapter.config.fan_in_fan_out:
         raise UnsupportedError(f"{adapter_dir}: fan_in_fan_out adapters (GPT-2 Conv1D) have no GGUF export")
     replacements = merge_plan(adapter, base)
-    report = export_model(base, out, outtype=outtype, overwrite=overwrite, replacements=replacements,
-                          device=resolve_device(device), progress=progress, kind="merged")
-    report["adapter"] = str(adapter_dir)
+    report = export_model(
+        base,
+        out,
+        outtype=outtype,
+        overwrite=overwrite,
+        replacements=replacements,
+        device=resolve_device(device),
+        progress=progress,
+        kind="merged",
+    )
+    report.adapter = str(adapter_dir)
     return report
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """A few human-readable lines for the CLI.
-
-    Example: ``print(format_report(export_gguf("models/tiny", "t.gguf")))``
-    """
-    types = ", ".join(f"{n} {t}" for t, n in sorted(report.get("types", {}).items()))
-    lines = [f"wrote {report['out']} ({report['bytes'] / 2**20:.1f} MiB, {report['kind']}, "
-             f"llama.cpp arch {report['architecture']}) in {report.get('seconds', 0):.1f} s",
-             f"tensors: {report['tensors']} ({types})"]
-    if "vocab" in report:
-        v = report["vocab"]
-        lines.append(f"tokenizer: {v['model']} / pre-tokenizer {v['pre']}, {v['tokens']} tokens"
-                     + (f" ({v['padded']} padding)" if v["padded"] else "") + f" from {v['source']}")
-    if report.get("merged_tensors"):
-        lines.append(f"merged: {report['merged_tensors']} adapted weights merged in one pass from {report['adapter']}")
-    modules = report.get("modules", [])
-    if modules:
-        ranks = sorted({m["rank"] for m in modules})
-        worst = max(modules, key=lambda m: m["relative_error"])
-        lines.append(f"LoRA: {len(modules)} modules, rank {'/'.join(map(str, ranks))}, adapter.lora.alpha "
-                     f"{report['alpha']:g} (each module's scaling folded into lora_b); largest relative error "
-                     f"{worst['relative_error']:.2e} ({worst['gguf_name']})")
-    for m in modules if len(modules) <= 16 else []:
-        lines.append(f"  {m['gguf_name']:<28} rank {m['rank']:>4} / {m['max_rank']:<4} "
-                     f"rel. error {m['relative_error']:.2e}")
-    lines.extend(f"note: {note}" for note in report.get("notes", []))
-    if report.get("fallbacks"):
-        lines.append(f"{len(report['fallbacks'])} tensor(s) kept as F16: rows not a multiple of 32")
-    return "\n".join(lines)
-

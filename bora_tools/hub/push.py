@@ -16,22 +16,24 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from bora_tools.errors import HubError, UnsafePathError, UnsupportedError
-from bora_tools.model_card import build_model_card, describe_source, render_card
+from bora_tools.hub.card import build_model_card, describe_source, render_card
 from bora_tools.progress import logger
+from bora_tools.report import Report
 
-__all__ = ["PushResult", "build_model_card", "push"]
+__all__ = ["PushReport", "build_model_card", "push"]
 
 CARD_NAME = "README.md"
-_LOGIN_HINT = "pass --token, set HF_TOKEN, or run `hf auth login`"
+_LOGIN_HINT = "pass `token`, set HF_TOKEN, or run 'hf auth login'"
 
 
 @dataclass(frozen=True)
-class PushResult:
+class PushReport(Report):
     """What ``push`` did: the commit (or the unchanged head), the files sent, whether a card was written."""
 
     repo_id: str
@@ -43,14 +45,20 @@ class PushResult:
     files: list[str]
     card_written: bool
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_text(self) -> str:
+        lines = [f"Pushed {len(self.files)} file(s) to {self.repo_id}@{self.revision}"
+                 + (" as a pull request" if self.pr_url else "")
+                 + (", with a generated model card" if self.card_written else ""),
+                 f"Commit: {self.commit_url}"]
+        if self.pr_url:
+            lines.append(f"Pull request: {self.pr_url}")
+        return "\n".join(lines)
 
 
 def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
          create_pr: bool = False, commit_message: str | None = None, token: str | None = None,
          include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
-         base_model: str | None = None, endpoint: str | None = None) -> PushResult:
+         base_model: str | None = None, endpoint: str | None = None) -> PushReport:
     """Upload ``path`` (a directory, or one ``.gguf`` file) to the model repo ``repo_id`` in one commit.
 
     When ``path`` has no ``README.md``, a model card describing it is added to the upload (``path`` itself
@@ -69,7 +77,7 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
         endpoint: the Hub's URL; ``None`` uses ``HF_ENDPOINT`` or https://huggingface.co.
 
     Returns:
-        A ``PushResult`` with the commit URL and oid, the pull request URL and the files sent.
+        A ``PushReport`` with the commit URL and oid, the pull request URL and the files sent.
 
     Raises:
         HubError: missing or rejected token, no write access, unknown repo or revision, Hub unreachable.
@@ -91,7 +99,7 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
         rendered = render_card(source, title=repo_id.split("/")[-1], repo_id=repo_id, base_model=base_model)
         card = str(rendered).encode("utf-8")
     if not files and card is None:
-        raise UnsupportedError(f"{path}: no file left to upload after --include/--exclude")
+        raise UnsupportedError(f"{path}: no file left to upload after `include`/`exclude`")
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(local)) for name, local in files]
     if card is not None:
         operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card))
@@ -107,7 +115,7 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision,
                                  create_pr=create_pr)
-    return PushResult(repo_id=repo_id, repo_url=str(repo_url), revision=revision or "main",
+    return PushReport(repo_id=repo_id, repo_url=str(repo_url), revision=revision or "main",
                       commit_url=info.commit_url, commit_oid=info.oid, pr_url=info.pr_url,
                       files=sorted(op.path_in_repo for op in operations), card_written=card is not None)
 
@@ -171,8 +179,13 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 @contextlib.contextmanager
 def hub_errors(*, endpoint: str, repo_id: str, revision: str | None, token: str | None) -> Iterator[None]:
     """Turn huggingface_hub's failures into one-line ``HubError``s that never contain the token."""
-    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         yield
@@ -181,14 +194,14 @@ def hub_errors(*, endpoint: str, repo_id: str, revision: str | None, token: str 
     except HFValidationError as e:
         raise HubError(f"invalid REPO_ID {repo_id!r}: {_scrub(e, token)}", hint="REPO_ID is owner/name") from e
     except RevisionNotFoundError as e:
-        raise HubError(f"{repo_id}: revision {revision!r} not found", hint="check --revision") from e
+        raise HubError(f"{repo_id}: revision {revision!r} not found", hint="check `revision`") from e
     except HfHubHTTPError as e:
         status = e.response.status_code if getattr(e, "response", None) is not None else None
         if status == 401:
             raise _unauthorized(endpoint, token) from e
         if status == 403:
             raise HubError(f"{repo_id}: the token may not write to this repo (403 Forbidden)",
-                           hint="use a token with write access to this namespace, or --create-pr") from e
+                           hint="use a token with write access to this namespace, or `create_pr`") from e
         if status == 404 or isinstance(e, RepositoryNotFoundError):
             raise HubError(f"{repo_id}: repository not found at {endpoint}",
                            hint="check REPO_ID and that the token can see the repo") from e

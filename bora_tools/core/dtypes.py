@@ -6,10 +6,27 @@ import math
 
 import torch
 
-from bora_tools.errors import UnsupportedError
+from bora_tools.errors import UnsupportedError, ValidationError
 
-#: --dtype names -> torch dtypes (``auto`` is resolved by each command).
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The float dtypes a user names (``dtype="bfloat16"``) -> torch dtypes. The one user-facing dtype table;
+#: the on-disk names (``F32``, ``BF16``, ...) are ``io.safetensors.ST_DTYPES``.
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str, *, allow_auto: bool = False) -> torch.dtype | None:
+    """The torch dtype a user named; ``None`` for ``auto`` (keep the input's) when ``allow_auto``.
+
+    Example: ``parse_dtype("bfloat16")`` -> ``torch.bfloat16``.
+
+    Raises:
+        ValidationError: a name outside ``FLOAT_DTYPES`` (or ``auto`` where it is not allowed).
+    """
+    if allow_auto and name == "auto":
+        return None
+    if name not in FLOAT_DTYPES:
+        names = (["auto"] if allow_auto else []) + list(FLOAT_DTYPES)
+        raise ValidationError(f"`dtype` {name!r}: expected one of {', '.join(names)}")
+    return FLOAT_DTYPES[name]
 
 
 def cast_finite(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:

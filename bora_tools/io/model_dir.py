@@ -1,4 +1,4 @@
-"""Hugging Face model directories: config, shards, index, lazy tensor access (SPEC section 3).
+"""Hugging Face model directories: config, shards, index, lazy tensor access (docs/format.md, section 3).
 
 Headers are parsed and checked here (sizes, offsets, dtypes) so that a file
 that lies about itself is refused before any work. Tensors are read with plain
@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from bora_tools.config import read_json
 from bora_tools.errors import ModelDirError, UnsafePathError, raise_if_problems
+from bora_tools.io.json import read_json
+from bora_tools.io.safetensors import ST_DTYPES
 from bora_tools.progress import logger
 
 SINGLE_FILE = "model.safetensors"
@@ -29,15 +30,6 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 #: Files holding weights in some format; only the model's own shards are used.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf", ".h5", ".msgpack")
 
-#: safetensors dtype name -> (bytes per element, torch dtype)
-DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
-    "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
-    "I64": (8, torch.int64), "I32": (4, torch.int32), "I16": (2, torch.int16), "I8": (1, torch.int8),
-    "U8": (1, torch.uint8), "BOOL": (1, torch.bool), "U16": (2, getattr(torch, "uint16", None)),
-    "U32": (4, getattr(torch, "uint32", None)), "U64": (8, getattr(torch, "uint64", None)),
-    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)), "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
-}
-TORCH_TO_ST = {dt: name for name, (_, dt) in DTYPES.items() if dt is not None}
 
 
 @dataclass(frozen=True)
@@ -57,7 +49,7 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][1]
+        return ST_DTYPES[self.dtype][1]
 
 
 @dataclass
@@ -83,7 +75,9 @@ def read_header(path: str | Path) -> ShardHeader:
             raise ModelDirError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ModelDirError(f"{path}: corrupt safetensors header: header length {n} exceeds the file ({size} bytes)")
+            raise ModelDirError(
+                f"{path}: corrupt safetensors header: header length {n} exceeds the file ({size} bytes)"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -110,17 +104,20 @@ def _entry(path: Path, name: str, info: Any, data_start: int, data_size: int) ->
     if not isinstance(info, dict):
         raise bad("entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES or DTYPES[dtype][1] is None:
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES or ST_DTYPES[dtype][1] is None:
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise bad(f"data_offsets {offsets!r} is not a pair of integers")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise bad(f"data_offsets {offsets} fall outside the {data_size} data bytes of the file (truncated?)")
-    want = math.prod(shape) * DTYPES[dtype][0]
+    want = math.prod(shape) * ST_DTYPES[dtype][0]
     if end - begin != want:
         raise bad(f"{end - begin} bytes for a {dtype} tensor of shape {tuple(shape)} (expected {want})")
     return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
@@ -201,7 +198,7 @@ class ModelDir:
         self.index = index
 
     @classmethod
-    def open(cls, path: str | Path) -> "ModelDir":
+    def open(cls, path: str | Path) -> ModelDir:
         """Open and validate a model directory (config, index, shard names, headers).
 
         Raises:
@@ -289,8 +286,9 @@ class ModelDir:
                 continue
             (stale if _is_weights(p.name) else keep).append(p.name)
         if stale:
-            logger.warning("%s: not copied, weight files that are not this model's shards: %s",
-                           self.path, ", ".join(stale))
+            logger.warning(
+                "%s: not copied, weight files that are not this model's shards: %s", self.path, ", ".join(stale)
+            )
         return [safe_member(self.path, name) for name in keep]
 
     @property

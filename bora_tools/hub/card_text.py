@@ -1,4 +1,4 @@
-"""The Markdown body of the model cards ``bora-tools push`` writes (metadata: ``model_card.py``).
+"""The Markdown body of the model cards ``bora-tools push`` writes (metadata: ``hub/card.py``).
 
 One function per kind of source. Each tells a reader what the files are, how to
 use them (the PEFT snippet, the llama.cpp command) and which bora-tools
@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bora_tools.model_card import Source
+    from bora_tools.hub.sources import Source
 
 PAPER = "[arXiv 2508.06953](https://arxiv.org/abs/2508.06953)"
 
 
-def card_body(source: "Source", *, bases: list[str], title: str, repo_id: str | None) -> str:
+def card_body(source: Source, *, bases: list[str], title: str, repo_id: str | None) -> str:
     """The Markdown that follows the card's YAML header; ``bases`` are Hub ids, checked by the caller."""
     ctx = {"repo": repo_id or "OWNER/NAME", "base": bases[0] if bases else None}
     writer = {"bora": _bora, "lora": _lora, "peft": _lora, "model": _model, "gguf-model": _gguf_model,

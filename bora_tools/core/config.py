@@ -1,4 +1,4 @@
-"""``adapter_config.json`` for BoRA (SPEC section 2), with PEFT's matching rules."""
+"""``adapter_config.json`` for BoRA (docs/format.md, section 2), with PEFT's matching rules."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bora_tools.errors import ConfigError, raise_if_problems
+from bora_tools.io.json import read_json
 from bora_tools.progress import logger
 
 PEFT_TYPE = "BORA"
@@ -90,7 +91,11 @@ class BoraConfig:
             if not isinstance(getattr(self, key), bool):
                 p.append(f"{key}: expected true or false, found {getattr(self, key)!r}")
         tm = self.target_modules
-        if tm is not None and not isinstance(tm, str) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+        if (
+            tm is not None
+            and not isinstance(tm, str)
+            and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm))
+        ):
             p.append(f"target_modules: expected a list of names or one regex string, found {tm!r}")
         if isinstance(tm, str):
             p.extend(_regex_problems("target_modules", [tm]))
@@ -126,7 +131,7 @@ class BoraConfig:
         return {**self.extra, **data}
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = CONFIG_NAME) -> "BoraConfig":
+    def from_dict(cls, data: Any, *, source: str = CONFIG_NAME) -> BoraConfig:
         """Build from parsed JSON; unknown keys are kept in ``extra`` with a warning."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, found {type(data).__name__}")
@@ -148,24 +153,12 @@ class BoraConfig:
             raise ConfigError(str(e).replace(CONFIG_NAME, source, 1)) from None
 
     @classmethod
-    def load(cls, directory: str | Path) -> "BoraConfig":
+    def load(cls, directory: str | Path) -> BoraConfig:
         path = Path(directory) / CONFIG_NAME
         return cls.from_dict(read_json(path), source=str(path))
 
     def save(self, directory: str | Path) -> None:
         (Path(directory) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: Path, *, error: type = ConfigError) -> Any:
-    """Parse a JSON file, turning every failure into one line naming the file."""
-    if not path.is_file():
-        raise error(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
 
 
 def _is_int(v: Any) -> bool:

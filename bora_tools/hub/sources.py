@@ -1,32 +1,22 @@
-"""Model cards for ``bora-tools push``: tell what a path holds, then describe it.
+"""What a path holds, for ``push`` and its model cards: the kind of source, its base models, details.
 
 A path holds one of: a BoRA adapter (``adapter_config.json`` with
 ``"peft_type": "BORA"``), a PEFT adapter (LoRA or another ``peft_type``), a
 full or merged model (``config.json`` and weights), or GGUF files (a full
-model or a LoRA adapter, told apart by ``general.type``). The card's metadata
-follows the Hub's model-card spec; ``base_model`` is only ever a Hub id, never
-a local path. Cards are deterministic (no dates), so pushing the same
-directory twice yields the same ``README.md`` and no new commit.
+model or a LoRA adapter, told apart by ``general.type``). Files are read with
+the project's checked readers, never trusted.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from bora_tools.config import read_json
+from bora_tools.core.adapter import SUFFIX_A
 from bora_tools.errors import ConfigError
-from bora_tools.model_dir import read_header
-from bora_tools.progress import logger
-
-if TYPE_CHECKING:
-    from huggingface_hub import ModelCard
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
-_HUB_URL = re.compile(r"^https://huggingface\.co/(?:models/)?([^/]+/[^/]+?)/?$")
+from bora_tools.io.json import read_json
+from bora_tools.io.model_dir import read_header
 
 # What each kind of source writes into the card's metadata. base_model_relation uses the Hub's
 # four values: adapters are "adapter"; a full model made by merging one adapter into one base is a
@@ -60,42 +50,6 @@ class Source:
     @property
     def label(self) -> str:
         return KINDS[self.kind]["label"]
-
-
-def hub_model_id(value: Any, *, what: str) -> str | None:
-    """``value`` when it names a model on the Hub (``owner/name``), else ``None`` with a warning.
-
-    Local paths never reach a card: absolute paths, paths starting with ``.`` or ``/``, anything that
-    exists on disk and anything not of the form ``owner/name`` are dropped.
-
-    Example: ``hub_model_id("meta-llama/Llama-3.2-1B", what="base model")`` -> ``"meta-llama/Llama-3.2-1B"``.
-    """
-    if not value:
-        return None
-    text = str(value).strip()
-    match = _HUB_URL.match(text)
-    if match:
-        text = match.group(1)
-    local = os.path.isabs(text) or text.startswith((".", "/", "~")) or os.path.exists(text)
-    if local or not _HUB_ID.match(text):
-        logger.warning(f"{what} {text!r} is not a Hub model id (owner/name), so the model card leaves "
-                       "base_model out (give the base model's Hub id with --base-model to record it)")
-        return None
-    return text
-
-
-def card_base_models(source: Source, *, base_model: str | None = None) -> list[str]:
-    """The Hub ids a card may name as ``base_model``: ``base_model`` if given, else those the files name.
-
-    Example: ``card_base_models(describe_source(Path("adapter")))`` -> ``["org/base-model"]``.
-    """
-    refs, what = ([base_model], "base model") if base_model is not None else (source.base_refs, source.base_from)
-    ids: list[str] = []
-    for ref in refs:
-        ref_id = hub_model_id(ref, what=what)
-        if ref_id and ref_id not in ids:
-            ids.append(ref_id)
-    return ids
 
 
 def describe_source(path: Path) -> Source:
@@ -144,7 +98,7 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
 
 
 def _adapter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
-    modules = {k.rsplit(".lora_A.", 1)[0] for k in shapes if ".lora_A." in k}
+    modules = {k[: -len(SUFFIX_A)] for k in shapes if k.endswith(SUFFIX_A)}
     params = 0
     for shape in shapes.values():
         count = 1
@@ -198,47 +152,3 @@ def _read_gguf(path: Path) -> dict[str, Any]:
             "name": value(general.NAME), "file_type": type_name, "lora_alpha": value(gguf.Keys.Adapter.LORA_ALPHA),
             "source": [s for s in [value(general.SOURCE_REPO_URL)] if s], "bases": [b for b in bases if b],
             "derived": count > 0}  # names a base model, even one known only by name: a fine-tune of it
-
-
-def build_model_card(path: Path, *, repo_id: str | None = None, base_model: str | None = None) -> "ModelCard":
-    """A ``huggingface_hub.ModelCard`` describing what ``path`` holds and how to use it.
-
-    ``base_model`` (a Hub id) replaces whatever the files say about their base model.
-
-    Example::
-
-        card = build_model_card(Path("out/adapter"), repo_id="me/my-bora")
-        card.data.base_model_relation   # "adapter"
-    """
-    source = describe_source(Path(path))
-    title = (repo_id or Path(path).name).split("/")[-1]
-    return render_card(source, title=title, repo_id=repo_id, base_model=base_model)
-
-
-def render_card(source: Source, *, title: str, repo_id: str | None = None,
-                base_model: str | None = None) -> "ModelCard":
-    """The card for an already described ``source`` (see ``build_model_card``)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from bora_tools.model_card_text import card_body
-
-    kind = KINDS[source.kind]
-    bases = card_base_models(source, base_model=base_model)
-    meta: dict[str, Any] = {"library_name": kind["library_name"], "tags": list(kind["tags"])}
-    if bases:
-        meta["base_model"] = bases[0] if len(bases) == 1 else bases
-        meta["base_model_relation"] = source.relation or kind["relation"]
-    pipeline = _pipeline_tag(source)
-    if pipeline:
-        meta["pipeline_tag"] = pipeline
-    data = ModelCardData(**{k: v for k, v in meta.items() if v is not None})
-    body = card_body(source, bases=bases, title=title, repo_id=repo_id)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
-
-
-def _pipeline_tag(source: Source) -> str | None:
-    if source.details.get("task_type") == "CAUSAL_LM":
-        return "text-generation"
-    if any(str(a).endswith("ForCausalLM") for a in source.details.get("architectures", [])):
-        return "text-generation"
-    return None

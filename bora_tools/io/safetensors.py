@@ -22,14 +22,24 @@ import math
 import os
 import struct
 from collections import deque
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
-from bora_tools.model_dir import DTYPES, TORCH_TO_ST
+#: safetensors dtype name -> (bytes per element, torch dtype)
+ST_DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
+    "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
+    "I64": (8, torch.int64), "I32": (4, torch.int32), "I16": (2, torch.int16), "I8": (1, torch.int8),
+    "U8": (1, torch.uint8), "BOOL": (1, torch.bool), "U16": (2, getattr(torch, "uint16", None)),
+    "U32": (4, getattr(torch, "uint32", None)), "U64": (8, getattr(torch, "uint64", None)),
+    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)), "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
+}
+TORCH_TO_ST = {dt: name for name, (_, dt) in ST_DTYPES.items() if dt is not None}
+#: The float dtypes of the table: what can be merged, converted or exported.
+FLOAT_ST_DTYPES = ("F64", "F32", "F16", "BF16")
 
 #: Bytes moved per system call when copying raw tensor data between files.
 COPY_CHUNK = 64 * 1024 * 1024
@@ -46,7 +56,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][0]
+        return math.prod(self.shape) * ST_DTYPES[self.dtype][0]
 
 
 def header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -63,7 +73,11 @@ def header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None
     for spec in specs:
         if spec.name in header:
             raise ValueError(f"tensor {spec.name!r} appears twice in one safetensors file")
-        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % _ALIGN)
@@ -92,8 +106,15 @@ class SafetensorsWriter:
             w.copy_range("b", src_fd, offset, 32)     # raw bytes from another file
     """
 
-    def __init__(self, path: str | os.PathLike, specs: Sequence[TensorSpec], *, metadata: Mapping[str, str] | None = None,
-                 background: bool = False, max_pending: int = 4):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Sequence[TensorSpec],
+        *,
+        metadata: Mapping[str, str] | None = None,
+        background: bool = False,
+        max_pending: int = 4,
+    ):
         self.path = Path(path)
         self.specs = list(specs)
         self._header = header_bytes(self.specs, metadata)
@@ -104,7 +125,7 @@ class SafetensorsWriter:
         self._pending: deque[Future] = deque()
         self._max_pending = max(1, max_pending)
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(self._fd, self._header)

@@ -15,7 +15,7 @@ import gguf
 import torch
 
 from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
-from bora_tools.gguf_write import ArchSpec
+from bora_tools.gguf.writer import ArchSpec
 
 DEFAULT_ROPE_THETA = 10000.0
 #: rope_type values handled; anything else is refused rather than silently mis-rotated.

@@ -13,17 +13,18 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
 import torch
 
-from bora_tools.dtypes import cast_finite
+from bora_tools.core.dtypes import cast_finite
 from bora_tools.errors import UnsupportedError
 from bora_tools.progress import Progress, no_progress
 
@@ -73,8 +74,6 @@ OUTTYPES: dict[str, tuple[gguf.LlamaFileType, Q]] = {
 }
 #: The torch dtype of the plain GGUF float types.
 _TORCH_FOR = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-#: Elements per block of rows read, converted and written at a time.
-CHUNK_ELEMENTS = 1 << 20
 #: Elements per parallel Q8_0 task: bounds the float32 temporaries of gguf.quants.
 _Q8_SLICE_ELEMENTS = 1 << 17
 
@@ -169,7 +168,7 @@ def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
-def qk_heads(gguf_name: str, hparams: "Any") -> int | None:
+def qk_heads(gguf_name: str, hparams: Any) -> int | None:
     """Heads whose rows ``qk_row_order`` permutes for this tensor, or None (no permutation).
 
     Example: ``qk_heads("blk.3.attn_k.weight", hp)`` -> ``hp.n_head_kv``
@@ -180,16 +179,6 @@ def qk_heads(gguf_name: str, hparams: "Any") -> int | None:
     if part == "attn_k":
         return hparams.n_head_kv
     return None
-
-
-def row_blocks(rows: int, cols: int, *, align: int = 1) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` row ranges of about ``CHUNK_ELEMENTS`` elements, multiples of ``align`` rows.
-
-    Example: ``list(row_blocks(5000, 2048, align=128))`` -> ``[(0, 512), (512, 1024), ..., (4608, 5000)]``
-    """
-    step = max(align, CHUNK_ELEMENTS // max(cols, 1) // align * align)
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
 
 
 def whole(t: torch.Tensor) -> Callable[[], Iterator[torch.Tensor]]:

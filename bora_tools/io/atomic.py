@@ -13,8 +13,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from safetensors import SafetensorError
 
@@ -27,7 +27,7 @@ def check_target(target: Path, *, overwrite: bool) -> None:
     """Refuse an existing target (unless ``overwrite``) or a missing parent directory."""
     target = Path(target)
     if (target.exists() or target.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"output {target} already exists", hint="pass --overwrite to replace it")
+        raise OutputExistsError(f"output {target} already exists", hint="pass `overwrite` to replace it")
     if not target.parent.is_dir():
         raise OutputWriteError(f"output directory {target.parent} does not exist")
 
@@ -45,8 +45,10 @@ def refuse_output_over_inputs(out: str | os.PathLike, *inputs: str | os.PathLike
     for path in inputs:
         src = Path(path).resolve()
         if target == src or src.is_relative_to(target) or target.is_relative_to(src):
-            raise OutputWriteError(f"output {out} is, contains or lies inside the input {path}; inputs are never modified",
-                                   hint="choose an output path outside the inputs")
+            raise OutputWriteError(
+                f"output {out} is, contains or lies inside the input {path}; inputs are never modified",
+                hint="choose an output path outside the inputs",
+            )
 
 
 def _remove(path: Path) -> None:
@@ -61,7 +63,7 @@ def _clean_stale(target: Path) -> None:
     """Remove leftovers of earlier runs on this target whose process is gone."""
     prefix = f".{target.name}{_TMP_MARK}"
     for sibling in target.parent.glob(prefix + "*"):
-        pid_text = sibling.name[len(prefix):].split("-", 1)[0]
+        pid_text = sibling.name[len(prefix) :].split("-", 1)[0]
         if pid_text.isdigit() and not _pid_alive(int(pid_text)):
             _remove(sibling)
 
@@ -119,7 +121,7 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
 def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
     if target.exists() or target.is_symlink():
         if not overwrite:  # appeared while we were writing
-            raise OutputExistsError(f"output {target} appeared while writing", hint="pass --overwrite to replace it")
+            raise OutputExistsError(f"output {target} appeared while writing", hint="pass `overwrite` to replace it")
         trash = target.parent / f".{target.name}{_TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
         os.replace(target, trash)
         os.replace(tmp, target)
@@ -129,8 +131,13 @@ def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
 
 
 def _os_reason(e: OSError) -> str:
-    names = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large", errno.EROFS: "read-only file system",
-             errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
+    names = {
+        errno.ENOSPC: "no space left on device",
+        errno.EFBIG: "file too large",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EDQUOT: "disk quota exceeded",
+    }
     if e.errno is None and "requested and" in str(e):  # numpy's short write: the kernel stopped accepting bytes
         return f"short write ({e}): file too large or no space left on device"
     return names.get(e.errno, e.strerror or str(e))

@@ -1,4 +1,4 @@
-"""BoRA adapter directories <-> config + tensors (SPEC section 2).
+"""BoRA adapter directories <-> config + tensors (docs/format.md, section 2).
 
 Reading validates everything before anyone computes: every problem found is
 reported at once, each naming the key, what was expected and what was found.
@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from bora_tools.config import BoraConfig, matches_target
+from bora_tools.core.config import BoraConfig, matches_target
+from bora_tools.core.factors import block_problems
 from bora_tools.errors import CheckpointError, ShapeError, raise_if_problems
-from bora_tools.math import block_problems
-from bora_tools.output import atomic_output
+from bora_tools.io.atomic import atomic_output
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -129,7 +129,8 @@ def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
         detail = next((p for p in paragraphs if not p.startswith("Check the documentation")), None)
         why = f"the pickle asks for more than tensors: {_short(detail)}" if detail else _short(e)
         raise CheckpointError(f"{path}: refused: not a plain tensor file ({why})") from e
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+    plain = isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items())
+    if not plain:
         raise CheckpointError(f"{path}: refused: expected a dict of named tensors")
     return data
 
@@ -139,7 +140,9 @@ def _short(e: BaseException) -> str:
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
-def adapter_from_tensors(config: BoraConfig, tensors: Mapping[str, torch.Tensor], *, source: str | Path = "adapter") -> BoraAdapter:
+def adapter_from_tensors(
+    config: BoraConfig, tensors: Mapping[str, torch.Tensor], *, source: str | Path = "adapter"
+) -> BoraAdapter:
     """Group flat tensors into modules and validate them against each other and the config."""
     problems: list[str] = []
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -147,10 +150,12 @@ def adapter_from_tensors(config: BoraConfig, tensors: Mapping[str, torch.Tensor]
     for key, tensor in tensors.items():
         module, part = _split_key(key, config)
         if part is None:
-            problems.append(f"{key}: unexpected key (expected {PREFIX}<module>{SUFFIX_A}, {SUFFIX_B} or {SUFFIX_SIGMA}, "
-                            f"or <module>.weight/.bias for a module in modules_to_save)")
+            problems.append(
+                f"{key}: unexpected key (expected {PREFIX}<module>{SUFFIX_A}, {SUFFIX_B} or {SUFFIX_SIGMA}, "
+                f"or <module>.weight/.bias for a module in modules_to_save)"
+            )
         elif part == "saved":
-            saved[key[len(PREFIX):]] = tensor
+            saved[key[len(PREFIX) :]] = tensor
         else:
             parts.setdefault(module, {})[part] = tensor
         if part is not None:
@@ -175,7 +180,7 @@ def _error_class(problems: list[str]) -> type:
 def _split_key(key: str, config: BoraConfig) -> tuple[str, str | None]:
     if not key.startswith(PREFIX):
         return "", None
-    rest = key[len(PREFIX):]
+    rest = key[len(PREFIX) :]
     for suffix, part in _PARTS.items():
         if rest.endswith(suffix) and len(rest) > len(suffix):
             return rest[: -len(suffix)], part
@@ -202,15 +207,19 @@ def _module_problems(name: str, p: dict[str, torch.Tensor], config: BoraConfig) 
         return [f"{key}: module is missing {', '.join(key + s for s in missing)}"]
     A, B, sigma = p["A"], p["B"], p["sigma"]
     if A.ndim != 2 or B.ndim != 2 or sigma.ndim != 3:
-        return [f"{key}: expected 2-D lora_A, 2-D lora_B and 3-D bora_sigma shapes, found "
-                f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(sigma.shape)}"]
+        return [
+            f"{key}: expected 2-D lora_A, 2-D lora_B and 3-D bora_sigma shapes, found "
+            f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(sigma.shape)}"
+        ]
     (r, n), (m, r_b), b = A.shape, B.shape, config.bora_blocks
     out = []
     if r_b != r:
         out.append(f"{key + SUFFIX_B}: shape {tuple(B.shape)} has rank {r_b}, but lora_A has rank {r}")
     if tuple(sigma.shape) != (b, b, r):
-        out.append(f"{key + SUFFIX_SIGMA}: expected shape ({b}, {b}, {r}) from bora_blocks={b} and r={r}, "
-                   f"found {tuple(sigma.shape)}")
+        out.append(
+            f"{key + SUFFIX_SIGMA}: expected shape ({b}, {b}, {r}) from bora_blocks={b} and r={r}, "
+            f"found {tuple(sigma.shape)}"
+        )
     want_r = config.rank_for(name)
     if r != want_r:
         out.append(f"{key + SUFFIX_A}: shape {tuple(A.shape)} has rank {r}, but the config gives r={want_r} for {name}")
@@ -225,7 +234,9 @@ def _natural_key(name: str) -> list[tuple[int, int, str]]:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in name.split(".")]
 
 
-def check_against_base(adapter: BoraAdapter, shape_of: Callable[[str], tuple[int, ...] | None], *, source: str = "adapter") -> None:
+def check_against_base(
+    adapter: BoraAdapter, shape_of: Callable[[str], tuple[int, ...] | None], *, source: str = "adapter"
+) -> None:
     """Every adapted module and saved module exists in the base with matching shapes.
 
     ``shape_of(tensor_name)`` returns a base tensor's shape or ``None`` when
@@ -239,10 +250,14 @@ def check_against_base(adapter: BoraAdapter, shape_of: Callable[[str], tuple[int
         want = mod.shape[::-1] if adapter.config.fan_in_fan_out else mod.shape
         found = shape_of(name + ".weight")
         if found is None:
-            problems.append(f"{PREFIX + name}: the base model has no tensor {name}.weight (is this adapter for another base model?)")
+            problems.append(
+                f"{PREFIX + name}: the base model has no tensor {name}.weight (is this adapter for another base model?)"
+            )
         elif tuple(found) != tuple(want):
-            problems.append(f"{PREFIX + name}: the adapter implies base shape {tuple(want)} for {name}.weight, "
-                            f"the base has {tuple(found)} (is this adapter for another base model?)")
+            problems.append(
+                f"{PREFIX + name}: the adapter implies base shape {tuple(want)} for {name}.weight, "
+                f"the base has {tuple(found)} (is this adapter for another base model?)"
+            )
     for key, tensor in adapter.saved.items():
         found = shape_of(key)
         if found is None:

@@ -1,0 +1,70 @@
+"""The report of ``export-gguf``: what was written, its tensor types, its tokenizer, warnings and notes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bora_tools.report import Report
+
+#: Fields that only some kinds of export have; absent from ``to_dict()`` when unset.
+_OPTIONAL = ("merged_tensors", "vocab", "alpha", "rank", "modules", "adapter", "notes")
+
+
+@dataclass
+class ExportReport(Report):
+    """One GGUF file written: a full model (``kind`` ``model``), a merged model (``merged``) or a LoRA adapter."""
+
+    kind: str
+    out: str
+    architecture: str  # llama.cpp's name
+    hf_architecture: str  # config.json's name
+    outtype: str
+    tensors: int
+    types: dict[str, int]  # GGUF tensor type -> count
+    fallbacks: list[dict[str, str]]  # tensor, type, reason
+    bytes: int
+    merged_tensors: int | None = None  # full models: adapted weights merged in the one pass
+    vocab: dict[str, Any] | None = None  # full models: tokenizer model, pre-tokenizer, tokens, padding, source
+    alpha: float | None = None  # LoRA: adapter.lora.alpha
+    rank: int | str | None = None  # LoRA: the rank asked for
+    modules: list[dict[str, Any]] | None = None  # LoRA: one row per module
+    adapter: str | None = None  # merged and LoRA exports: the adapter directory
+    notes: list[str] | None = None  # LoRA: per-module notes (zero updates)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_dict().items() if not (k in _OPTIONAL and v is None)}
+
+    def to_text(self) -> str:
+        """A few human-readable lines."""
+        return _lines(self.to_dict())
+
+
+def _lines(report: dict[str, Any]) -> str:
+    types = ", ".join(f"{n} {t}" for t, n in sorted(report.get("types", {}).items()))
+    lines = [f"wrote {report['out']} ({report['bytes'] / 2**20:.1f} MiB, {report['kind']}, "
+             f"llama.cpp arch {report['architecture']}) in {report.get('seconds', 0):.1f} s",
+             f"tensors: {report['tensors']} ({types})"]
+    if "vocab" in report:
+        v = report["vocab"]
+        lines.append(f"tokenizer: {v['model']} / pre-tokenizer {v['pre']}, {v['tokens']} tokens"
+                     + (f" ({v['padded']} padding)" if v["padded"] else "") + f" from {v['source']}")
+    if report.get("merged_tensors"):
+        lines.append(f"merged: {report['merged_tensors']} adapted weights merged in one pass from {report['adapter']}")
+    modules = report.get("modules", [])
+    if modules:
+        ranks = sorted({m["rank"] for m in modules})
+        worst = max(modules, key=lambda m: m["relative_error"])
+        lines.append(f"LoRA: {len(modules)} modules, rank {'/'.join(map(str, ranks))}, adapter.lora.alpha "
+                     f"{report['alpha']:g} (each module's scaling folded into lora_b); largest relative error "
+                     f"{worst['relative_error']:.2e} ({worst['gguf_name']})")
+    for m in modules if len(modules) <= 16 else []:
+        lines.append(f"  {m['gguf_name']:<28} rank {m['rank']:>4} / {m['max_rank']:<4} "
+                     f"rel. error {m['relative_error']:.2e}")
+    lines.extend(f"note: {note}" for note in report.get("notes", []))
+    if report.get("fallbacks"):
+        lines.append(f"{len(report['fallbacks'])} tensor(s) kept as F16: rows not a multiple of 32")
+    return "\n".join(lines)
+

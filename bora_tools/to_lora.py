@@ -1,0 +1,271 @@
+"""``to-lora``: a BoRA adapter as a plain PEFT LoRA adapter, exact or optimally truncated.
+
+Per module (docs/format.md, section 4): the SVD of ``dW`` is found from the factors alone
+(their small Gram matrices, ``bora_tools.core.factors.gram_svd``; or thin QR of ``B'``
+block by block and of ``A'^T``, ``factored_svd``; then the SVD of the small
+``(b*r, b*r)`` core); no ``m x n`` matrix is ever built. A rank
+policy picks how many singular triplets to keep; ``--rank full`` writes the
+exact factors instead, which lose nothing at all.
+
+The BoRA scaling is folded into the factors and PEFT's own scaling is made
+exactly 1 for every module (``lora_alpha == r``, per-module overrides in
+``rank_pattern`` / ``alpha_pattern``, ``use_rslora`` false), so the file means
+the same thing to every LoRA loader, including those that ignore rsLoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from bora_tools.core.adapter import PREFIX, SUFFIX_A, SUFFIX_B, WEIGHTS_NAME, BoraAdapter, load_adapter
+from bora_tools.core.config import CONFIG_NAME, BoraConfig
+from bora_tools.core.devices import one_cpu_thread, resolve_device
+from bora_tools.core.dtypes import parse_dtype
+from bora_tools.core.lowrank import SVD_ROUTES, ModuleResult, RankPolicy, convert_module
+from bora_tools.errors import ValidationError
+from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
+from bora_tools.progress import Progress, logger, no_progress
+from bora_tools.report import Report
+
+Tensor = torch.Tensor
+
+
+def convert_adapter(adapter: BoraAdapter, policy: RankPolicy, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, route: str = "gram", progress: Progress = no_progress
+                    ) -> tuple[dict[str, Tensor], list[ModuleResult]]:
+    """The PEFT LoRA tensors (keys ``base_model.model.P.lora_A.weight`` ...) and one result per module.
+
+    ``modules_to_save`` tensors are carried over unchanged, in their stored dtype.
+    """
+    tensors: dict[str, Tensor] = {}
+    results = []
+    with one_cpu_thread(torch.device(device)):
+        for name in progress(list(adapter.modules), total=len(adapter.modules), label="converting to LoRA"):
+            b_k, a_k, result = convert_module(adapter.modules[name], policy, device=device, dtype=dtype, route=route)
+            tensors[PREFIX + name + SUFFIX_A] = a_k
+            tensors[PREFIX + name + SUFFIX_B] = b_k
+            results.append(result)
+    for key, tensor in adapter.saved.items():
+        tensors[PREFIX + key] = tensor.detach().cpu().contiguous()
+    return tensors, results
+
+
+@dataclass
+class ToLoraReport(Report):
+    """What ``to_lora`` wrote: per module the rank kept, the exact error and energy retained; totals.
+
+    The figures are exact, not estimated: the relative error of a rank-``k`` truncation is
+    ``sqrt(sum of discarded S^2) / ||dW||_F`` from the factored SVD (Eckart-Young), and the energy
+    retained is ``sum(S[:k]^2) / sum(S^2)``.
+    """
+
+    adapter: str
+    out: str
+    policy: dict[str, Any]  # {"rank": K | "full" | None, "energy": F | None}
+    dtype: str
+    peft: dict[str, Any]  # r, lora_alpha, rank_pattern_entries, use_rslora of the written config
+    modules: list[ModuleResult]
+    totals: dict[str, Any]
+
+    def to_text(self) -> str:
+        """A short table for the terminal: one row per module, then the totals."""
+        return _table(self.to_dict())
+
+
+def build_report(*, adapter: Path, out: Path, policy: dict, dtype: str, results: list[ModuleResult],
+                 peft_config: dict, saved: dict[str, torch.Tensor]) -> ToLoraReport:
+    """The report of a conversion (``to_dict()`` is what ``--json`` prints and ``--report`` writes)."""
+    errors = [r.rel_error for r in results]
+    worst = max(results, key=lambda r: r.rel_error)
+    totals = {
+        "modules": len(results),
+        "parameters_before": sum(r.parameters_before for r in results),
+        "parameters_after": sum(r.parameters_after for r in results),
+        "saved_parameters": sum(t.numel() for t in saved.values()),
+        "max_rel_error": worst.rel_error,
+        "max_rel_error_module": worst.name,
+        "mean_rel_error": sum(errors) / len(errors),
+        "min_energy": min(r.energy for r in results),
+        "zero_modules": sum(1 for r in results if r.update_rank == 0),
+        "capped_modules": sum(1 for r in results if r.capped),
+    }
+    peft = {"r": peft_config["r"], "lora_alpha": peft_config["lora_alpha"],
+            "rank_pattern_entries": len(peft_config["rank_pattern"]), "use_rslora": peft_config["use_rslora"]}
+    return ToLoraReport(adapter=str(adapter), out=str(out), policy=policy, dtype=dtype, peft=peft,
+                        modules=list(results), totals=totals)
+
+
+def _table(report: dict[str, Any]) -> str:
+    mods = report["modules"]
+    width = max(len("module"), *(len(m["name"]) for m in mods))
+    lines = [f"{'module':<{width}}  {'shape':>11}  {'kept':>4}  {'update':>6}  {'rel.error':>9}  {'energy':>9}  note"]
+    for m in mods:
+        shape = f"{m['shape'][0]}x{m['shape'][1]}"
+        lines.append(f"{m['name']:<{width}}  {shape:>11}  {m['rank']:>4}  {m['update_rank']:>6}  "
+                     f"{m['rel_error']:>9.2e}  {m['energy']:>9.6f}  {m['note'] or ''}".rstrip())
+    t, peft = report["totals"], report["peft"]
+    before, after = t["parameters_before"], t["parameters_after"]
+    lines += [
+        "",
+        f"modules: {t['modules']} ({t['zero_modules']} zero, {t['capped_modules']} capped); "
+        f"policy {policy_text(report['policy'])}; dtype {report['dtype']}",
+        f"parameters: {before:,} (BoRA) -> {after:,} (LoRA, {after / max(before, 1):.2f}x)"
+        + (f"; modules_to_save: {t['saved_parameters']:,} copied" if t["saved_parameters"] else ""),
+        f"relative Frobenius error: worst {t['max_rel_error']:.3e} ({t['max_rel_error_module']}), "
+        f"mean {t['mean_rel_error']:.3e}; energy retained >= {t['min_energy']:.6f}",
+        f"wrote {report['out']} (PEFT LoRA: r={peft['r']}, lora_alpha={peft['lora_alpha']}, "
+        f"{peft['rank_pattern_entries']} rank_pattern/alpha_pattern entries, scaling 1)",
+    ]
+    return "\n".join(lines)
+
+
+def policy_text(policy: dict) -> str:
+    """The policy as the options that chose it, e.g. ``--energy 0.9 --rank 8``."""
+    if policy["rank"] == "full":
+        return "--rank full (exact factors)"
+    parts = ([f"--energy {policy['energy']:g}"] if policy["energy"] is not None else []) + \
+            ([f"--rank {policy['rank']}"] if policy["rank"] is not None else [])
+    return " ".join(parts)
+
+
+def pattern_keys(names: list[str]) -> dict[str, str]:
+    """A ``rank_pattern`` / ``alpha_pattern`` key per module that PEFT matches to that module only.
+
+    PEFT matches ``re.match(rf"(.*\\.)?({key})$", name)``: the escaped full name
+    matches the module itself (also inside a wrapping model); where it would
+    also match another adapted module (one name a dotted suffix of another),
+    ``^`` anchors it at the start.
+
+    Example: ``pattern_keys(["model.layers.0.mlp.up_proj"])`` ->
+    ``{"model.layers.0.mlp.up_proj": "model\\.layers\\.0\\.mlp\\.up_proj"}``
+    """
+    keys = {}
+    for name in names:
+        key = re.escape(name)
+        if any(other != name and re.match(rf"(.*\.)?({key})$", other) for other in names):
+            key = "^" + key
+        keys[name] = key
+    return keys
+
+
+def peft_lora_config(config: BoraConfig, ranks: dict[str, int]) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for the converted adapter, with PEFT's scaling exactly 1 everywhere.
+
+    ``r`` is the most common kept rank; the other modules get ``rank_pattern``
+    and ``alpha_pattern`` entries (alpha = rank, so ``alpha / r == 1``).
+    """
+    counts = Counter(ranks.values())
+    default = max(counts, key=lambda k: (counts[k], k))
+    keys = pattern_keys(list(ranks))
+    differing = {keys[name]: k for name, k in ranks.items() if k != default}
+    target = config.target_modules if config.target_modules is not None else sorted(ranks)
+    return {
+        "peft_type": "LORA",
+        "task_type": config.task_type,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "r": default,
+        "lora_alpha": default,
+        "use_rslora": False,  # the BoRA scaling (rsLoRA or not) is already folded into the factors
+        "rank_pattern": differing,
+        "alpha_pattern": dict(differing),
+        "target_modules": target,
+        "fan_in_fan_out": config.fan_in_fan_out,
+        "modules_to_save": config.modules_to_save,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = None, energy: float | None = None,
+            dtype: str = "float32", device: str = "auto", report: str | Path | None = None,
+            plot: str | Path | None = None, overwrite: bool = False, route: str = "gram",
+            progress: Progress = no_progress) -> ToLoraReport:
+    """Convert the BoRA adapter at ``adapter`` into a PEFT LoRA adapter directory ``out``.
+
+    Everything is validated (options, output paths, the adapter) before any
+    computation; ``out``, ``report`` (JSON) and ``plot`` (PNG) appear only
+    when everything succeeded. Returns the report (``ToLoraReport``).
+
+    Example::
+
+        report = to_lora("my-bora", "my-lora", rank="full")          # exact, rank b*r
+        report = to_lora("my-bora", "my-lora-8", rank=8, overwrite=True)
+        report.totals["max_rel_error"], print(report)
+
+    Raises:
+        ValidationError: bad ``rank`` / ``energy`` / ``dtype``, or outputs that clash with each other.
+        OutputExistsError, OutputWriteError: an output exists (without ``overwrite``) or would replace the input.
+        ConfigError, CheckpointError: the adapter is invalid.
+        UnsupportedError: ``plot`` without matplotlib; a factor overflowing ``dtype``; cuda unavailable.
+    """
+    policy = RankPolicy.parse(rank, energy)
+    torch_dtype = parse_dtype(dtype)
+    if route not in SVD_ROUTES:
+        raise ValidationError(f"route: expected one of {', '.join(SVD_ROUTES)}, found {route!r}")
+    dev = resolve_device(device)
+    adapter, out = Path(adapter), Path(out)
+    extras = {"report": Path(report) if report else None, "plot": Path(plot) if plot else None}
+    _check_outputs(adapter, out, [p for p in extras.values() if p], overwrite=overwrite)
+    if extras["plot"]:
+        from bora_tools.plot import require_matplotlib
+
+        require_matplotlib()
+    with one_cpu_thread(torch.device("cpu")):  # reading checks every value: small ops
+        bora = load_adapter(adapter)
+    if not bora.modules:
+        raise ValidationError(f"{adapter}: no adapted module to convert (only modules_to_save tensors)",
+                              hint="a LoRA needs at least one adapted module; use merge to apply whole tensors")
+    tensors, results = convert_adapter(bora, policy, device=dev, dtype=torch_dtype, route=route,
+                                       progress=progress)
+    config = peft_lora_config(bora.config, {r.name: r.rank for r in results})
+    result = build_report(adapter=adapter, out=out, policy=policy.to_dict(), dtype=dtype, results=results,
+                          peft_config=config, saved=bora.saved)
+    capped = [r for r in results if r.capped]
+    if capped:
+        logger.warning(f"{len(capped)} module(s) kept fewer triplets than asked, "
+                       f"e.g. {capped[0].name}: {capped[0].note}")
+    _write_all(out, tensors, config, result, results, extras, policy=policy, overwrite=overwrite)
+    return result
+
+
+def _check_outputs(adapter: Path, out: Path, extra: list[Path], *, overwrite: bool) -> None:
+    """Refuse before any work: outputs that are or hold the input, clashing outputs, existing outputs."""
+    dst_out = out.resolve()
+    for target in [out, *extra]:
+        refuse_output_over_inputs(target, adapter)
+    for p in extra:
+        if p.resolve().is_relative_to(dst_out):
+            raise ValidationError(f"output {p} would be inside the LoRA adapter directory {out}")
+    if len(extra) == 2 and extra[0].resolve() == extra[1].resolve():
+        raise ValidationError(f"`report` and `plot` are the same file {extra[0]}")
+    for target in [out, *extra]:
+        check_target(target, overwrite=overwrite)
+
+
+def _write_all(out: Path, tensors: dict[str, Tensor], config: dict, report: ToLoraReport, results: list[ModuleResult],
+               extras: dict[str, Path | None], *, policy: RankPolicy, overwrite: bool) -> None:
+    # Every output is written into its temporary sibling first; the renames happen together at the end.
+    with ExitStack() as stack:
+        tmp = stack.enter_context(atomic_output(out, overwrite=overwrite, directory=True))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if extras["report"]:
+            tmp_report = stack.enter_context(atomic_output(extras["report"], overwrite=overwrite))
+            tmp_report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        if extras["plot"]:
+            from bora_tools.plot import plot_spectra
+
+            tmp_plot = stack.enter_context(atomic_output(extras["plot"], overwrite=overwrite))
+            title = f"{Path(report.adapter).name}: to-lora {policy_text(policy.to_dict())}"
+            plot_spectra(results, tmp_plot, title=title, energy=policy.energy)
