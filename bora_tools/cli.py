@@ -10,21 +10,44 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bora_tools.errors import BoraError
+from bora_tools.errors import BoraError, scrub
 from bora_tools.progress import logger
 
 # Exit codes: 1 for bad input or a refused operation, 2 for usage (click's own),
-# 3 for an unexpected internal error, 130 for Ctrl-C.
+# 3 for an unexpected internal error, 130 for Ctrl-C (SIGINT), 143 for SIGTERM.
 EXIT_ERROR = 1
 EXIT_INTERNAL = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, Docker and Slurm send), unwound like Ctrl-C so that temporaries are removed."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _interrupted_message(e: KeyboardInterrupt) -> str:
+    from bora_tools.io.atomic import COMMITTED
+
+    what = "terminated" if isinstance(e, Terminated) else "interrupted"
+    if COMMITTED:
+        return f"{what} after {COMMITTED[-1]} was written; it is complete"
+    return f"{what}; nothing was written"
 
 
 class _State:
@@ -47,23 +70,32 @@ class _CleanErrorsGroup(click.Group):
     """Turns known errors into one line; shows tracebacks only under ``--debug``."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        main = threading.current_thread() is threading.main_thread()
+        old_term = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except BoraError as e:
             self._fail(ctx, _with_flags(e.one_line(), self.get_command(ctx, ctx.invoked_subcommand or "")), EXIT_ERROR)
-        except KeyboardInterrupt:
-            self._fail(ctx, "interrupted; nothing was written", 130)
+        except KeyboardInterrupt as e:
+            self._fail(ctx, _interrupted_message(e), EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT)
+        except RecursionError:  # a hostile input nested beyond what a reader checks: still one line
+            self._fail(ctx, "an input is nested too deeply to be read", EXIT_ERROR)
         except Exception as e:  # an internal bug: still one line, with the way to learn more
             msg = f"unexpected {type(e).__name__}: {' '.join(str(e).split())} (rerun with --debug for the traceback)"
             self._fail(ctx, msg, EXIT_INTERNAL)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
 
     @staticmethod
     def _fail(ctx: click.Context, message: str, code: int) -> None:
         if isinstance(ctx.obj, _State) and ctx.obj.debug:
-            raise  # noqa: PLE0704 - re-raise the active exception with its traceback
-        click.echo(f"Error: {message}", err=True)
+            # The traceback of the active exception and its chained causes, with every secret (a Hub
+            # token in a header an HTTP library echoed) masked: printed here rather than re-raised.
+            click.echo(scrub("".join(traceback.format_exc())).rstrip("\n"), err=True)
+        click.echo(f"Error: {scrub(message)}", err=True)
         ctx.exit(code)
 
 
@@ -134,8 +166,23 @@ def make_progress() -> Callable[..., Iterable]:
 
 
 def emit_json(data: Any) -> None:
-    """Print ``data`` as JSON on stdout (paths and tuples made serialisable)."""
-    click.echo(json.dumps(data, indent=2, default=lambda o: str(o) if isinstance(o, Path) else list(o)))
+    """Print ``data`` as strict JSON on stdout (paths and tuples made serialisable).
+
+    JSON has no infinity or NaN: a non-finite number is printed as ``null`` (docs/cli.md), so the output
+    always parses, in Python's ``json`` and in strict parsers alike.
+    """
+    click.echo(json.dumps(_finite(data), indent=2, allow_nan=False,
+                          default=lambda o: str(o) if isinstance(o, Path) else _finite(list(o))))
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def print_report(report: Any, *, as_json: bool) -> None:
@@ -364,7 +411,13 @@ def to_lora_cmd(adapter: Path, out: Path, rank: int | str | None, energy: float 
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="bora-tools")
+    try:
+        cli(prog_name="bora-tools")
+    finally:
+        # The command is over (its outputs complete, its message printed): a signal arriving during the
+        # interpreter's shutdown would only print a traceback, so it is ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ class BoraError(Exception):
         self.hint = hint
 
     def one_line(self) -> str:
-        text = " ".join(str(self).split())  # never more than one line
+        text = scrub(" ".join(str(self).split()))  # never more than one line, never a secret
         if self.hint:
             text += f" ({self.hint})"
         return text
@@ -77,4 +77,41 @@ def raise_if_problems(
     if not problems:
         return
     head = f"{subject}: " if len(problems) == 1 else f"{subject}: {len(problems)} problems: "
-    raise cls(head + "; ".join(problems), hint=hint)
+    shown = [_clip(p) for p in problems[:MAX_PROBLEMS]]
+    if len(problems) > MAX_PROBLEMS:
+        shown.append(f"and {len(problems) - MAX_PROBLEMS} more")
+    raise cls(head + "; ".join(shown), hint=hint)
+
+
+#: At most this many problems are listed in one error line, then "and N more".
+MAX_PROBLEMS = 10
+#: At most this many characters of one problem (a key name can be arbitrarily long).
+MAX_PROBLEM_CHARS = 500
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_PROBLEM_CHARS else text[: MAX_PROBLEM_CHARS - 3] + "..."
+
+
+# -- secrets ----------------------------------------------------------------
+# Values (Hub tokens) that must never appear in any output, tracebacks under --debug included.
+_SECRETS: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember ``value`` so that ``scrub`` masks it wherever it would be printed."""
+    if value and len(value) >= 4:
+        _SECRETS.add(value)
+        stripped = value.strip()
+        if len(stripped) >= 4:
+            _SECRETS.add(stripped)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every registered secret replaced by ``***``.
+
+    Example: after ``register_secret("hf_abc123")``, ``scrub("Bearer hf_abc123")`` -> ``"Bearer ***"``.
+    """
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from bora_tools.core.config import BoraConfig, matches_target
 from bora_tools.core.factors import block_problems
-from bora_tools.errors import CheckpointError, ShapeError, raise_if_problems
+from bora_tools.errors import BoraError, CheckpointError, ShapeError, raise_if_problems
 from bora_tools.io.atomic import atomic_output
+from bora_tools.io.model_dir import read_header
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -107,6 +109,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The raw tensors of an adapter directory (safetensors first, legacy ``.bin`` second)."""
     st, legacy = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
     if st.is_file():
+        _check_tensor_count(st)
         try:
             return load_file(st)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -116,7 +119,46 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) found")
 
 
+#: A legacy ``.bin`` may inflate to at most this many times its size on disk (and always to ``LEGACY_FREE_BYTES``):
+#: ``torch.save`` stores every entry uncompressed, so an honest file inflates to about its own size; a
+#: deflate-compressed archive that promises more is refused before anything is inflated.
+LEGACY_MAX_RATIO = 4
+LEGACY_FREE_BYTES = 64 * 2**20
+
+
+def _check_legacy_sizes(path: Path) -> None:
+    """Refuse a legacy ``.bin`` whose declared contents exceed what its size can honestly hold, before inflating."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: refused: not a zip-based torch.save file (the pre-1.6 format is not read; "
+                              f"convert it to {WEIGHTS_NAME})")
+    try:
+        with zipfile.ZipFile(path) as z:
+            declared = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: refused: unreadable zip archive ({_short(e)})") from e
+    limit = max(LEGACY_MAX_RATIO * path.stat().st_size, LEGACY_FREE_BYTES)
+    if declared > limit:
+        raise CheckpointError(f"{path}: refused: its entries declare {declared:,} bytes once inflated, more than "
+                              f"{LEGACY_MAX_RATIO}x the file's {path.stat().st_size:,} bytes (a decompression bomb?)")
+
+
+#: Most tensors an adapter file may hold: 3 per adapted module, so 20,000 modules (a 405B model with every
+#: projection adapted has under 1,000); a header that lists more is refused before any tensor is read.
+MAX_ADAPTER_TENSORS = 60_000
+
+
+def _check_tensor_count(path: Path) -> None:
+    try:
+        count = len(read_header(path).entries)
+    except (BoraError, OSError, RecursionError):
+        return  # the safetensors reader below reports what is wrong with the file
+    if count > MAX_ADAPTER_TENSORS:
+        raise CheckpointError(f"{path}: {count:,} tensors, more than an adapter holds (at most "
+                              f"{MAX_ADAPTER_TENSORS:,}: 3 per adapted module)")
+
+
 def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
+    _check_legacy_sizes(path)
     # weights_only=True: a pickle may only rebuild tensors and plain containers,
     # never call arbitrary code.
     try:
@@ -190,9 +232,14 @@ def _split_key(key: str, config: BoraConfig) -> tuple[str, str | None]:
     return "", None
 
 
+#: Float dtypes an adapter tensor may be stored in (float8 has no arithmetic worth merging and no isfinite).
+ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _value_problems(key: str, tensor: torch.Tensor) -> list[str]:
-    if not tensor.is_floating_point():
-        return [f"{key}: expected a float tensor, found dtype {str(tensor.dtype).replace('torch.', '')}"]
+    if tensor.dtype not in ADAPTER_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in ADAPTER_DTYPES)
+        return [f"{key}: expected a float tensor ({names}), found dtype {str(tensor.dtype).replace('torch.', '')}"]
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:
         return [f"{key}: {bad} non-finite value(s) (NaN or inf)"]
@@ -212,6 +259,9 @@ def _module_problems(name: str, p: dict[str, torch.Tensor], config: BoraConfig) 
             f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(sigma.shape)}"
         ]
     (r, n), (m, r_b), b = A.shape, B.shape, config.bora_blocks
+    if 0 in (r, n, m):
+        return [f"{key}: empty factors: lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)} "
+                "(every dimension must be >= 1)"]
     out = []
     if r_b != r:
         out.append(f"{key + SUFFIX_B}: shape {tuple(B.shape)} has rank {r_b}, but lora_A has rank {r}")
@@ -226,6 +276,9 @@ def _module_problems(name: str, p: dict[str, torch.Tensor], config: BoraConfig) 
     out.extend(block_problems(m, n, b, name=key))
     if config.target_modules is not None and not matches_target(config.target_modules, name):
         out.append(f"{key}: module {name} is not matched by target_modules {config.target_modules!r}")
+    if config.is_module_to_save(name):
+        out.append(f"{key}: module {name} is both adapted and listed in modules_to_save; its update would be "
+                   f"dropped (a module is either adapted or saved whole)")
     return out
 
 

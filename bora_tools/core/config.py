@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import regex
 
 from bora_tools.errors import ConfigError, raise_if_problems
 from bora_tools.io.json import read_json
@@ -16,20 +19,70 @@ from bora_tools.progress import logger
 PEFT_TYPE = "BORA"
 CONFIG_NAME = "adapter_config.json"
 
+#: Largest |lora_alpha| (and alpha_pattern value) accepted: alpha / r is a multiplier of the update, and beyond
+#: this every merged weight is dominated by it (real adapters use 1 to a few thousand).
+MAX_ALPHA = 1e6
+
 # Keys PEFT writes into every config; kept and never warned about.
 _PEFT_BOOKKEEPING = {"inference_mode", "revision", "auto_mapping", "peft_version", "lora_dropout"}
+
+
+#: User patterns (``target_modules`` as one regex, ``rank_pattern`` / ``alpha_pattern`` keys) are matched with
+#: PEFT's semantics on the ``regex`` engine, which can stop a match: one match may take at most
+#: ``REGEX_MATCH_SECONDS`` and all matches of a process together ``REGEX_TOTAL_SECONDS``, so a pattern
+#: with catastrophic backtracking (``([a-z_.0-9]+)+Z``) is refused in well under a second instead of
+#: running for hours. A module name is a few dozen characters: an honest pattern matches in microseconds.
+REGEX_MATCH_SECONDS = 0.05
+REGEX_TOTAL_SECONDS = 2.0
+#: Longest user pattern accepted (characters).
+MAX_PATTERN_CHARS = 1000
+_regex_spent = [0.0]
+
+
+def _peft_key_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"
+
+
+def _guarded_match(pattern: str, name: str, *, what: str, full: bool = False) -> bool:
+    started = time.perf_counter()
+    try:
+        compiled = _compiled(pattern)
+        found = (compiled.fullmatch if full else compiled.match)(name, timeout=REGEX_MATCH_SECONDS)
+    except TimeoutError:
+        raise ConfigError(f"{CONFIG_NAME}: {what} {pattern!r} takes too long to match {name!r} "
+                          "(catastrophic backtracking?)", hint="simplify the regular expression") from None
+    except regex.error as e:
+        raise ConfigError(f"{CONFIG_NAME}: {what} {pattern!r} is not a valid regular expression ({e})") from None
+    finally:
+        _regex_spent[0] += time.perf_counter() - started
+    if _regex_spent[0] > REGEX_TOTAL_SECONDS:
+        raise ConfigError(f"{CONFIG_NAME}: matching the patterns of {what} against the module names took over "
+                          f"{REGEX_TOTAL_SECONDS:g} s", hint="simplify the regular expressions")
+    return found is not None
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled(pattern: str) -> Any:
+    if pattern not in _COMPILED:
+        if len(_COMPILED) > 4096:
+            _COMPILED.clear()
+        _COMPILED[pattern] = regex.compile(pattern, flags=regex.VERSION0)
+    return _COMPILED[pattern]
 
 
 def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
     """The first key of ``patterns`` that matches module ``name`` the way PEFT matches.
 
     A key matches when ``re.match(rf"(.*\\.)?({key})$", name)``: it is a suffix
-    of dotted components or a regex over them.
+    of dotted components or a regex over them. Matching is guarded against
+    catastrophic backtracking (``REGEX_MATCH_SECONDS``).
 
     Example: ``pattern_key({"q_proj": 8}, "model.layers.0.self_attn.q_proj")`` -> ``"q_proj"``.
     """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if key == name or name.endswith("." + key) or _guarded_match(_peft_key_regex(key), name, what="pattern key"):
             return key
     return None
 
@@ -40,7 +93,7 @@ def matches_target(target_modules: list[str] | str | None, name: str) -> bool:
     if target_modules is None:
         return True
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        return _guarded_match(target_modules, name, what="target_modules", full=True)
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
@@ -85,8 +138,9 @@ class BoraConfig:
             p.append(f"r: expected an integer >= 1, found {self.r!r}")
         if not _is_int(self.bora_blocks) or self.bora_blocks < 1:
             p.append(f"bora_blocks: expected an integer >= 1, found {self.bora_blocks!r}")
-        if not _is_number(self.lora_alpha):
-            p.append(f"lora_alpha: expected a finite number, found {self.lora_alpha!r}")
+        if not _is_number(self.lora_alpha) or abs(self.lora_alpha) > MAX_ALPHA:
+            p.append(f"lora_alpha: expected a finite number of magnitude at most {MAX_ALPHA:g}, "
+                     f"found {self.lora_alpha!r}")
         for key in ("use_rslora", "fan_in_fan_out"):
             if not isinstance(getattr(self, key), bool):
                 p.append(f"{key}: expected true or false, found {getattr(self, key)!r}")
@@ -169,23 +223,29 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _regex_problems(key: str, patterns: list[str]) -> list[str]:
+def _regex_problems(key: str, patterns: list[str], *, wrap: bool = False) -> list[str]:
+    """Invalid patterns, compiled as they are matched (a pattern key wrapped as PEFT wraps it), named."""
     out = []
     for pat in patterns:
-        try:
-            re.compile(pat)
-        except re.error as e:
-            out.append(f"{key}: {pat!r} is not a valid regular expression ({e})")
+        if len(pat) > MAX_PATTERN_CHARS:
+            out.append(f"{key}: a pattern of {len(pat)} characters (at most {MAX_PATTERN_CHARS})")
+            continue
+        for compile_ in (re.compile, lambda p: regex.compile(p, flags=regex.VERSION0)):
+            try:
+                compile_(_peft_key_regex(pat) if wrap else pat)
+            except (re.error, regex.error, RecursionError, OverflowError) as e:
+                out.append(f"{key}: {pat!r} is not a valid regular expression here ({' '.join(str(e).split())})")
+                break
     return out
 
 
 def _pattern_problems(key: str, pattern: Any, *, integer: bool) -> list[str]:
     if not isinstance(pattern, dict):
         return [f"{key}: expected an object mapping module names to values, found {pattern!r}"]
-    out = _regex_problems(key, list(pattern))
+    out = _regex_problems(key, [k for k in pattern if isinstance(k, str)], wrap=True)
     for name, value in pattern.items():
-        ok = (_is_int(value) and value >= 1) if integer else _is_number(value)
+        ok = (_is_int(value) and value >= 1) if integer else (_is_number(value) and abs(value) <= MAX_ALPHA)
         if not ok:
-            want = "an integer >= 1" if integer else "a finite number"
+            want = "an integer >= 1" if integer else f"a finite number of magnitude at most {MAX_ALPHA:g}"
             out.append(f"{key}[{name!r}]: expected {want}, found {value!r}")
     return out

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bora_tools.errors import HubError, UnsafePathError, UnsupportedError
+from bora_tools.errors import HubError, UnsafePathError, UnsupportedError, register_secret, scrub
 from bora_tools.hub.card import build_model_card, describe_source, render_card
 from bora_tools.progress import logger
 from bora_tools.report import Report
@@ -91,6 +91,7 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    token = clean_token(token)
     path = Path(path)
     files = upload_files(path, include=include, exclude=exclude)
     source = describe_source(path)
@@ -166,6 +167,46 @@ def _warn_if_public(api: Any, repo_id: str) -> None:
                        "(change its visibility in the repo's settings on the Hub)")
 
 
+def clean_token(token: str | None) -> str | None:
+    """``token`` without surrounding whitespace (a pasted token often ends in a newline or CR).
+
+    The token (and the one ``huggingface_hub`` would resolve when ``token`` is None) is registered
+    as a secret, so that no message or ``--debug`` traceback can show it.
+
+    Example: ``clean_token("hf_abc\\r\\n")`` -> ``"hf_abc"``.
+
+    Raises:
+        HubError: an empty token, or one with a space, a control or a non-ASCII character inside
+            (never a valid HTTP header value); the token itself is not shown.
+    """
+    where = "`token`"
+    if token is None:
+        from huggingface_hub import get_token
+
+        try:
+            resolved = get_token()
+        except Exception:  # an OIDC or Colab lookup that fails: huggingface_hub reports it itself
+            return None
+        if resolved is None:
+            return None
+        register_secret(resolved)
+        if resolved == resolved.strip() and _token_ok(resolved):
+            return None  # huggingface_hub resolves it again, unchanged
+        token, where = resolved, "the token from HF_TOKEN or the saved login"
+    register_secret(token)
+    stripped = token.strip()
+    if not stripped:
+        raise HubError(f"{where} is empty", hint=_LOGIN_HINT)
+    if not _token_ok(stripped):
+        raise HubError(f"{where} contains a space, a control character or a non-ASCII character, which an HTTP "
+                       "header cannot carry (the token is not shown)", hint="copy the token again from the Hub")
+    return stripped
+
+
+def _token_ok(token: str) -> bool:
+    return all(33 <= ord(c) <= 126 for c in token)
+
+
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """Network failures, whichever HTTP library this huggingface_hub uses."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
@@ -213,8 +254,25 @@ def hub_errors(*, endpoint: str, repo_id: str, revision: str | None, token: str 
             raise
         raise HubError(f"the Hub refused the README.md metadata: {_scrub(e, token)}") from e
     except _transport_errors() as e:
+        _scrub_chain(e)
+        if "header" in str(e).lower():  # the HTTP client refused a header value before sending anything
+            raise HubError(f"the HTTP client refused a request header ({type(e).__name__}: {_scrub(e, token)})",
+                           hint="check the token and HF_ENDPOINT") from e
         raise HubError(f"cannot reach the Hub at {endpoint} ({type(e).__name__})",
                        hint="check the network, or HF_ENDPOINT when you use another server") from e
+    except BaseException as e:
+        _scrub_chain(e)
+        raise
+
+
+def _scrub_chain(e: BaseException | None) -> None:
+    """Mask secrets in the string arguments of ``e`` and every exception it was chained from, in place."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        with contextlib.suppress(Exception):
+            e.args = tuple(scrub(a) if isinstance(a, str) else a for a in e.args)
+        e = e.__cause__ or e.__context__
 
 
 def _unauthorized(endpoint: str, token: str | None) -> HubError:
@@ -234,7 +292,7 @@ def _scrub(text: Any, token: str | None) -> str:
     """``text`` on one line, with any token (explicit or resolved) masked."""
     from huggingface_hub import get_token
 
-    out = " ".join(str(text).split())
+    out = scrub(" ".join(str(text).split()))
     with contextlib.suppress(Exception):
         for secret in {token, get_token()}:
             if secret:

@@ -12,6 +12,8 @@ import errno
 import os
 import re
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,19 @@ from safetensors import SafetensorError
 from bora_tools.errors import BoraError, OutputExistsError, OutputWriteError
 
 _TMP_MARK = ".bora-tmp-"
+#: Longest file name (bytes) most file systems accept; temporary names are shortened to fit.
+_NAME_MAX = 255
+#: Outputs renamed into place by this process, newest last: an interrupt after a rename says they are complete.
+COMMITTED: list[Path] = []
+
+
+def _tmp_prefix(target: Path) -> str:
+    """``.NAME.bora-tmp-``, with NAME shortened so that a full temporary name stays within ``_NAME_MAX`` bytes."""
+    room = _NAME_MAX - len(f".{_TMP_MARK}") - 40  # pid, "old", a random tag and separators
+    name = target.name
+    while len(name.encode("utf-8", "surrogateescape")) > room:
+        name = name[:-1]
+    return f".{name}{_TMP_MARK}"
 
 
 def check_target(target: Path, *, overwrite: bool) -> None:
@@ -52,16 +67,17 @@ def refuse_output_over_inputs(out: str | os.PathLike, *inputs: str | os.PathLike
 
 
 def _remove(path: Path) -> None:
+    # Best effort: a cleanup failure (a read-only file system) must never hide the error that caused it.
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             path.unlink()
 
 
 def _clean_stale(target: Path) -> None:
     """Remove leftovers of earlier runs on this target whose process is gone."""
-    prefix = f".{target.name}{_TMP_MARK}"
+    prefix = _tmp_prefix(target)
     for sibling in target.parent.glob(prefix + "*"):
         pid_text = sibling.name[len(prefix) :].split("-", 1)[0]
         if pid_text.isdigit() and not _pid_alive(int(pid_text)):
@@ -97,7 +113,7 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
     target = Path(target)
     check_target(target, overwrite=overwrite)
     _clean_stale(target)
-    tmp = target.parent / f".{target.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f"{_tmp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         if directory:
             tmp.mkdir()
@@ -122,12 +138,34 @@ def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
     if target.exists() or target.is_symlink():
         if not overwrite:  # appeared while we were writing
             raise OutputExistsError(f"output {target} appeared while writing", hint="pass `overwrite` to replace it")
-        trash = target.parent / f".{target.name}{_TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, trash)
-        os.replace(tmp, target)
-        _remove(trash)
+        trash = target.parent / f"{_tmp_prefix(target)}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
+        with _signals_deferred():  # both renames happen, or neither: no interrupt between them
+            os.replace(target, trash)
+            os.replace(tmp, target)
+            COMMITTED.append(target)
+        try:
+            _remove(trash)
+        except BaseException:  # an interrupt during the removal: finish it, then stop
+            _remove(trash)
+            raise
     else:
-        os.replace(tmp, target)
+        with _signals_deferred():
+            os.replace(tmp, target)
+            COMMITTED.append(target)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (main thread, POSIX) until the block is done; they arrive right after."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _os_reason(e: OSError) -> str:
