@@ -36,6 +36,9 @@ from bora_tools.io.safetensors import ST_DTYPES, SafetensorsWriter, TensorSpec, 
 from bora_tools.progress import Progress, no_progress
 from bora_tools.report import Report
 
+#: Largest |scale| accepted: a multiplier of the update beyond this only makes W irrelevant (or overflows).
+MAX_SCALE = 1e6
+
 # -- the streaming pipeline ------------------------------------------------
 
 @dataclass
@@ -109,8 +112,8 @@ def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dty
     started = time.perf_counter()
     out = Path(out)
     out_dtype = parse_dtype(dtype, allow_auto=True)
-    if not math.isfinite(scale):
-        raise ValidationError(f"`scale` {scale}: expected a finite number")
+    if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+        raise ValidationError(f"`scale` {scale}: expected a finite number of magnitude at most {MAX_SCALE:g}")
     dev = resolve_device(device)
     check_target(out, overwrite=overwrite)
     with one_cpu_thread(dev):
@@ -201,7 +204,9 @@ def _write_shard(
 def _write_merged(
     writer: SafetensorsWriter, fd: int, job: _Job, *, fan_in_fan_out: bool, scale: float, device: torch.device
 ) -> None:
-    merger = RowMerger(job.replacement, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device)
+    # float32 work, float64 for a float64 base: never rounded below the base's own precision.
+    acc = torch.float64 if job.entry.torch_dtype == torch.float64 else torch.float32
+    merger = RowMerger(job.replacement, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device, dtype=acc)
     rows, cols = job.entry.shape
     chunk = chunk_elements(device)
     height = min(rows, max(1, chunk // cols))
@@ -210,7 +215,7 @@ def _write_merged(
     # Pinned host memory lets the GPU copies run at full speed.
     pin = device.type == "cuda"
     buf = torch.empty(height * cols * ST_DTYPES[job.entry.dtype][0], dtype=torch.uint8, pin_memory=pin)
-    work = torch.empty((height, cols), dtype=torch.float32, device=device)
+    work = torch.empty((height, cols), dtype=acc, device=device)
     ring = [torch.empty((height, cols), dtype=job.spec_torch_dtype, pin_memory=pin) for _ in range(2)]
     busy: list[Future | None] = [None, None]
     for n, (start, stop) in enumerate(row_chunks(rows, cols, chunk=chunk)):

@@ -113,6 +113,10 @@ def add_bora(model: nn.Module, config: BoraConfig, *, dropout: float = 0.0) -> n
         raise ConfigError(
             f"target_modules {config.target_modules!r} matched no linear module of {type(model).__name__}"
         )
+    both = [n for n in targets if config.is_module_to_save(n)]
+    if both:  # PEFT would wrap it twice; the format keeps either the update or the whole module
+        raise ConfigError(f"modules_to_save: {both[0]} is also matched by target_modules; a module is either "
+                          f"adapted or saved whole")
     conv = [n for n in targets if _is_conv1d(model.get_submodule(n))]
     if conv and not config.fan_in_fan_out:  # a copy: the caller's config is never modified
         logger.warning(f"{conv[0]} is a Conv1D (weight stored (in, out)): setting fan_in_fan_out=True")

@@ -29,11 +29,14 @@ def parse_dtype(name: str, *, allow_auto: bool = False) -> torch.dtype | None:
     return FLOAT_DTYPES[name]
 
 
-def cast_finite(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """``t`` rounded to ``dtype``, refusing values that become infinite (float16 overflow).
+def cast_finite(t: torch.Tensor, dtype: torch.dtype, name: str, *, strict: bool = False,
+                hint: str | None = None) -> torch.Tensor:
+    """``t`` rounded to ``dtype``, refusing values that the cast turns into ``inf`` (float16 overflow).
 
-    A finite input that the cast turns into ``inf`` is the only failure: the
-    message names the tensor, the largest magnitude and the dtype.
+    A finite input that becomes infinite is refused, naming the tensor, the largest magnitude and the
+    dtype. With ``strict`` every non-finite value is refused, including those ``t`` already held (a
+    value computed here, such as a LoRA factor, must be finite; a base weight's own ``inf`` is carried
+    over otherwise). ``hint`` replaces the default next step (``use `dtype` float32 or bfloat16``).
 
     Example: ``cast_finite(torch.tensor([7e4]), torch.float16, "lm_head.weight")`` raises
     ``UnsupportedError("lm_head.weight: a value (7e+04) overflows float16 ...")``.
@@ -42,10 +45,35 @@ def cast_finite(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     # The sum is a cheap gate (an infinite element makes it inf or NaN; isfinite().all() costs
     # 10x more on the CPU): the exact check below runs only when it trips.
     if out.is_floating_point() and t.is_floating_point() and not math.isfinite(float(out.sum())):
+        dtype_name = str(dtype).replace("torch.", "")
+        if strict and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UnsupportedError(f"{name}: {bad} value(s) are not finite (the computation overflowed before the "
+                                   f"cast to {dtype_name})", hint="check the adapter's scaling (lora_alpha / r)")
         newly = torch.isfinite(t) & ~torch.isfinite(out)
         if bool(newly.any()):
             biggest = float(t[newly].abs().max())
-            dtype_name = str(dtype).replace("torch.", "")
-            raise UnsupportedError(f"{name}: a value ({biggest:.3g}) overflows {dtype_name}",
-                                   hint="use float32 or bfloat16")
+            if hint is None and dtype == torch.float16:
+                hint = "use `dtype` float32 or bfloat16"
+            raise UnsupportedError(f"{name}: a value ({biggest:.3g}) overflows {dtype_name} "
+                                   f"(largest {torch.finfo(dtype).max:.4g})", hint=hint)
     return out
+
+
+def check_finite_update(result: torch.Tensor, base: torch.Tensor, name: str, *, cause: str) -> None:
+    """Refuse a merged ``result`` (``W + dW``) that is not finite where the base ``base`` was.
+
+    ``cause`` says what multiplied the update (the scaling and ``scale``). The gate is one sum;
+    the exact comparison runs only when it trips.
+
+    Raises:
+        UnsupportedError: naming the tensor, the number of values and ``cause``.
+    """
+    if math.isfinite(float(result.sum())):
+        return
+    bad = ~torch.isfinite(result) & torch.isfinite(base.to(result.device))
+    count = int(bad.sum())
+    if count:
+        kind = str(result.dtype).replace("torch.", "")
+        raise UnsupportedError(f"{name}: W + dW has {count} non-finite value(s): the update overflows {kind} "
+                               f"({cause})", hint="check `scale` and the adapter's lora_alpha")

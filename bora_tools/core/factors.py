@@ -136,6 +136,8 @@ def factored_svd(A: Tensor, B: Tensor, sigma: Tensor, scaling: float) -> Factore
         B4, A4 = svd.lora_factors(4)             # best rank-4 LoRA
         err = svd.discarded_error(4)             # ||dW - B4 @ A4||_F
     """
+    if _wider_than_dw(A, B, sigma):
+        return dense_svd(A, B, sigma, scaling)
     A, B, sigma = (t.to(torch.float64) for t in (A, B, sigma))
     b, _, r = sigma.shape
     m = B.shape[0]
@@ -176,6 +178,8 @@ def gram_svd(A: Tensor, B: Tensor, sigma: Tensor, scaling: float, *, vectors: in
         B8, A8 = svd.lora_factors(8)
         gram_svd(A, B, sigma, scaling, vectors=8).lora_factors(8)   # the same, cheaper
     """
+    if _wider_than_dw(A, B, sigma):
+        return dense_svd(A, B, sigma, scaling, vectors=vectors)
     A, B, sigma = (t.to(torch.float64) for t in (A, B, sigma))
     b, _, r = sigma.shape
     m, n = B.shape[0], A.shape[1]
@@ -199,6 +203,29 @@ def gram_svd(A: Tensor, B: Tensor, sigma: Tensor, scaling: float, *, vectors: in
     w = torch.einsum("kip,ijp->jkp", ((vh_c * inv_a) @ v_a.T).reshape(k, b, r), sigma)  # (b_j, k, r)
     vh = torch.bmm(w, a_cols).transpose(0, 1).reshape(k, n)
     return FactoredSVD(U=u, S=s, Vh=vh)
+
+
+def _wider_than_dw(A: Tensor, B: Tensor, sigma: Tensor) -> bool:
+    """``b*r > min(m, n)``: the factored routes would work on ``(b*r)^2`` matrices larger than ``dW`` itself."""
+    b, _, r = sigma.shape
+    return b * r > min(B.shape[0], A.shape[1])
+
+
+def dense_svd(A: Tensor, B: Tensor, sigma: Tensor, scaling: float, *, vectors: int | None = None) -> FactoredSVD:
+    """The SVD of ``dW`` formed densely in float64: the route when ``b*r > min(m, n)``.
+
+    Ranks above ``min(m, n)`` carry nothing more: ``dW`` (``m*n`` values, at most ``b`` times the factors'
+    size since ``min(m, n) < b*r``) is smaller than the ``(b*r)^2`` Gram or core matrices, so the work is
+    bounded by ``m*n*min(m, n)`` whatever ``r`` is. ``vectors`` limits ``U``/``Vh`` as in ``gram_svd``.
+    """
+    dw = delta_weight(A, B, sigma, scaling, dtype=torch.float64)
+    m, n = dw.shape
+    if vectors == 0:
+        s = torch.linalg.svdvals(dw)
+        return FactoredSVD(U=dw.new_zeros(m, 0), S=s, Vh=dw.new_zeros(0, n))
+    u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+    k = s.numel() if vectors is None else min(vectors, s.numel())
+    return FactoredSVD(U=u[:, :k], S=s, Vh=vh[:k])
 
 
 def _gram_roots(lam: Tensor, dim: int) -> tuple[Tensor, Tensor]:

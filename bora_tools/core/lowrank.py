@@ -208,8 +208,8 @@ def convert_module(module: BoraModule, policy: RankPolicy, *, device: torch.devi
                           singular_values=svd.S.detach().cpu())
     # The one cast of the whole conversion: float64 -> the stored dtype.
     key = PREFIX + module.name
-    return (cast_finite(b_k.cpu(), dtype, key + SUFFIX_B).contiguous(),
-            cast_finite(a_k.cpu(), dtype, key + SUFFIX_A).contiguous(), result)
+    return (cast_finite(b_k.cpu(), dtype, key + SUFFIX_B, strict=True).contiguous(),
+            cast_finite(a_k.cpu(), dtype, key + SUFFIX_A, strict=True).contiguous(), result)
 
 
 def _truncation_figures(svd: FactoredSVD, k: int) -> tuple[float, float]:

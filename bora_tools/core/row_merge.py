@@ -15,6 +15,7 @@ from typing import Union
 import torch
 
 from bora_tools.core.adapter import PREFIX, BoraAdapter, BoraModule, check_against_base
+from bora_tools.core.dtypes import cast_finite, check_finite_update
 from bora_tools.core.factors import mixed_row_blocks
 from bora_tools.errors import ShapeError, UnsupportedError, raise_if_problems
 from bora_tools.io.model_dir import ModelDir
@@ -85,7 +86,7 @@ def _refuse_tied(adapter: BoraAdapter, base: ModelDir) -> None:
 
 
 class RowMerger:
-    """``W + scale * dW`` for one module, a slice of stored rows at a time, in float32 on ``device``.
+    """``W + scale * dW`` for one module, a slice of stored rows at a time, in float32 (float64 for a float64 base).
 
     The small mixed factor ``s * A'`` (``(b, r, n)``) is built once; each chunk
     of stored rows is widened to float32 and updated in place by ``addmm_``, so
@@ -94,9 +95,11 @@ class RowMerger:
     """
 
     def __init__(self, module: BoraModule, *, fan_in_fan_out: bool, scale: float = 1.0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.module, self.fan_in_fan_out, self.device = module, fan_in_fan_out, torch.device(device)
-        f32 = dict(device=self.device, dtype=torch.float32)
+        self.dtype = dtype  # float32, or float64 for a float64 base (never rounded below it)
+        self.cause = f"scaling {module.scaling:g} x scale {scale:g}"
+        f32 = dict(device=self.device, dtype=dtype)
         b, m = module.b, module.shape[0]
         # Fold the scaling into the small factor, never into the big matrix.
         self.mixed = mixed_row_blocks(module.A.to(**f32), module.sigma.to(**f32)) * (module.scaling * scale)
@@ -115,7 +118,7 @@ class RowMerger:
         faults) per chunk.
         """
         if work is None:
-            work = torch.empty(w_rows.shape, dtype=torch.float32, device=self.device)
+            work = torch.empty(w_rows.shape, dtype=self.dtype, device=self.device)
         w = work.copy_(w_rows, non_blocking=True)
         stop = start + w.shape[0]
         if self.fan_in_fan_out:
@@ -123,11 +126,13 @@ class RowMerger:
             height = self.b_rows.shape[1]
             for i in range(self.module.b):
                 w[:, i * height:(i + 1) * height].addmm_(self.mixed[i, :, start:stop].T, self.b_rows[i].T)
-            return w
-        height = self.b_rows.shape[1]
-        for i in range(start // height, (stop - 1) // height + 1):
-            lo, hi = max(start, i * height), min(stop, (i + 1) * height)
-            w[lo - start:hi - start].addmm_(self.b_rows[i, lo - i * height:hi - i * height], self.mixed[i])
+        else:
+            height = self.b_rows.shape[1]
+            for i in range(start // height, (stop - 1) // height + 1):
+                lo, hi = max(start, i * height), min(stop, (i + 1) * height)
+                w[lo - start:hi - start].addmm_(self.b_rows[i, lo - i * height:hi - i * height], self.mixed[i])
+        # Checked where the value is made: an overflow here would otherwise be written as inf.
+        check_finite_update(w, w_rows, PREFIX + self.module.name, cause=self.cause)
         return w
 
 
@@ -167,11 +172,12 @@ def merged_weight(weight: Tensor, module: BoraModule, *, fan_in_fan_out: bool, s
     Raises:
         ShapeError: ``weight`` does not have the shape the module implies.
     """
-    merger = RowMerger(module, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    merger = RowMerger(module, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device, dtype=acc)
     if tuple(weight.shape) != merger.stored_shape:
         raise ShapeError(f"{PREFIX + module.name}: the adapter implies base shape {merger.stored_shape}, "
                          f"the weight has {tuple(weight.shape)}")
     out = torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=merger.device)
     for start, stop in row_chunks(weight.shape[0], weight.shape[1], chunk=chunk_elements(merger.device)):
-        out[start:stop] = merger.rows(weight[start:stop], start)  # the one rounding
+        out[start:stop] = cast_finite(merger.rows(weight[start:stop], start), out.dtype, PREFIX + module.name)
     return out

@@ -74,6 +74,7 @@ OUTTYPES: dict[str, tuple[gguf.LlamaFileType, Q]] = {
 }
 #: The torch dtype of the plain GGUF float types.
 _TORCH_FOR = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+_WIDER = "use `outtype` f32 or bf16"
 #: Elements per parallel Q8_0 task: bounds the float32 temporaries of gguf.quants.
 _Q8_SLICE_ELEMENTS = 1 << 17
 
@@ -118,11 +119,11 @@ def to_gguf_array(t: torch.Tensor, qtype: Q, *, name: str = "tensor", pool: Exec
     """
     t = t.detach().cpu()
     if qtype in _TORCH_FOR:
-        out = cast_finite(t, _TORCH_FOR[qtype], name).contiguous()
+        out = cast_finite(t, _TORCH_FOR[qtype], name, hint=_WIDER).contiguous()
         return out.view(torch.int16).numpy().view(np.uint8) if qtype == Q.BF16 else out.numpy()
     if qtype != Q.Q8_0:
         raise UnsupportedError(f"GGUF type {qtype.name} is not supported")
-    rows = cast_finite(t.reshape(-1, t.shape[-1]), torch.float32, name)
+    rows = cast_finite(t.reshape(-1, t.shape[-1]), torch.float32, name, strict=True, hint=_WIDER)
     _check_q8_scales(rows, name)
     out = np.empty(gguf.quant_shape_to_byte_shape(tuple(rows.shape), qtype), dtype=np.uint8)
     step = max(1, _Q8_SLICE_ELEMENTS // rows.shape[1])
@@ -140,7 +141,7 @@ def _check_q8_scales(rows: torch.Tensor, name: str) -> None:
     # Each Q8_0 block stores its scale max|x| / 127 as float16: beyond 65504 it becomes inf.
     block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
     scales = rows.reshape(-1, block).abs().amax(dim=1) / 127
-    cast_finite(scales, torch.float16, f"{name} (Q8_0 block scale = max|x| / 127)")
+    cast_finite(scales, torch.float16, f"{name} (Q8_0 block scale = max|x| / 127)", strict=True, hint=_WIDER)
 
 
 def quantize_pool() -> ThreadPoolExecutor:
