@@ -36,8 +36,8 @@ from bora_tools.io.safetensors import ST_DTYPES, SafetensorsWriter, TensorSpec, 
 from bora_tools.progress import Progress, no_progress
 from bora_tools.report import Report
 
-#: Largest |scale| accepted: a multiplier of the update beyond this only makes W irrelevant (or overflows).
-MAX_SCALE = 1e6
+#: Largest |scale| accepted: beyond it the update alone decides every merged value (or overflows float32).
+MAX_SCALE = 1e9
 
 # -- the streaming pipeline ------------------------------------------------
 
