@@ -18,6 +18,12 @@ from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
 from bora_tools.gguf.writer import ArchSpec
 
 DEFAULT_ROPE_THETA = 10000.0
+#: Largest size (layers, widths, heads, vocabulary, context) accepted: llama.cpp keeps them in 32-bit integers.
+MAX_SIZE = 2**31 - 1
+#: Largest rope_theta accepted (real models use 1e4 to 1e8; float32 would turn 1e308 into inf).
+MAX_ROPE_THETA = 1e12
+#: Largest rotary scaling factor accepted.
+MAX_ROPE_FACTOR = 1e6
 #: rope_type values handled; anything else is refused rather than silently mis-rotated.
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -60,8 +66,8 @@ def read_hparams(config: dict[str, Any], *, source: str) -> Hparams:
 
     def need(key: str, default: Any = None) -> int:
         value = config.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"{key}: expected a positive integer, found {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE:
+            problems.append(f"{key}: expected a positive integer of at most {MAX_SIZE}, found {_short(value)}")
             return 1
         return value
 
@@ -85,10 +91,21 @@ def read_hparams(config: dict[str, Any], *, source: str) -> Hparams:
     return hp
 
 
-def _number(config: dict[str, Any], key: str, default: float, problems: list[str]) -> float:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(config: dict[str, Any], key: str, default: float, problems: list[str], *,
+            at_most: float = 3e38) -> float:
     value = config.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        problems.append(f"{key}: expected a positive number, found {value!r}")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        ok = ok and math.isfinite(value) and 0 < value <= at_most
+    except OverflowError:  # an int beyond float's range
+        ok = False
+    if not ok:
+        problems.append(f"{key}: expected a positive number of at most {at_most:g}, found {_short(value)}")
         return default
     return float(value)
 
@@ -102,10 +119,16 @@ def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], 
     if not isinstance(params, dict):
         problems.append(f"rope_parameters: expected an object, found {params!r}")
         return {}, DEFAULT_ROPE_THETA
-    theta = _number(params, "rope_theta", DEFAULT_ROPE_THETA, problems)
+    theta = _number(params, "rope_theta", DEFAULT_ROPE_THETA, problems, at_most=MAX_ROPE_THETA)
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind in ("linear", "llama3"):
-        _number(params, "factor", 1.0, problems)
+        _number(params, "factor", 1.0, problems, at_most=MAX_ROPE_FACTOR)
+    if kind == "llama3":
+        low = _number(params, "low_freq_factor", 1.0, problems, at_most=MAX_ROPE_FACTOR)
+        high = _number(params, "high_freq_factor", 4.0, problems, at_most=MAX_ROPE_FACTOR)
+        _number(params, "original_max_position_embeddings", 8192, problems, at_most=MAX_SIZE)
+        if high <= low:
+            problems.append(f"rope high_freq_factor {high:g} must exceed low_freq_factor {low:g}")
     return dict(params), theta
 
 

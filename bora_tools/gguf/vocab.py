@@ -79,7 +79,7 @@ class GgufVocab:
                 "chat_template": bool(self.special and self.special.chat_template is not None)}
 
 
-def read_vocab(model_dir: str | Path, *, vocab_size: int) -> GgufVocab:
+def read_vocab(model_dir: str | Path, *, vocab_size: int, rows: int | None = None) -> GgufVocab:
     """Read the tokenizer of ``model_dir`` and pad it to ``vocab_size`` tokens.
 
     Example::
@@ -88,7 +88,8 @@ def read_vocab(model_dir: str | Path, *, vocab_size: int) -> GgufVocab:
         vocab.model, vocab.pre, len(vocab.tokens)     # ("gpt2", "gpt-2", 320)
 
     Raises:
-        ModelDirError: no tokenizer, an unreadable one, or more tokens than ``vocab_size``.
+        ModelDirError: no tokenizer, an unreadable one, more tokens than ``vocab_size``, or a
+            ``vocab_size`` other than ``rows`` (the stored embedding's rows, when given).
         UnsupportedError: a tokenizer kind llama.cpp cannot load (WordPiece, Unigram JSON).
     """
     path = Path(model_dir)
@@ -101,6 +102,9 @@ def read_vocab(model_dir: str | Path, *, vocab_size: int) -> GgufVocab:
         raise ModelDirError(f"{path}: no tokenizer.json or tokenizer.model: a GGUF model needs its tokenizer",
                             hint="copy the base model's tokenizer files into the directory")
     _check_ids(path, vocab, tok_json, vocab_size)
+    if rows is not None and rows != vocab_size:  # before padding: vocab_size is only trusted once tensors agree
+        raise ModelDirError(f"{path / 'config.json'}: vocab_size is {vocab_size} but the token embedding has "
+                            f"{rows} rows")
     _pad(vocab, vocab_size)
     vocab.special = gguf.SpecialVocab(path, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
     if vocab.model == "gpt2" and not vocab.special.merges:
