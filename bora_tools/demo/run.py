@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bora_tools.errors import BoraError
+from bora_tools.errors import BoraError, OutputWriteError
 from bora_tools.progress import Progress, no_progress
 from bora_tools.report import Report
 
@@ -372,7 +372,12 @@ def run_demo(
         ctx = DemoContext(workdir=root, steps=steps, say=say, progress=progress)
         start = time.perf_counter()
         for step in STEPS:
-            step(ctx)
+            try:
+                step(ctx)
+            except OSError as e:  # the workdir's disk (full, read-only): one line, not an internal error
+                if isinstance(e, BoraError):
+                    raise
+                raise OutputWriteError(f"demo workdir {root}: writing failed ({e.strerror or e})") from e
         return DemoReport(
             results=ctx.results, seconds=time.perf_counter() - start, workdir=str(root) if workdir else None
         )

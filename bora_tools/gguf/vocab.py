@@ -28,7 +28,8 @@ from typing import Any
 
 import gguf
 
-from bora_tools.errors import ModelDirError, UnsupportedError
+from bora_tools.errors import BoraError, ModelDirError, UnsupportedError
+from bora_tools.io.json import read_json
 from bora_tools.progress import logger
 
 # Split regexes of the byte-level pre-tokenizers llama.cpp implements, as they
@@ -80,6 +81,27 @@ class GgufVocab:
 
 
 def read_vocab(model_dir: str | Path, *, vocab_size: int, rows: int | None = None) -> GgufVocab:
+    """Read the tokenizer of ``model_dir`` and pad it to ``vocab_size`` tokens (see ``_read_vocab``).
+
+    A tokenizer file whose structure is not what its kind requires (a list where an object belongs, ...)
+    is refused in one line naming the files, whichever reader (ours or gguf-py's) trips over it.
+    """
+    path = Path(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            data = read_json(path / name, error=ModelDirError)
+            if not isinstance(data, dict):
+                raise ModelDirError(f"{path / name}: expected a JSON object, found {type(data).__name__}")
+    try:
+        return _read_vocab(path, vocab_size=vocab_size, rows=rows)
+    except BoraError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+        raise ModelDirError(f"{path}: malformed tokenizer files (tokenizer.json, tokenizer_config.json): "
+                            f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+
+
+def _read_vocab(model_dir: Path, *, vocab_size: int, rows: int | None) -> GgufVocab:
     """Read the tokenizer of ``model_dir`` and pad it to ``vocab_size`` tokens.
 
     Example::
@@ -116,10 +138,7 @@ def _read_tokenizer_json(path: Path) -> dict[str, Any] | None:
     file = path / "tokenizer.json"
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelDirError(f"{file}: not valid JSON ({e})") from e
+    data = read_json(file, error=ModelDirError)
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ModelDirError(f"{file}: expected an object with a 'model' entry")
     return data
@@ -221,7 +240,7 @@ def _mark_config_added_tokens(path: Path, tokens: list, toktypes: list[int], sco
         return
     try:
         decoder = json.loads(file.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
         return
     for tid_text, data in decoder.items():
         if not (str(tid_text).isdigit() and isinstance(data, dict) and isinstance(data.get("content"), str)):

@@ -83,9 +83,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _describe_adapter(path: Path, config: dict[str, Any]) -> Source:
     peft_type = str(config.get("peft_type", "")).upper()
     kind = {"BORA": "bora", "LORA": "lora"}.get(peft_type, "peft")
-    base = config.get("base_model_name_or_path")
+    base = _text(config.get("base_model_name_or_path"))
     details = {k: config[k] for k in ("peft_type", "r", "bora_blocks", "lora_alpha", "use_rslora", "target_modules",
                                       "rank_pattern", "alpha_pattern", "modules_to_save", "task_type") if k in config}
+    if "peft_type" in details:  # the card compares it as text; a list or a number is shown as written
+        details["peft_type"] = _text(details["peft_type"]) or str(details["peft_type"])
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
         details.update(_adapter_counts(_safetensors_shapes(weights)))
@@ -109,10 +111,17 @@ def _adapter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
 
 
 def _describe_model(config: dict[str, Any], weights: list[str]) -> Source:
-    base = config.get("_name_or_path")
-    details = {"architectures": config.get("architectures") or [], "model_type": config.get("model_type"),
-               "dtype": config.get("dtype") or config.get("torch_dtype"), "weights": weights}
+    base = _text(config.get("_name_or_path"))
+    arch = config.get("architectures") or []
+    details = {"architectures": [str(a) for a in arch] if isinstance(arch, list) else [str(arch)],
+               "model_type": _text(config.get("model_type")),
+               "dtype": _text(config.get("dtype") or config.get("torch_dtype")), "weights": weights}
     return Source("model", [base] if base else [], details, base_from="config.json _name_or_path")
+
+
+def _text(value: Any) -> str | None:
+    """``value`` when it is a non-empty string (what the card may print as a name), else None."""
+    return value if isinstance(value, str) and value else None
 
 
 def _describe_gguf(files: list[Path]) -> Source:

@@ -83,11 +83,17 @@ def read_header(path: str | Path) -> ShardHeader:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelDirError(f"{path}: corrupt safetensors header: not JSON ({e})") from e
+    except RecursionError:
+        raise ModelDirError(f"{path}: corrupt safetensors header: JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise ModelDirError(f"{path}: corrupt safetensors header: expected a JSON object")
     metadata = header.pop("__metadata__", None)
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ModelDirError(f"{path}: corrupt safetensors header: __metadata__ is not an object")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise ModelDirError(f"{path}: corrupt safetensors header: __metadata__ is not an object of strings")
+    for text in [*header, *(metadata or {}), *(metadata or {}).values()]:
+        if not _encodable(text):  # a lone surrogate (JSON "\ud800") cannot be written back as UTF-8
+            raise ModelDirError(f"{path}: corrupt safetensors header: name {text!r} is not valid Unicode")
     data_start, data_size = 8 + n, size - 8 - n
     entries = [_entry(path, name, info, data_start, data_size) for name, info in header.items()]
     entries.sort(key=lambda e: (e.start, e.end))
@@ -95,6 +101,14 @@ def read_header(path: str | Path) -> ShardHeader:
         if cur.start < prev.end:
             raise ModelDirError(f"{path}: corrupt safetensors header: tensors {prev.name} and {cur.name} overlap")
     return ShardHeader(path, data_start, {e.name: e for e in entries}, metadata)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _entry(path: Path, name: str, info: Any, data_start: int, data_size: int) -> TensorEntry:
