@@ -66,7 +66,11 @@ def describe_source(path: Path) -> Source:
     config = path / "config.json"
     weights = sorted(p.name for p in path.glob("*.safetensors")) + sorted(p.name for p in path.glob("*.bin"))
     if config.is_file() and weights:
-        return _describe_model(_read_json(config), weights)
+        data = _read_json(config)
+        arch = data.get("architectures")
+        if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+            raise ConfigError(f"{config}: architectures: expected a list of names, found {type(arch).__name__}")
+        return _describe_model(data, weights)
     ggufs = sorted(path.glob("*.gguf"))
     if ggufs:
         return _describe_gguf(ggufs)
@@ -86,8 +90,9 @@ def _describe_adapter(path: Path, config: dict[str, Any]) -> Source:
     base = _text(config.get("base_model_name_or_path"))
     details = {k: config[k] for k in ("peft_type", "r", "bora_blocks", "lora_alpha", "use_rslora", "target_modules",
                                       "rank_pattern", "alpha_pattern", "modules_to_save", "task_type") if k in config}
-    if "peft_type" in details:  # the card compares it as text; a list or a number is shown as written
-        details["peft_type"] = _text(details["peft_type"]) or str(details["peft_type"])
+    if "peft_type" in config and not isinstance(config["peft_type"], str):
+        raise ConfigError(f"{path / 'adapter_config.json'}: peft_type: expected a string, "
+                          f"found {type(config['peft_type']).__name__}")
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
         details.update(_adapter_counts(_safetensors_shapes(weights)))
@@ -112,8 +117,7 @@ def _adapter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
 
 def _describe_model(config: dict[str, Any], weights: list[str]) -> Source:
     base = _text(config.get("_name_or_path"))
-    arch = config.get("architectures") or []
-    details = {"architectures": [str(a) for a in arch] if isinstance(arch, list) else [str(arch)],
+    details = {"architectures": config.get("architectures") or [],
                "model_type": _text(config.get("model_type")),
                "dtype": _text(config.get("dtype") or config.get("torch_dtype")), "weights": weights}
     return Source("model", [base] if base else [], details, base_from="config.json _name_or_path")
