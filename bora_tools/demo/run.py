@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from bora_tools.errors import BoraError, OutputWriteError
 from bora_tools.progress import Progress, no_progress
@@ -374,10 +375,11 @@ def run_demo(
         for step in STEPS:
             try:
                 step(ctx)
-            except OSError as e:  # the workdir's disk (full, read-only): one line, not an internal error
+            except (OSError, SafetensorError) as e:  # the workdir's disk (full, read-only): one line
                 if isinstance(e, BoraError):
                     raise
-                raise OutputWriteError(f"demo workdir {root}: writing failed ({e.strerror or e})") from e
+                why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+                raise OutputWriteError(f"demo workdir {root}: writing failed ({why})") from e
         return DemoReport(
             results=ctx.results, seconds=time.perf_counter() - start, workdir=str(root) if workdir else None
         )
