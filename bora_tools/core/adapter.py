@@ -6,7 +6,9 @@ reported at once, each naming the key, what was expected and what was found.
 
 from __future__ import annotations
 
+import json
 import pickle
+import struct
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -21,7 +23,6 @@ from bora_tools.core.config import BoraConfig, matches_target
 from bora_tools.core.factors import block_problems
 from bora_tools.errors import BoraError, CheckpointError, ShapeError, raise_if_problems
 from bora_tools.io.atomic import atomic_output
-from bora_tools.io.model_dir import read_header
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -147,11 +148,27 @@ def _check_legacy_sizes(path: Path) -> None:
 MAX_ADAPTER_TENSORS = 60_000
 
 
+#: Longest safetensors header an adapter may have: ``MAX_ADAPTER_TENSORS`` entries of a few hundred bytes.
+MAX_ADAPTER_HEADER_BYTES = 16 * 2**20
+
+
 def _check_tensor_count(path: Path) -> None:
+    """Refuse a header too long, or listing too many tensors, for an adapter, before any tensor is read."""
     try:
-        count = len(read_header(path).entries)
-    except (BoraError, OSError, RecursionError):
-        return  # the safetensors reader below reports what is wrong with the file
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return  # the safetensors reader reports the truncation
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_ADAPTER_HEADER_BYTES:
+                raise CheckpointError(f"{path}: a header of {n:,} bytes, more than an adapter's (at most "
+                                      f"{MAX_ADAPTER_HEADER_BYTES:,})")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, RecursionError) as e:
+        if isinstance(e, BoraError):
+            raise
+        return  # unreadable: the safetensors reader below says why
+    count = len(header) - ("__metadata__" in header) if isinstance(header, dict) else 0
     if count > MAX_ADAPTER_TENSORS:
         raise CheckpointError(f"{path}: {count:,} tensors, more than an adapter holds (at most "
                               f"{MAX_ADAPTER_TENSORS:,}: 3 per adapted module)")

@@ -43,16 +43,17 @@ def _peft_key_regex(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
-def _guarded_match(pattern: str, name: str, *, what: str, full: bool = False) -> bool:
+def _guarded_match(pattern: str, name: str, *, what: str, full: bool = False, shown: str | None = None) -> bool:
     started = time.perf_counter()
     try:
         compiled = _compiled(pattern)
         found = (compiled.fullmatch if full else compiled.match)(name, timeout=REGEX_MATCH_SECONDS)
     except TimeoutError:
-        raise ConfigError(f"{CONFIG_NAME}: {what} {pattern!r} takes too long to match {name!r} "
+        raise ConfigError(f"{CONFIG_NAME}: {what} {shown or pattern!r} takes too long to match {name!r} "
                           "(catastrophic backtracking?)", hint="simplify the regular expression") from None
     except regex.error as e:
-        raise ConfigError(f"{CONFIG_NAME}: {what} {pattern!r} is not a valid regular expression ({e})") from None
+        raise ConfigError(f"{CONFIG_NAME}: {what} {shown or pattern!r} is not a valid regular expression ({e})"
+                          ) from None
     finally:
         _regex_spent[0] += time.perf_counter() - started
     if _regex_spent[0] > REGEX_TOTAL_SECONDS:
@@ -82,7 +83,8 @@ def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
     Example: ``pattern_key({"q_proj": 8}, "model.layers.0.self_attn.q_proj")`` -> ``"q_proj"``.
     """
     for key in patterns:
-        if key == name or name.endswith("." + key) or _guarded_match(_peft_key_regex(key), name, what="pattern key"):
+        if key == name or name.endswith("." + key) or _guarded_match(_peft_key_regex(key), name, what="pattern key",
+                                                                      shown=repr(key)):
             return key
     return None
 
