@@ -135,37 +135,54 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
 
 
 def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
-    if target.exists() or target.is_symlink():
-        if not overwrite:  # appeared while we were writing
-            raise OutputExistsError(f"output {target} appeared while writing", hint="pass `overwrite` to replace it")
-        trash = target.parent / f"{_tmp_prefix(target)}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
-        with _signals_deferred():  # both renames happen, or neither: no interrupt between them
-            os.replace(target, trash)
-            os.replace(tmp, target)
-            COMMITTED.append(target)
-        try:
-            _remove(trash)
-        except BaseException:  # an interrupt during the removal: finish it, then stop
-            _remove(trash)
-            raise
-    else:
+    if not (target.exists() or target.is_symlink()):
         with _signals_deferred():
             os.replace(tmp, target)
             COMMITTED.append(target)
+        return
+    if not overwrite:  # appeared while we were writing
+        raise OutputExistsError(f"output {target} appeared while writing", hint="pass `overwrite` to replace it")
+    trash = target.parent / f"{_tmp_prefix(target)}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
+    replaced = False
+    try:
+        with _signals_deferred():  # both renames happen, or neither: an interrupt waits until they are done
+            os.replace(target, trash)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(trash, target)  # put the old output back
+                raise
+            replaced = True
+            COMMITTED.append(target)
+    finally:
+        if replaced:  # the old output goes, even when an interrupt arrived during the renames
+            _remove(trash)
 
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (main thread, POSIX) until the block is done; they arrive right after."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT and SIGTERM back until the block is done, then act on the first one that came.
+
+    Python-level handlers (not a signal mask) so that a signal delivered to any thread waits too.
+    Outside the main thread, where handlers cannot be set, the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if caught:
+            handler = old[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)  # Python's own SIGINT handler raises KeyboardInterrupt here
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
 
 
 def _os_reason(e: OSError) -> str:
