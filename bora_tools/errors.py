@@ -96,15 +96,15 @@ def _clip(text: str) -> str:
 # -- secrets ----------------------------------------------------------------
 # Values (Hub tokens) that must never appear in any output, tracebacks under --debug included.
 _SECRETS: set[str] = set()
+MIN_SECRET_CHARS = 8
 
 
 def register_secret(value: str | None) -> None:
-    """Remember ``value`` so that ``scrub`` masks it wherever it would be printed."""
-    if value and len(value) >= 4:
-        _SECRETS.add(value)
-        stripped = value.strip()
-        if len(stripped) >= 4:
-            _SECRETS.add(stripped)
+    """Remember ``value`` so that ``scrub`` masks it wherever it would be printed (Hub tokens are ~37 characters;
+    shorter values than ``MIN_SECRET_CHARS`` are not registered, so that common words are never masked)."""
+    for text in {value or "", (value or "").strip()}:
+        if len(text) >= MIN_SECRET_CHARS:
+            _SECRETS.add(text)
 
 
 def scrub(text: str) -> str:

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ def _compiled(pattern: str) -> Any:
     if pattern not in _COMPILED:
         if len(_COMPILED) > 4096:
             _COMPILED.clear()
-        _COMPILED[pattern] = regex.compile(pattern, flags=regex.VERSION0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # regex's notes on syntax it may change one day
+            _COMPILED[pattern] = regex.compile(pattern, flags=regex.VERSION0)
     return _COMPILED[pattern]
 
 
@@ -234,7 +237,9 @@ def _regex_problems(key: str, patterns: list[str], *, wrap: bool = False) -> lis
             continue
         for compile_ in (re.compile, lambda p: regex.compile(p, flags=regex.VERSION0)):
             try:
-                compile_(_peft_key_regex(pat) if wrap else pat)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    compile_(_peft_key_regex(pat) if wrap else pat)
             except (re.error, regex.error, RecursionError, OverflowError) as e:
                 out.append(f"{key}: {pat!r} is not a valid regular expression here ({' '.join(str(e).split())})")
                 break
