@@ -208,6 +208,23 @@ def test_python_names_in_the_docs_exist(page):
     assert not missing, f"{page.name} names what does not exist: {missing}"
 
 
+def test_code_cites_existing_docs_and_sections():
+    """Docstrings cite docs/format.md by section number ("docs/format.md, sections 1 and 3"): those must exist."""
+    bad = []
+    for path in sorted([*(ROOT / "bora_tools").rglob("*.py"), *(ROOT / "tests").glob("*.py"),
+                        *(ROOT / "scripts").glob("*.py")]):
+        text = path.read_text()
+        for m in re.finditer(r"docs/([\w.-]+\.md)(?:,? sections? (\d+(?:(?:, | and )\d+)*))?", text):
+            page = DOCS / m.group(1)
+            if not page.is_file():
+                bad.append(f"{path.relative_to(ROOT)}: docs/{m.group(1)} does not exist")
+                continue
+            for number in re.findall(r"\d+", m.group(2) or ""):
+                if not re.search(rf"^## {number}\. ", page.read_text(), re.M):
+                    bad.append(f"{path.relative_to(ROOT)}: docs/{m.group(1)} has no section {number}")
+    assert not bad, bad
+
+
 # -- the Python examples ------------------------------------------------------------------------
 
 
