@@ -47,7 +47,8 @@ def run(tree: Path, args: list[str]) -> dict:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"{tree}: bora-tools {' '.join(args)} failed:\n{stderr.decode()[-2000:]}")
-    return {"seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
+    # CPU time (user + system) is the steadier figure on a shared machine: waiting for a core does not count.
+    return {"seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
 def workloads(work: Path) -> dict[str, list[str]]:
@@ -89,13 +90,15 @@ def main() -> None:
             print(f"{name}: before {secs['a']} after {secs['b']}", flush=True)
         print(f"\nmodel: {args.layers} layers, {size / 2**20:.0f} MiB bf16; "
               f"{args.repeats} runs per tree, alternating\n")
-        print("| workload | before: median s | after: median s | after/before time | before: peak RSS MiB "
-              "| after: peak RSS MiB |")
+        print("| workload | wall s before / after | after/before | CPU s before / after | after/before "
+              "| peak RSS MiB before / after |")
         print("|---|---|---|---|---|---|")
         for name, runs in results.items():
             ta, tb = (statistics.median(r["seconds"] for r in runs[s]) for s in ("a", "b"))
+            ca, cb = (statistics.median(r["cpu_seconds"] for r in runs[s]) for s in ("a", "b"))
             ma, mb = (statistics.median(r["peak_rss_mib"] for r in runs[s]) for s in ("a", "b"))
-            print(f"| {name} | {ta:.2f} | {tb:.2f} | {tb / ta:.2f}x | {ma:.0f} | {mb:.0f} |")
+            print(f"| {name} | {ta:.2f} / {tb:.2f} | {tb / ta:.2f}x | {ca:.2f} / {cb:.2f} | {cb / ca:.2f}x "
+                  f"| {ma:.0f} / {mb:.0f} |")
         (work.parent / "bench-layout.json").write_text(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
