@@ -29,6 +29,7 @@ import torch
 
 from bora_tools.core.adapter import PREFIX, BoraModule, check_against_base, load_adapter
 from bora_tools.core.devices import one_cpu_thread, resolve_device
+from bora_tools.core.dtypes import cast_finite
 from bora_tools.core.lowrank import (
     ZERO_NOTE,
     RankPolicy,
@@ -176,7 +177,9 @@ def _factors(mod: BoraModule, rank: int | str, device: torch.device) -> _Prepare
 
         def exact() -> tuple[torch.Tensor, torch.Tensor]:
             b_full, a_full = balanced_exact_factors(*(t.to(device) for t in (mod.A, mod.B, mod.sigma)), mod.scaling)
-            return b_full.float().cpu(), a_full.float().cpu()
+            key = PREFIX + mod.name
+            return (cast_finite(b_full.cpu(), torch.float32, key + ".lora_B", strict=True),
+                    cast_finite(a_full.cpu(), torch.float32, key + ".lora_A", strict=True))
         return _Prepared(mod.b * mod.r, 0.0, None, exact)
     b_k, a_k, result = convert_module(mod, RankPolicy.parse(rank=int(rank)), device=device)
     return _Prepared(result.rank, result.rel_error, result.note, lambda: (b_k, a_k))
