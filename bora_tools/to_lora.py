@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from bora_tools.core.adapter import PREFIX, SUFFIX_A, SUFFIX_B, WEIGHTS_NAME, BoraAdapter, load_adapter
 from bora_tools.core.config import CONFIG_NAME, BoraConfig
 from bora_tools.core.devices import one_cpu_thread, resolve_device
-from bora_tools.core.dtypes import parse_dtype
+from bora_tools.core.dtypes import dtype_name, parse_dtype
 from bora_tools.core.lowrank import SVD_ROUTES, ModuleResult, RankPolicy, convert_module
 from bora_tools.errors import ValidationError
 from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
@@ -210,6 +210,7 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
         UnsupportedError: ``plot`` without matplotlib; a factor overflowing ``dtype``; cuda unavailable.
     """
     policy = RankPolicy.parse(rank, energy)
+    dtype = dtype_name(dtype)
     torch_dtype = parse_dtype(dtype)
     if route not in SVD_ROUTES:
         raise ValidationError(f"route: expected one of {', '.join(SVD_ROUTES)}, found {route!r}")

@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from bora_tools.core.config import BoraConfig, matches_target
 from bora_tools.core.factors import block_problems
-from bora_tools.errors import CheckpointError, ShapeError, raise_if_problems
+from bora_tools.errors import CheckpointError, ConfigError, ShapeError, raise_if_problems
 from bora_tools.io.atomic import atomic_output
+from bora_tools.io.kinds import wrong_kind
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -96,8 +97,9 @@ def load_adapter(path: str | Path) -> BoraAdapter:
         CheckpointError: tensors are unreadable, missing, unexpected, mis-shaped or non-finite.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not an adapter directory")
+    wrong = wrong_kind(path, expected="adapter")
+    if wrong is not None:
+        raise (CheckpointError if not path.is_dir() else ConfigError)(wrong)
     config = BoraConfig.load(path)
     tensors = read_tensors(path)
     return adapter_from_tensors(config, tensors, source=path)
