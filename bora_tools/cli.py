@@ -336,22 +336,17 @@ def push_cmd(path: Path, repo_id: str, private: bool, revision: str | None, crea
              base_model: str | None, as_json: bool) -> None:
     """Upload PATH (a directory or a .gguf file) to the Hub model repo REPO_ID, in one commit.
 
-    Adds a model card when PATH has no README.md. Files already on the Hub are not sent again.
+    Adds a model card when PATH has no README.md. Files already on the Hub are not sent again; when
+    nothing changed, no commit is made and the report says so.
     Another server: set HF_ENDPOINT (and HF_HUB_DISABLE_XET=1 if it has no Xet storage).
 
     Example: bora-tools push ./my-bora-adapter me/my-bora --private
     """
     from bora_tools.hub.push import push
 
-    if _state().quiet:
-        from huggingface_hub.utils import disable_progress_bars
-        from huggingface_hub.utils import logging as hf_logging
-
-        disable_progress_bars()
-        hf_logging.set_verbosity_error()
     result = push(path=path, repo_id=repo_id, private=private, revision=revision, create_pr=create_pr,
                   commit_message=commit_message, token=token, include=include, exclude=exclude,
-                  base_model=base_model)
+                  base_model=base_model, progress=make_progress())
     print_report(result, as_json=as_json)
 
 
