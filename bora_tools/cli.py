@@ -481,7 +481,8 @@ def to_lora_cmd(adapter: str, out: Path, rank: int | str | None, energy: float |
 
     found = _resolve(adapter, "adapter", token=token)
     report = to_lora(found.path, out, rank=rank, energy=energy, dtype=dtype, device=device, report=report_path,
-                     plot=plot_path, overwrite=overwrite, progress=make_progress())
+                     plot=plot_path, overwrite=overwrite, progress=make_progress(),
+                     name=found.repo_id if found.from_hub else None)
     print_report(report, as_json=as_json)
 
 

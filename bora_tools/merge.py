@@ -34,7 +34,7 @@ from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over
 from bora_tools.io.model_dir import INDEX_FILE, ModelDir, TensorEntry, read_rows
 from bora_tools.io.safetensors import ST_DTYPES, SafetensorsWriter, TensorSpec, st_dtype
 from bora_tools.progress import Progress, no_progress
-from bora_tools.report import Report
+from bora_tools.report import Report, human_bytes, human_seconds
 
 # -- the streaming pipeline ------------------------------------------------
 
@@ -56,12 +56,19 @@ class MergeReport(Report):
     seconds: float = 0.0
 
     def to_text(self) -> str:
+        update = "W + dW" if self.scale == 1 else f"W + {self.scale:g} * dW"
+        parts = [f"{self.merged} weights merged ({update}, computed in float32 on {self.device})"]
+        if self.replaced:
+            parts.append(f"{self.replaced} replaced whole (modules_to_save)")
+        if self.copied:
+            parts.append(f"{self.copied} copied unchanged")
+        if self.converted:
+            parts.append(f"{self.converted} cast to {self.dtype}")
+        others = f", {len(self.other_files)} other file(s) such as config and tokenizer" if self.other_files else ""
         return "\n".join([
-            f"{self.out}: {self.merged} weights merged (W + {self.scale:g} * dW, float32 on {self.device}), "
-            f"{self.replaced} replaced (modules_to_save), {self.copied} copied as raw bytes"
-            + (f", {self.converted} cast to {self.dtype}" if self.converted else ""),
-            f"{self.shards} shard(s), {self.bytes_written / 2**20:.1f} MiB, "
-            f"{len(self.other_files)} other file(s) copied, {self.seconds:.1f} s"])
+            "  " + ", ".join(parts),
+            f"wrote {self.out}: a complete model folder ({self.shards} weight file(s), "
+            f"{human_bytes(self.bytes_written)}{others}) in {human_seconds(self.seconds)}"])
 
 
 @dataclass(frozen=True)
