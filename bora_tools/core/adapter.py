@@ -61,6 +61,11 @@ class BoraModule:
         suffix = {"A": SUFFIX_A, "B": SUFFIX_B, "sigma": SUFFIX_SIGMA}[part]
         return PREFIX + self.name + suffix
 
+    def __repr__(self) -> str:  # shapes, not tensor values
+        m, n = self.shape
+        return (f"BoraModule({self.name!r}, shape=({m}, {n}), r={self.r}, b={self.b}, scaling={self.scaling:g}, "
+                f"dtype={str(self.A.dtype).replace('torch.', '')})")
+
 
 @dataclass
 class BoraAdapter:
@@ -82,6 +87,12 @@ class BoraAdapter:
     @property
     def num_parameters(self) -> int:
         return sum(m.num_parameters for m in self.modules.values())
+
+    def __repr__(self) -> str:  # a summary, not 100,000 characters of tensor values
+        where = f"{str(self.path)!r}, " if self.path is not None else ""
+        saved = f", saved={sorted(self.saved)}" if self.saved else ""
+        return (f"BoraAdapter({where}r={self.config.r}, b={self.config.bora_blocks}, "
+                f"modules={len(self.modules)}, parameters={self.num_parameters:,}{saved})")
 
 
 def load_adapter(path: str | Path) -> BoraAdapter:
