@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -398,7 +399,7 @@ class _RankType(click.ParamType):
 
 @cli.command("export-gguf", short_help="Export a model or a BoRA adapter as GGUF for llama.cpp.")
 @click.argument("source", type=_InputType("any"))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", required=True, type=click.Path(),
               help="The .gguf file to write, or an existing folder (or one ending in /) to write "
                    "<name>-<outtype>.gguf into.")
 @click.option("--base", type=_InputType("model"), default=None,
@@ -415,7 +416,7 @@ class _RankType(click.ParamType):
 @overwrite_option
 @json_option
 @common_options
-def export_gguf_cmd(source: str, out: Path, base: str | None, merge: bool, rank: int | str | None, outtype: str,
+def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: int | str | None, outtype: str,
                     device: str, token: str | None, overwrite: bool, as_json: bool) -> None:
     """Export a model directory, or a BoRA adapter (with --base), as GGUF for llama.cpp.
 
@@ -491,7 +492,7 @@ def _gguf_name(found: Any) -> str | None:
     return found.repo_id.split("/")[-1] if found is not None and found.from_hub else None
 
 
-def _gguf_target(out: Path, source: str, local: Path, *, base: str | None, merge: bool, outtype: str) -> Path:
+def _gguf_target(out: str, source: str, local: Path, *, base: str | None, merge: bool, outtype: str) -> Path:
     """``--out``: a file, or a folder (existing, or written with a trailing /) that gets a default name.
 
     The default name follows llama.cpp's converters: ``<name>-<outtype>.gguf``, where ``<name>`` is the
@@ -499,15 +500,16 @@ def _gguf_target(out: Path, source: str, local: Path, *, base: str | None, merge
     """
     from bora_tools.io.hub_input import parse_hub_id
 
-    if out.is_dir() or str(out).endswith(("/", "\\")):
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
         parsed = parse_hub_id(source) if not Path(source).exists() else None
         name = parsed[0].split("/")[-1] if parsed else local.resolve().name
         kind = "" if base is None else ("-merged" if merge else "-lora")
-        return out / f"{name}{kind}-{outtype}.gguf"
-    if out.suffix.lower() != ".gguf" and not _state().quiet:
+        return path / f"{name}{kind}-{outtype}.gguf"
+    if path.suffix.lower() != ".gguf" and not _state().quiet:
         click.echo(f"Warning: {out} does not end in .gguf; llama.cpp does not mind, but people and tools look for "
                    "the suffix", err=True)
-    return out
+    return path
 
 
 # Commands are registered above this line.

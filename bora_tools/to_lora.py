@@ -134,7 +134,8 @@ def _table(report: dict[str, Any]) -> str:
         + (f"; modules_to_save: {t['saved_parameters']:,} copied" if t["saved_parameters"] else ""),
         error,
     ]
-    for label, key in (("report (JSON)", "report_path"), ("plot", "plot_path")):
+    for label, key in (("this report, as JSON", "report_path"), ("singular values and energy, as a PNG plot",
+                                                                 "plot_path")):
         if report.get(key):
             lines.append(f"wrote {report[key]} ({label})")
     lines.append(f"wrote {report['out']} (PEFT LoRA adapter: r={peft['r']}, lora_alpha={peft['lora_alpha']}"
