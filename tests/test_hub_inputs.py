@@ -24,6 +24,7 @@ from bora_tools.cli import cli
 from bora_tools.core.config import BoraConfig
 from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
 from bora_tools.errors import HubError
+from bora_tools.hub.push import build_model_card
 from bora_tools.io.hub_input import parse_hub_id, resolve_input
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
@@ -206,6 +207,7 @@ def test_commands_from_hub_ids_match_local_copies(hub, local, tmp_path):
     assert json.loads(hub_merged.pop("config.json"))["_name_or_path"] == "org/base"  # for push's model card
     local_merged.pop("config.json")
     assert hub_merged == local_merged
+    assert build_model_card(hub_out / "merged", repo_id="me/merged").data.base_model == "org/base"
     assert _files(hub_out / "lora") == _files(loc / "lora")
     assert (hub_out / "m.gguf").read_bytes() == (loc / "m.gguf").read_bytes()
     assert (hub_out / "l.gguf").read_bytes() == (loc / "l.gguf").read_bytes()
