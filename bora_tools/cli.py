@@ -182,7 +182,7 @@ def _resolve(spec: str, kind: str, *, token: str | None) -> Any:
 
     found = resolve_input(spec, kind=kind, token=token, progress=make_progress())
     if not _state().quiet and (found.from_hub or parse_hub_id(spec) is not None):
-        note = found.describe() + ("" if found.from_hub else " (an existing local path wins over a Hub id)")
+        note = found.describe() + ("" if found.from_hub else f", not the Hub repo {spec}")
         click.echo(note, err=True)
     return found
 

@@ -109,7 +109,9 @@ def build_report(*, adapter: Path, out: Path, policy: dict, dtype: str, results:
 def _table(report: dict[str, Any]) -> str:
     mods = report["modules"]
     width = max(len("module"), *(len(m["name"]) for m in mods))
-    lines = [f"{'module':<{width}}  {'shape':>11}  {'kept':>4}  {'update':>6}  {'rel.error':>9}  {'energy':>9}  note"]
+    notes = any(m["note"] for m in mods)
+    lines = [f"{'module':<{width}}  {'shape':>11}  {'kept':>4}  {'update':>6}  {'rel.error':>9}  {'energy':>9}"
+             + ("  note" if notes else "")]
     for m in mods:
         shape = f"{m['shape'][0]}x{m['shape'][1]}"
         lines.append(f"{m['name']:<{width}}  {shape:>11}  {m['rank']:>4}  {m['update_rank']:>6}  "
@@ -251,8 +253,8 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
                           peft_config=config, saved=bora.saved)
     capped = [r for r in results if r.capped]
     if capped:
-        logger.warning(f"{len(capped)} module(s) kept a smaller rank than asked (singular triplets: the rank-one "
-                       f"pieces of the update), e.g. {capped[0].name}: {capped[0].note}")
+        logger.warning(f"{len(capped)} module(s) kept another rank than asked, e.g. {capped[0].name}: "
+                       f"{capped[0].note}")
     result.report_path = str(extras["report"]) if extras["report"] else None
     result.plot_path = str(extras["plot"]) if extras["plot"] else None
     _write_all(out, tensors, config, result, results, extras, policy=policy, overwrite=overwrite,
