@@ -89,8 +89,8 @@ def step_train(ctx: DemoContext) -> None:
     ctx.say(
         f"[train]   a tiny {DEMO_ARCH} model ({sum(p.numel() for p in model.parameters()) - n_params:,} frozen "
         f"parameters) learns a short text through a BoRA adapter (b={DEMO_BLOCKS} blocks, r={DEMO_RANK}, "
-        f"{n_params:,} trainable parameters): the loss falls (from {losses[0]:.3f} to {losses[-1]:.3f} in "
-        f"{ctx.steps} steps)"
+        f"{n_params:,} trainable parameters), and its error on it falls (loss {losses[0]:.3f} -> "
+        f"{losses[-1]:.3f} in {ctx.steps} steps)"
     )
     ctx.say(f"          Python API (bora_tools.training): add_bora, then save_bora -> {ctx.shown(ctx.adapter_dir)}")
 
