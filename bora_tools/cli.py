@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -144,7 +145,98 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print a mach
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                              help="Where tensors are computed; auto picks CUDA when present.")
-dtype_choice = click.Choice(["auto", "float32", "float16", "bfloat16"])
+token_option = click.option("--token", default=None, metavar="TOKEN",
+                            help="Hub token for OWNER/NAME inputs (default: HF_TOKEN, then the saved login); "
+                                 "never printed.")
+
+
+class _DtypeType(click.ParamType):
+    """One dtype vocabulary for every command: the library's ``dtype_name`` (case-insensitive, with aliases)."""
+
+    name = "dtype"
+
+    def __init__(self, *, allow_auto: bool) -> None:
+        self.allow_auto = allow_auto
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[auto|float32|float16|bfloat16]" if self.allow_auto else "[float32|float16|bfloat16]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from bora_tools.core.dtypes import dtype_name
+
+        try:
+            return dtype_name(value, allow_auto=self.allow_auto)
+        except BoraError as e:
+            self.fail(_with_flags(str(e).split(": ", 1)[-1], None), param, ctx)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+        from click.shell_completion import CompletionItem
+
+        names = (["auto"] if self.allow_auto else []) + ["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]
+        return [CompletionItem(n) for n in names if n.startswith(incomplete.lower())]
+
+
+class _OuttypeChoice(click.Choice):
+    """``--outtype``: lower-cased, dtype aliases mapped to GGUF names (fp16 -> f16), then the plain choice."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from bora_tools.core.dtypes import DTYPE_ALIASES, GGUF_FLOAT_NAMES
+
+        key = str(value).strip().lower()
+        key = GGUF_FLOAT_NAMES.get(DTYPE_ALIASES.get(key, ""), key)
+        return super().convert(key, param, ctx)
+
+
+class _InputType(click.ParamType):
+    """A local path, or a Hub id ``owner/name[@revision]`` (downloaded in the command body, see ``_resolve``)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.name = "PATH|OWNER/NAME[@REV]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from bora_tools.io.hub_input import parse_hub_id
+
+        text = str(value)
+        if Path(text).exists() or parse_hub_id(text) is not None:
+            return text
+        self.fail(f"Path {text!r} does not exist (and it is not a Hub id owner/name[@revision])", param, ctx)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(incomplete, type="dir")]
+
+
+def _resolve(spec: str, kind: str, *, token: str | None) -> Any:
+    """A local path or Hub id -> ``HubInput`` (its ``path`` is local); says on stderr which one was used."""
+    from bora_tools.io.hub_input import parse_hub_id, resolve_input
+
+    found = resolve_input(spec, kind=kind, token=token, progress=make_progress())
+    if not _state().quiet and (found.from_hub or parse_hub_id(spec) is not None):
+        note = found.describe() + ("" if found.from_hub else f", not the Hub repo {spec}")
+        click.echo(note, err=True)
+    return found
+
+
+def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``: ours, then Python and every library whose version changes results (as ``hf env`` does)."""
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = []
+    for dist in ("bora-tools", "torch", "transformers", "peft", "safetensors", "gguf", "huggingface_hub",
+                 "llama-cpp-python", "click"):
+        try:
+            lines.append(f"{dist}: {version(dist)}")
+        except PackageNotFoundError:
+            lines.append(f"{dist}: not installed")
+        if dist == "bora-tools":
+            lines.append(f"Python: {platform.python_version()} ({platform.platform(terse=True)})")
+    click.echo("\n".join(lines))
+    ctx.exit(0)
 
 
 def make_progress() -> Callable[..., Iterable]:
@@ -204,9 +296,19 @@ class _WarningHandler(logging.Handler):
             click.echo(f"Warning: {_with_flags(record.getMessage(), ctx.command if ctx else None)}", err=True)
 
 
-@click.group(cls=_CleanErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+_EPILOG = """\b
+Inputs (ADAPTER, --base, SOURCE) are local folders or Hub ids, owner/name[@revision]; an existing local
+path wins. Hub ids are downloaded into the Hugging Face cache (only the files the command reads).
+\b
+Shell completion (bash; zsh and fish likewise with zsh_source / fish_source):
+  eval "$(_BORA_TOOLS_COMPLETE=bash_source bora-tools)"
+"""
+
+
+@click.group(cls=_CleanErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
 @common_options
-@click.version_option(package_name="bora-tools")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Show the versions of bora-tools, Python and the libraries it uses, and exit.")
 def cli() -> None:
     """Ship BoRA adapters: inspect, merge, convert to LoRA, export GGUF, publish.
 
@@ -218,24 +320,29 @@ def cli() -> None:
         logger.propagate = False
 
 
-@cli.command("inspect")
-@click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@cli.command("inspect", short_help="Describe a BoRA adapter: modules, shapes, ranks, sigma.")
+@click.argument("adapter", type=_InputType("adapter"))
 @device_option
+@token_option
 @json_option
 @common_options
-def inspect_cmd(adapter: Path, device: str, as_json: bool) -> None:
+def inspect_cmd(adapter: str, device: str, token: str | None, as_json: bool) -> None:
     """Describe a BoRA adapter: modules, shapes, b, r, scaling, parameters, update ranks, sigma.
 
-    Example: bora-tools inspect ./my-bora-adapter --json
+    \b
+    Examples:
+      bora-tools inspect ./my-bora-adapter --json
+      bora-tools inspect someone/my-bora@v1
     """
     from bora_tools.core.devices import resolve_device
     from bora_tools.inspection import inspect_adapter
 
-    report = inspect_adapter(adapter, device=resolve_device(device), progress=make_progress())
+    found = _resolve(adapter, "adapter", token=token)
+    report = inspect_adapter(found.path, device=resolve_device(device), progress=make_progress())
     print_report(report, as_json=as_json)
 
 
-@cli.command("demo")
+@cli.command("demo", short_help="Train a tiny BoRA adapter offline and run every command on it.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the demo's files here (default: a temporary directory, removed afterwards).")
 @click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="Training steps.")
@@ -256,7 +363,7 @@ def demo_cmd(workdir: Path | None, steps: int, as_json: bool) -> None:
         emit_json(report.to_dict())
 
 
-@cli.command("push")
+@cli.command("push", short_help="Upload an adapter, model or .gguf file to the Hugging Face Hub.")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
@@ -277,47 +384,49 @@ def push_cmd(path: Path, repo_id: str, private: bool, revision: str | None, crea
              base_model: str | None, as_json: bool) -> None:
     """Upload PATH (a directory or a .gguf file) to the Hub model repo REPO_ID, in one commit.
 
-    Adds a model card when PATH has no README.md. Files already on the Hub are not sent again.
+    Adds a model card when PATH has no README.md. Files already on the Hub are not sent again; when
+    nothing changed, no commit is made and the report says so.
     Another server: set HF_ENDPOINT (and HF_HUB_DISABLE_XET=1 if it has no Xet storage).
 
     Example: bora-tools push ./my-bora-adapter me/my-bora --private
     """
     from bora_tools.hub.push import push
 
-    if _state().quiet:
-        from huggingface_hub.utils import disable_progress_bars
-        from huggingface_hub.utils import logging as hf_logging
-
-        disable_progress_bars()
-        hf_logging.set_verbosity_error()
     result = push(path=path, repo_id=repo_id, private=private, revision=revision, create_pr=create_pr,
                   commit_message=commit_message, token=token, include=include, exclude=exclude,
-                  base_model=base_model)
+                  base_model=base_model, progress=make_progress())
     print_report(result, as_json=as_json)
 
 
-@cli.command("merge")
-@click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--base", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The base model directory (config.json, safetensors shards).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="The merged model directory to write.")
-@click.option("--dtype", type=dtype_choice, default="auto", show_default=True,
-              help="Output dtype of float tensors; auto keeps each base tensor's dtype.")
+@cli.command("merge", short_help="Merge a BoRA adapter into its base model (a full model folder).")
+@click.argument("adapter", type=_InputType("adapter"))
+@click.option("--base", required=True, type=_InputType("model"),
+              help="The base model: a folder (config.json, safetensors shards) or a Hub id.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="The merged model directory to write (missing parent folders are created).")
+@click.option("--dtype", type=_DtypeType(allow_auto=True), default="auto", show_default=True,
+              help="Output dtype of float tensors (fp16, bf16, ... accepted); auto keeps each base tensor's dtype.")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the update: W + scale * dW.")
 @device_option
+@token_option
 @overwrite_option
 @json_option
 @common_options
-def merge_cmd(adapter: Path, base: Path, out: Path, dtype: str, scale: float, device: str, overwrite: bool,
-              as_json: bool) -> None:
+def merge_cmd(adapter: str, base: str, out: Path, dtype: str, scale: float, device: str, token: str | None,
+              overwrite: bool, as_json: bool) -> None:
     """Merge a BoRA adapter into its base model: OUT is a complete model directory.
 
-    Example: bora-tools merge ./my-bora-adapter --base ./Llama-3.2-1B --out ./merged --dtype bfloat16
+    \b
+    Examples:
+      bora-tools merge ./my-bora-adapter --base ./Llama-3.2-1B --out ./merged --dtype bf16
+      bora-tools merge someone/my-bora --base meta-llama/Llama-3.2-1B@main --out ./merged
     """
     from bora_tools.merge import merge_adapter
 
-    report = merge_adapter(adapter, base, out, dtype=dtype, scale=scale, device=device, overwrite=overwrite,
-                           progress=make_progress())
+    found_adapter = _resolve(adapter, "adapter", token=token)
+    found_base = _resolve(base, "model", token=token)
+    report = merge_adapter(found_adapter.path, found_base.path, out, dtype=dtype, scale=scale, device=device,
+                           overwrite=overwrite, progress=make_progress(), base_name=found_base.repo_id)
     print_report(report, as_json=as_json)
 
 
@@ -335,23 +444,27 @@ class _RankType(click.ParamType):
             self.fail(f"expected a positive integer or 'full', found {value!r}", param, ctx)
 
 
-@cli.command("export-gguf")
-@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .gguf file to write.")
-@click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="The base model directory, when SOURCE is an adapter.")
+@cli.command("export-gguf", short_help="Export a model or a BoRA adapter as GGUF for llama.cpp.")
+@click.argument("source", type=_InputType("any"))
+@click.option("--out", required=True, type=click.Path(),
+              help="The .gguf file to write, or an existing folder (or one ending in /) to write "
+                   "<name>-<outtype>.gguf into.")
+@click.option("--base", type=_InputType("model"), default=None,
+              help="The base model (a folder or a Hub id), when SOURCE is an adapter.")
 @click.option("--merge", is_flag=True, help="With an adapter: write the merged model as a full GGUF, in one pass.")
-@click.option("--rank", type=_RankType(), default="full", show_default=True,
-              help="LoRA export: 'full' is the exact form (rank b*r); K keeps the best rank-K truncation.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
-              help="Type of the weight matrices (norms and 1-D tensors stay f32; q8_0 falls back to f16 "
-                   "where a row is not a multiple of 32).")
+@click.option("--rank", type=_RankType(), default=None,
+              help="LoRA export: 'full' (the default) is the exact form (rank b*r); K keeps the best rank-K "
+                   "truncation.")
+@click.option("--outtype", type=_OuttypeChoice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the weight matrices, case-insensitive (norms and 1-D tensors stay f32; q8_0 falls "
+                   "back to f16 where a row is not a multiple of 32).")
 @device_option
+@token_option
 @overwrite_option
 @json_option
 @common_options
-def export_gguf_cmd(source: Path, out: Path, base: Path | None, merge: bool, rank: int | str, outtype: str,
-                    device: str, overwrite: bool, as_json: bool) -> None:
+def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: int | str | None, outtype: str,
+                    device: str, token: str | None, overwrite: bool, as_json: bool) -> None:
     """Export a model directory, or a BoRA adapter (with --base), as GGUF for llama.cpp.
 
     \b
@@ -360,24 +473,35 @@ def export_gguf_cmd(source: Path, out: Path, base: Path | None, merge: bool, ran
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --out lora.gguf
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged.gguf
     """
+    if merge and base is None:
+        raise click.UsageError("--merge needs --base: the base model the adapter was trained on")
+    if rank is not None and base is None:
+        raise click.UsageError("--rank applies only to a LoRA adapter export (an adapter with --base)")
+    if rank is not None and merge:
+        raise click.UsageError("--rank applies only to a LoRA adapter export, not with --merge")
     from bora_tools.gguf.export import export_gguf
 
-    report = export_gguf(source, out, base=base, merge=merge, rank=rank, outtype=outtype, overwrite=overwrite,
-                         device=device, progress=make_progress())
+    found = _resolve(source, "any" if base is None else "adapter", token=token)
+    found_base = _resolve(base, "model", token=token) if base is not None else None
+    out = _gguf_target(out, source, found.path, base=base, merge=merge, outtype=outtype)
+    report = export_gguf(found.path, out, base=found_base.path if found_base else None, merge=merge,
+                         rank=rank or "full", outtype=outtype, overwrite=overwrite, device=device,
+                         progress=make_progress(), name=_gguf_name(found_base if merge else found))
     print_report(report, as_json=as_json)
 
 
-@cli.command("to-lora")
-@click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@cli.command("to-lora", short_help="Convert a BoRA adapter to a PEFT LoRA, exact or truncated.")
+@click.argument("adapter", type=_InputType("adapter"))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The PEFT LoRA adapter directory to write.")
 @click.option("--rank", type=_RankType(), default=None,
-              help="'full': the exact factors (rank b*r, lossless); K: the best rank-K LoRA per module "
-                   "(capped at each update's rank); with --energy, a cap.")
+              help="'full' (the default without --energy): the exact factors (rank b*r, lossless); K: the best "
+                   "rank-K LoRA per module (capped at each update's rank); with --energy, a cap.")
 @click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Per module, the smallest rank retaining at least this fraction of ||dW||_F^2.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Dtype of the stored LoRA factors (computed in float64, cast once).")
+@click.option("--dtype", type=_DtypeType(allow_auto=False), default="float32", show_default=True,
+              help="Dtype of the stored LoRA factors, fp16/bf16/... accepted (computed in float64, cast once).")
 @device_option
+@token_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -385,25 +509,54 @@ def export_gguf_cmd(source: Path, out: Path, base: Path | None, merge: bool, ran
 @overwrite_option
 @json_option
 @common_options
-def to_lora_cmd(adapter: Path, out: Path, rank: int | str | None, energy: float | None, dtype: str, device: str,
-                report_path: Path | None, plot_path: Path | None, overwrite: bool, as_json: bool) -> None:
+def to_lora_cmd(adapter: str, out: Path, rank: int | str | None, energy: float | None, dtype: str, device: str,
+                token: str | None, report_path: Path | None, plot_path: Path | None, overwrite: bool,
+                as_json: bool) -> None:
     """Convert a BoRA adapter into a plain PEFT LoRA adapter, exact or optimally truncated.
 
     \b
     Examples:
-      bora-tools to-lora ./my-bora-adapter --out ./my-lora --rank full
-      bora-tools to-lora ./my-bora-adapter --out ./my-lora-16 --rank 16 --dtype bfloat16
+      bora-tools to-lora ./my-bora-adapter --out ./my-lora
+      bora-tools to-lora someone/my-bora@v1 --out ./my-lora
+      bora-tools to-lora ./my-bora-adapter --out ./my-lora-16 --rank 16 --dtype bf16
       bora-tools to-lora ./my-bora-adapter --out ./my-lora-99 --energy 0.99 --rank 32 --plot spectra.png
     """
     if rank is None and energy is None:
-        raise click.UsageError("give --rank K, --rank full or --energy F")
+        rank = "full"
     if rank == "full" and energy is not None:
         raise click.UsageError("--rank full keeps everything; it cannot be combined with --energy")
     from bora_tools.to_lora import to_lora
 
-    report = to_lora(adapter, out, rank=rank, energy=energy, dtype=dtype, device=device, report=report_path,
-                     plot=plot_path, overwrite=overwrite, progress=make_progress())
+    found = _resolve(adapter, "adapter", token=token)
+    report = to_lora(found.path, out, rank=rank, energy=energy, dtype=dtype, device=device, report=report_path,
+                     plot=plot_path, overwrite=overwrite, progress=make_progress(),
+                     name=found.repo_id if found.from_hub else None)
     print_report(report, as_json=as_json)
+
+
+def _gguf_name(found: Any) -> str | None:
+    """The name a GGUF records (general.name): the repo's name for a Hub input (its cache folder is a commit)."""
+    return found.repo_id.split("/")[-1] if found is not None and found.from_hub else None
+
+
+def _gguf_target(out: str, source: str, local: Path, *, base: str | None, merge: bool, outtype: str) -> Path:
+    """``--out``: a file, or a folder (existing, or written with a trailing /) that gets a default name.
+
+    The default name follows llama.cpp's converters: ``<name>-<outtype>.gguf``, where ``<name>`` is the
+    source's folder or repo name (``-merged`` or ``-lora`` added for adapters).
+    """
+    from bora_tools.io.hub_input import parse_hub_id
+
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        parsed = parse_hub_id(source) if not Path(source).exists() else None
+        name = parsed[0].split("/")[-1] if parsed else local.resolve().name
+        kind = "" if base is None else ("-merged" if merge else "-lora")
+        return path / f"{name}{kind}-{outtype}.gguf"
+    if path.suffix.lower() != ".gguf" and not _state().quiet:
+        click.echo(f"Warning: {out} does not end in .gguf; llama.cpp does not mind, but people and tools look for "
+                   "the suffix", err=True)
+    return path
 
 
 # Commands are registered above this line.

@@ -89,15 +89,8 @@ def _describe(mod, alpha: float, device: torch.device | str) -> dict[str, Any]:
 
 
 def _table(report: dict[str, Any]) -> str:
-    lines = [
-        f"BoRA adapter {report['path']}",
-        f"  b={report['bora_blocks']}  r={report['r']}  lora_alpha={report['lora_alpha']:g}  "
-        f"rslora={report['use_rslora']}  fan_in_fan_out={report['fan_in_fan_out']}",
-        f"  base model: {report['base_model_name_or_path'] or '(not recorded)'}",
-        f"  {report['num_modules']} modules, {report['total_parameters']:,} trainable parameters"
-        + (f" (+{report['saved_parameters']:,} in modules_to_save)" if report["saved"] else ""),
-        "",
-    ]
+    """The per-module table first, then the summary (the last lines stay on screen)."""
+    lines = []
     width = max([len(m["name"]) for m in report["modules"]] + [6])
     lines.append(f"  {'module':<{width}}  {'shape':>11}  {'b':>2} {'r':>3} {'scale':>7} {'params':>9} "
                  f"{'rank':>9} {'|dW|':>9} {'sigma min..max':>17} {'|sigma|':>8}")
@@ -110,4 +103,16 @@ def _table(report: dict[str, Any]) -> str:
                      f"{sig['min']:>8.3g}..{sig['max']:<7.3g} {sig['norm']:>8.4g}")
     for s in report["saved"]:
         lines.append(f"  saved whole: {s['key']} {tuple(s['shape'])} ({s['parameters']:,} parameters)")
+    if report["modules"]:
+        lines.append("  (rank: rank of the module's update dW, out of the most b*r allows; |dW|: its Frobenius "
+                     "norm; scale: the scaling s in W + s*dW)")
+    lines += [
+        f"BoRA adapter {report['path']}: {report['num_modules']} modules, "
+        f"{report['total_parameters']:,} trainable parameters"
+        + (f" (+{report['saved_parameters']:,} in modules_to_save)" if report["saved"] else ""),
+        f"  b={report['bora_blocks']} blocks, r={report['r']}, lora_alpha={report['lora_alpha']:g}"
+        + (", rsLoRA scaling" if report["use_rslora"] else "")
+        + (", fan_in_fan_out (GPT-2 Conv1D weights)" if report["fan_in_fan_out"] else ""),
+        f"  base model: {report['base_model_name_or_path'] or '(not recorded)'}",
+    ]
     return "\n".join(lines)

@@ -27,14 +27,14 @@ import torch
 
 from bora_tools.core.adapter import BoraModule, load_adapter
 from bora_tools.core.devices import one_cpu_thread, resolve_device
-from bora_tools.core.dtypes import cast_finite, parse_dtype
+from bora_tools.core.dtypes import cast_finite, dtype_name, parse_dtype
 from bora_tools.core.row_merge import MERGEABLE_DTYPES, Replacement, RowMerger, chunk_elements, merge_plan, row_chunks
 from bora_tools.errors import ModelDirError, ValidationError
 from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
 from bora_tools.io.model_dir import INDEX_FILE, ModelDir, TensorEntry, read_rows
 from bora_tools.io.safetensors import ST_DTYPES, SafetensorsWriter, TensorSpec, st_dtype
 from bora_tools.progress import Progress, no_progress
-from bora_tools.report import Report
+from bora_tools.report import Report, human_bytes, human_seconds
 
 #: Largest |scale| accepted: beyond it the update alone decides every merged value (or overflows float32).
 MAX_SCALE = 1e9
@@ -59,12 +59,19 @@ class MergeReport(Report):
     seconds: float = 0.0
 
     def to_text(self) -> str:
+        update = "W + dW" if self.scale == 1 else f"W + {self.scale:g} * dW"
+        parts = [f"{self.merged} weights merged ({update}, computed in float32 on {self.device})"]
+        if self.replaced:
+            parts.append(f"{self.replaced} replaced whole (modules_to_save)")
+        if self.copied:
+            parts.append(f"{self.copied} copied unchanged")
+        if self.converted:
+            parts.append(f"{self.converted} cast to {self.dtype}")
+        others = f", {len(self.other_files)} other file(s) such as config and tokenizer" if self.other_files else ""
         return "\n".join([
-            f"{self.out}: {self.merged} weights merged (W + {self.scale:g} * dW, float32 on {self.device}), "
-            f"{self.replaced} replaced (modules_to_save), {self.copied} copied as raw bytes"
-            + (f", {self.converted} cast to {self.dtype}" if self.converted else ""),
-            f"{self.shards} shard(s), {self.bytes_written / 2**20:.1f} MiB, "
-            f"{len(self.other_files)} other file(s) copied, {self.seconds:.1f} s"])
+            "  " + ", ".join(parts),
+            f"wrote {self.out}: a complete model folder ({self.shards} weight file(s), "
+            f"{human_bytes(self.bytes_written)}{others}) in {human_seconds(self.seconds)}"])
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,8 @@ class _Job:
 
 
 def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dtype: str = "auto", scale: float = 1.0,
-                  device: str = "auto", overwrite: bool = False, progress: Progress = no_progress) -> MergeReport:
+                  device: str = "auto", overwrite: bool = False, progress: Progress = no_progress,
+                  base_name: str | None = None) -> MergeReport:
     """Merge a BoRA adapter into its base model, writing a complete model directory ``out``.
 
     Every shard keeps its name and its tensors; adapted weights become
@@ -97,6 +105,9 @@ def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dty
     ``modules_to_save`` tensors replace theirs, everything else is copied as
     raw bytes (or cast, when ``dtype`` asks for another float dtype). Nothing
     is written before every check passed; ``out`` appears only when complete.
+
+    ``base_name`` (the Hub id the base was downloaded from) is recorded as ``_name_or_path`` in the
+    output's ``config.json``, where ``push`` and transformers look for the base model's name.
 
     Example::
 
@@ -111,6 +122,7 @@ def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dty
     """
     started = time.perf_counter()
     out = Path(out)
+    dtype = dtype_name(dtype, allow_auto=True)
     out_dtype = parse_dtype(dtype, allow_auto=True)
     if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
         raise ValidationError(f"`scale` {scale}: expected a finite number of magnitude at most {MAX_SCALE:g}")
@@ -125,14 +137,14 @@ def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dty
         report = MergeReport(out=out, device=str(dev), dtype=dtype, scale=scale, shards=len(shards), merged=0,
                              replaced=0, copied=0, converted=0, bytes_written=0)
         _write_output(model, shards, report, overwrite=overwrite, fan_in_fan_out=bora.config.fan_in_fan_out,
-                      out_dtype=out_dtype, device=dev, progress=progress)
+                      out_dtype=out_dtype, device=dev, progress=progress, base_name=base_name)
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _write_output(model: ModelDir, shards: dict[str, list[_Job]], report: MergeReport, *, overwrite: bool,
                   fan_in_fan_out: bool, out_dtype: torch.dtype | None, device: torch.device,
-                  progress: Progress) -> None:
+                  progress: Progress, base_name: str | None = None) -> None:
     """Every shard, the other files and the index into a temporary sibling, renamed when complete."""
     total = sum(len(jobs) for jobs in shards.values())
     ticks = iter(progress(range(total), total=total, label="merging"))
@@ -151,7 +163,7 @@ def _write_output(model: ModelDir, shards: dict[str, list[_Job]], report: MergeR
             for job in jobs:
                 setattr(report, job.kind, getattr(report, job.kind) + 1)
             report.bytes_written += (tmp / shard).stat().st_size
-        report.other_files = _copy_other_files(model, tmp, dtype=out_dtype)
+        report.other_files = _copy_other_files(model, tmp, dtype=out_dtype, base_name=base_name)
         if model.index is not None:
             _write_index(model, tmp, shards)
     for _ in ticks:  # finish the bar
@@ -244,14 +256,18 @@ def _write_converted(writer: SafetensorsWriter, fd: int, job: _Job) -> None:
         )
 
 
-def _copy_other_files(model: ModelDir, tmp: Path, *, dtype: torch.dtype | None) -> list[str]:
-    """Copy config, tokenizer and every other file; record a changed dtype in config.json."""
+def _copy_other_files(model: ModelDir, tmp: Path, *, dtype: torch.dtype | None,
+                      base_name: str | None = None) -> list[str]:
+    """Copy config, tokenizer and every other file; record a changed dtype (and the base's Hub id) in config.json."""
     names = []
     for path in model.other_files():
         shutil.copyfile(path, tmp / path.name)
         names.append(path.name)
+    if base_name is not None and dtype is None:
+        config = dict(model.config, _name_or_path=base_name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if dtype is not None:
-        config = dict(model.config)
+        config = dict(model.config, **({"_name_or_path": base_name} if base_name else {}))
         # transformers 5 writes "dtype", older versions "torch_dtype"; loaders
         # with dtype="auto" read it, so it must name what the shards now hold.
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]

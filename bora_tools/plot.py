@@ -64,7 +64,8 @@ def plot_spectra(
     cmap = colormaps["viridis"]
     for (kind, mods), (ax_s, ax_e) in zip(groups.items(), axes):
         for i, mod in enumerate(mods):
-            _draw_module(ax_s, ax_e, mod, cmap(i / max(1, len(mods) - 1)))
+            # viridis up to green only: its last, pale yellow, is hard to see on white
+            _draw_module(ax_s, ax_e, mod, cmap(0.7 * i / max(1, len(mods) - 1)))
         cuts = sorted({m.rank for m in mods if m.update_rank > 0})
         cut_text = f"cut k={cuts[0]}" if len(cuts) == 1 else f"cuts k={cuts[0]}..{cuts[-1]}" if cuts else "all zero"
         ax_s.set_title(f"{kind}: singular values ({len(mods)} modules; {cut_text})", fontsize=9)
@@ -79,9 +80,9 @@ def plot_spectra(
         for ax in (ax_s, ax_e):
             ax.grid(True, alpha=0.3)
     for ax in axes[-1]:
-        ax.set_xlabel("rank k (dots: rank kept; colour: module order, dark = first layer)")
-    if title:
-        fig.suptitle(title, fontsize=11)
+        ax.set_xlabel("rank k")
+    legend = "dots: the rank kept; colour: layer order, purple = first layer, green = last"
+    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=10)
     fig.savefig(str(path), format="png", dpi=100)
 
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from bora_tools.core.adapter import PREFIX, SUFFIX_A, SUFFIX_B, WEIGHTS_NAME, BoraAdapter, load_adapter
 from bora_tools.core.config import CONFIG_NAME, BoraConfig
 from bora_tools.core.devices import one_cpu_thread, resolve_device
-from bora_tools.core.dtypes import parse_dtype
+from bora_tools.core.dtypes import dtype_name, parse_dtype
 from bora_tools.core.lowrank import SVD_ROUTES, ModuleResult, RankPolicy, convert_module
 from bora_tools.errors import ValidationError
 from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
@@ -75,6 +75,8 @@ class ToLoraReport(Report):
     peft: dict[str, Any]  # r, lora_alpha, rank_pattern_entries, use_rslora of the written config
     modules: list[ModuleResult]
     totals: dict[str, Any]
+    report_path: str | None = None  # --report: this report as JSON
+    plot_path: str | None = None  # --plot: the spectra PNG
 
     def to_text(self) -> str:
         """A short table for the terminal: one row per module, then the totals."""
@@ -107,24 +109,40 @@ def build_report(*, adapter: Path, out: Path, policy: dict, dtype: str, results:
 def _table(report: dict[str, Any]) -> str:
     mods = report["modules"]
     width = max(len("module"), *(len(m["name"]) for m in mods))
-    lines = [f"{'module':<{width}}  {'shape':>11}  {'kept':>4}  {'update':>6}  {'rel.error':>9}  {'energy':>9}  note"]
+    notes = any(m["note"] for m in mods)
+    lines = [f"{'module':<{width}}  {'shape':>11}  {'kept':>4}  {'update':>6}  {'rel.error':>9}  {'energy':>9}"
+             + ("  note" if notes else "")]
     for m in mods:
         shape = f"{m['shape'][0]}x{m['shape'][1]}"
         lines.append(f"{m['name']:<{width}}  {shape:>11}  {m['rank']:>4}  {m['update_rank']:>6}  "
                      f"{m['rel_error']:>9.2e}  {m['energy']:>9.6f}  {m['note'] or ''}".rstrip())
     t, peft = report["totals"], report["peft"]
     before, after = t["parameters_before"], t["parameters_after"]
+    notes = [f"{t['zero_modules']} with a zero update"] if t["zero_modules"] else []
+    if t["capped_modules"]:
+        notes.append(f"{t['capped_modules']} kept a different rank than asked: see their note")
+    if t["max_rel_error"] > 0:
+        error = (f"relative error ||dW - LoRA|| / ||dW||: worst {t['max_rel_error']:.3e} "
+                 f"({t['max_rel_error_module']}), mean {t['mean_rel_error']:.3e}; share of ||dW||^2 kept >= "
+                 f"{t['min_energy']:.6f}")
+    else:
+        error = "exact: every LoRA update equals its BoRA update (relative error 0)"
     lines += [
-        "",
-        f"modules: {t['modules']} ({t['zero_modules']} zero, {t['capped_modules']} capped); "
-        f"policy {policy_text(report['policy'])}; dtype {report['dtype']}",
+        "  (kept: the LoRA's rank; update: the rank of the BoRA update dW; rel.error: ||dW - LoRA|| / ||dW||; "
+        "energy: the share of ||dW||^2 kept)",
+        f"{t['modules']} modules" + (f" ({'; '.join(notes)})" if notes else "")
+        + f"; {policy_text(report['policy'])}; factors stored as {report['dtype']}",
         f"parameters: {before:,} (BoRA) -> {after:,} (LoRA, {after / max(before, 1):.2f}x)"
         + (f"; modules_to_save: {t['saved_parameters']:,} copied" if t["saved_parameters"] else ""),
-        f"relative Frobenius error: worst {t['max_rel_error']:.3e} ({t['max_rel_error_module']}), "
-        f"mean {t['mean_rel_error']:.3e}; energy retained >= {t['min_energy']:.6f}",
-        f"wrote {report['out']} (PEFT LoRA: r={peft['r']}, lora_alpha={peft['lora_alpha']}, "
-        f"{peft['rank_pattern_entries']} rank_pattern/alpha_pattern entries, scaling 1)",
+        error,
     ]
+    for label, key in (("this report, as JSON", "report_path"), ("singular values and energy, as a PNG plot",
+                                                                 "plot_path")):
+        if report.get(key):
+            lines.append(f"wrote {report[key]} ({label})")
+    lines.append(f"wrote {report['out']} (PEFT LoRA adapter: r={peft['r']}, lora_alpha={peft['lora_alpha']}"
+                 + (f", {peft['rank_pattern_entries']} per-module ranks in rank_pattern/alpha_pattern"
+                    if peft["rank_pattern_entries"] else "") + ")")
     return "\n".join(lines)
 
 
@@ -190,12 +208,13 @@ def peft_lora_config(config: BoraConfig, ranks: dict[str, int]) -> dict[str, Any
 def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = None, energy: float | None = None,
             dtype: str = "float32", device: str = "auto", report: str | Path | None = None,
             plot: str | Path | None = None, overwrite: bool = False, route: str = "gram",
-            progress: Progress = no_progress) -> ToLoraReport:
+            progress: Progress = no_progress, name: str | None = None) -> ToLoraReport:
     """Convert the BoRA adapter at ``adapter`` into a PEFT LoRA adapter directory ``out``.
 
     Everything is validated (options, output paths, the adapter) before any
     computation; ``out``, ``report`` (JSON) and ``plot`` (PNG) appear only
-    when everything succeeded. Returns the report (``ToLoraReport``).
+    when everything succeeded. ``name`` names the adapter in the plot's title
+    (default: its folder's name). Returns the report (``ToLoraReport``).
 
     Example::
 
@@ -210,6 +229,7 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
         UnsupportedError: ``plot`` without matplotlib; a factor overflowing ``dtype``; cuda unavailable.
     """
     policy = RankPolicy.parse(rank, energy)
+    dtype = dtype_name(dtype)
     torch_dtype = parse_dtype(dtype)
     if route not in SVD_ROUTES:
         raise ValidationError(f"route: expected one of {', '.join(SVD_ROUTES)}, found {route!r}")
@@ -233,9 +253,12 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
                           peft_config=config, saved=bora.saved)
     capped = [r for r in results if r.capped]
     if capped:
-        logger.warning(f"{len(capped)} module(s) kept fewer triplets than asked, "
-                       f"e.g. {capped[0].name}: {capped[0].note}")
-    _write_all(out, tensors, config, result, results, extras, policy=policy, overwrite=overwrite)
+        logger.warning(f"{len(capped)} module(s) kept another rank than asked, e.g. {capped[0].name}: "
+                       f"{capped[0].note}")
+    result.report_path = str(extras["report"]) if extras["report"] else None
+    result.plot_path = str(extras["plot"]) if extras["plot"] else None
+    _write_all(out, tensors, config, result, results, extras, policy=policy, overwrite=overwrite,
+               name=name or adapter.resolve().name)
     return result
 
 
@@ -254,7 +277,7 @@ def _check_outputs(adapter: Path, out: Path, extra: list[Path], *, overwrite: bo
 
 
 def _write_all(out: Path, tensors: dict[str, Tensor], config: dict, report: ToLoraReport, results: list[ModuleResult],
-               extras: dict[str, Path | None], *, policy: RankPolicy, overwrite: bool) -> None:
+               extras: dict[str, Path | None], *, policy: RankPolicy, overwrite: bool, name: str) -> None:
     # Every output is written into its temporary sibling first; the renames happen together at the end.
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_output(out, overwrite=overwrite, directory=True))
@@ -267,5 +290,5 @@ def _write_all(out: Path, tensors: dict[str, Tensor], config: dict, report: ToLo
             from bora_tools.plot import plot_spectra
 
             tmp_plot = stack.enter_context(atomic_output(extras["plot"], overwrite=overwrite))
-            title = f"{Path(report.adapter).name}: to-lora {policy_text(policy.to_dict())}"
+            title = f"BoRA adapter {name} -> PEFT LoRA ({policy_text(policy.to_dict())})"
             plot_spectra(results, tmp_plot, title=title, energy=policy.energy)

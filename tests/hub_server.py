@@ -2,8 +2,11 @@
 
 It implements what the real ``huggingface_hub`` client calls to create a repo,
 branch and commit (preupload, NDJSON commit, the git-LFS batch API with
-single-part and multipart uploads, verify), to validate README metadata and
-to read repo info, with the Hub's error shapes (``X-Error-Code`` /
+single-part and multipart uploads, verify), to validate README metadata, to
+read repo info, and what ``snapshot_download`` / ``hf_hub_download`` call to
+download (model info with siblings and sha, the recursive tree listing,
+``HEAD``/``GET .../resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag``,
+``X-Linked-Etag`` and ``X-Linked-Size`` for LFS files), with the Hub's error shapes (``X-Error-Code`` /
 ``X-Error-Message`` headers, 401 for bad credentials, 403 for read-only
 tokens). Point the client at it with ``HF_ENDPOINT=hub.endpoint`` and
 ``HF_HUB_DISABLE_XET=1``.
@@ -59,6 +62,7 @@ class Repo:
     commits: dict[str, Commit] = field(default_factory=dict)
     lfs_paths: set[str] = field(default_factory=set)  # paths stored through LFS
     pull_requests: int = 0
+    gated: bool = False  # reading needs access granted: 403 for any token, 401 without one
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -112,6 +116,29 @@ class FakeHub:
     def file(self, repo_id: str, path: str, revision: str = "main") -> bytes:
         return self.files(repo_id, revision)[path]
 
+    def seed(self, repo_id: str, files: dict[str, bytes], *, revision: str = "main", private: bool = False,
+             message: str = "seed") -> str:
+        """Commit ``files`` (replacing the branch's whole content) without the client; returns the commit oid.
+
+        Creates the repo (and the branch, from main) when missing. Files that match the LFS patterns are LFS files.
+        """
+        with self._lock:
+            repo = self.repos.get(repo_id)
+            if repo is None:
+                repo = self.repos[repo_id] = Repo(repo_id, private=private)
+            parent = repo.branches.get(revision) or repo.branches.get("main")
+            for path, data in files.items():
+                if self.is_lfs(repo, path, len(data)):
+                    repo.lfs_paths.add(path)
+                    self.lfs[hashlib.sha256(data).hexdigest()] = data
+            repo.branches[revision] = self.new_commit(repo, parent, message, files)
+            return repo.branches[revision]
+
+    def downloaded(self) -> list[str]:
+        """Paths of the files whose content was sent (GET on ``/resolve/``), in request order."""
+        return [r["path"].split("/resolve/", 1)[1].split("/", 1)[1] for r in self.requests
+                if r["route"] == "resolve" and r["method"] == "GET"]
+
     def fail_next(self, route: str, status: int = 500) -> None:
         """Make the next request to ``route`` (e.g. ``"commit"``) fail with ``status``."""
         self._failures[route] = status
@@ -143,6 +170,21 @@ class FakeHub:
             raise HttpError(404, "Repository not found", "RepoNotFound")
         return repo
 
+    def readable(self, repo_id: str, headers: Any) -> Repo:
+        """The repo, for a download: an invalid token is 401 (as on the Hub, even for a public repo); gated
+        repos answer 401 without a token and 403 with one."""
+        self.role(headers)
+        repo = self.repo(repo_id, headers)
+        if repo.gated:
+            if self.role(headers) is None:
+                raise HttpError(401, "Access to this gated repo needs authentication", "GatedRepo")
+            raise HttpError(403, f"Access to model {repo_id} is restricted: ask for access on its page", "GatedRepo")
+        return repo
+
+    def oid_of(self, repo: Repo, path: str, data: bytes) -> str:
+        """The etag of a file: the sha256 of an LFS file's content, else the git blob sha1."""
+        return hashlib.sha256(data).hexdigest() if path in repo.lfs_paths else git_blob_sha1(data)
+
     @staticmethod
     def revision(repo: Repo, rev: str) -> str:
         if rev in repo.branches:
@@ -163,6 +205,14 @@ class FakeHub:
 
 
 # ----- route handlers: (hub, request) -> (status, json body) ---------------------------------
+@dataclass
+class Raw:
+    """A non-JSON answer: the bytes of a file and extra headers."""
+
+    data: bytes
+    headers: dict[str, str]
+
+
 @dataclass
 class Request:
     groups: dict[str, str]
@@ -192,6 +242,38 @@ def repo_info(hub: FakeHub, req: Request) -> tuple[int, Any]:
     oid = hub.revision(repo, req.groups.get("rev") or "main")
     return 200, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": oid, "private": repo.private,
                  "siblings": [{"rfilename": p} for p in sorted(repo.commits[oid].files)]}
+
+
+def list_tree(hub: FakeHub, req: Request) -> tuple[int, Any]:
+    """``GET /api/models/{repo}/tree/{rev}[/{path}]``: files (recursive) with git oids and LFS info; one page."""
+    repo = hub.readable(req.groups["repo"], req.headers)
+    files = repo.commits[hub.revision(repo, req.groups["rev"])].files
+    prefix = (req.groups.get("path") or "").strip("/")
+    entries = []
+    for path in sorted(files):
+        if prefix and not path.startswith(prefix + "/"):
+            continue
+        data = files[path]
+        entry: dict[str, Any] = {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
+        if path in repo.lfs_paths:
+            entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        entries.append(entry)
+    return 200, entries
+
+
+def resolve_file(hub: FakeHub, req: Request) -> tuple[int, Any]:
+    """``HEAD``/``GET /{repo}/resolve/{rev}/{path}``: the file, with the Hub's headers (no CDN redirect)."""
+    repo = hub.readable(req.groups["repo"], req.headers)
+    oid = hub.revision(repo, req.groups["rev"])
+    path = req.groups["path"]
+    data = repo.commits[oid].files.get(path)
+    if data is None:
+        raise HttpError(404, f"Entry not found: {path}", "EntryNotFound", __headers__={"X-Repo-Commit": oid})
+    etag = f'"{hub.oid_of(repo, path, data)}"'
+    headers = {"X-Repo-Commit": oid, "ETag": etag}
+    if path in repo.lfs_paths:
+        headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(len(data))})
+    return 200, Raw(data, headers)
 
 
 def list_refs(hub: FakeHub, req: Request) -> tuple[int, Any]:
@@ -368,6 +450,9 @@ _ROUTES: list[tuple[str, str, re.Pattern, Callable[[FakeHub, Request], tuple[int
         ("POST", "validate_yaml", r"^/api/validate-yaml$", validate_yaml),
         ("GET", "repo_info", r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$", repo_info),
         ("GET", "refs", r"^/api/models/(?P<repo>[^/]+/[^/]+)/refs$", list_refs),
+        ("GET", "tree", r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?P<path>/.*)?$", list_tree),
+        ("GET", "resolve", r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", resolve_file),
+        ("HEAD", "resolve", r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", resolve_file),
         ("POST", "branch", r"^/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<rev>[^/]+)$", create_branch),
         ("POST", "preupload", r"^/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)$", preupload),
         ("POST", "commit", r"^/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)$", commit),
@@ -416,22 +501,30 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                         raise HttpError(hub._failures.pop(name), f"injected failure of {name}")
                     status, payload = fn(hub, req)
                 except HttpError as e:
-                    return self._send(e.status, {"error": e.message, **e.extra}, e)
+                    extra = dict(e.extra)
+                    more = extra.pop("__headers__", None)
+                    return self._send(e.status, {"error": e.message, **extra}, e, more)
             self._send(status, payload)
 
-        def _send(self, status: int, payload: dict[str, Any], error: HttpError | None = None) -> None:
-            headers = {"ETag": payload.pop("__etag__", None), "X-Error-Message": error and error.message,
-                       "X-Error-Code": error and error.code}
-            data = json.dumps(payload).encode()
+        def _send(self, status: int, payload: Any, error: HttpError | None = None,
+                  more: dict[str, str] | None = None) -> None:
+            if isinstance(payload, Raw):
+                data, content_type, headers = payload.data, "application/octet-stream", dict(payload.headers)
+            else:
+                etag = payload.pop("__etag__", None) if isinstance(payload, dict) else None
+                data, content_type, headers = json.dumps(payload).encode(), "application/json", {"ETag": etag}
+            headers.update({"X-Error-Message": error and error.message, "X-Error-Code": error and error.code,
+                            **(more or {})})
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for key, value in headers.items():
                 if value:
                     self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
-        do_GET = do_POST = do_PUT = _dispatch
+        do_GET = do_POST = do_PUT = do_HEAD = _dispatch
 
     return Handler

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from bora_tools.core.config import BoraConfig, matches_target
 from bora_tools.core.factors import block_problems
-from bora_tools.errors import BoraError, CheckpointError, ShapeError, raise_if_problems
+from bora_tools.errors import BoraError, CheckpointError, ConfigError, ShapeError, raise_if_problems
 from bora_tools.io.atomic import atomic_output
+from bora_tools.io.kinds import wrong_kind
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -63,6 +64,11 @@ class BoraModule:
         suffix = {"A": SUFFIX_A, "B": SUFFIX_B, "sigma": SUFFIX_SIGMA}[part]
         return PREFIX + self.name + suffix
 
+    def __repr__(self) -> str:  # shapes, not tensor values
+        m, n = self.shape
+        return (f"BoraModule({self.name!r}, shape=({m}, {n}), r={self.r}, b={self.b}, scaling={self.scaling:g}, "
+                f"dtype={str(self.A.dtype).replace('torch.', '')})")
+
 
 @dataclass
 class BoraAdapter:
@@ -85,6 +91,12 @@ class BoraAdapter:
     def num_parameters(self) -> int:
         return sum(m.num_parameters for m in self.modules.values())
 
+    def __repr__(self) -> str:  # a summary, not 100,000 characters of tensor values
+        where = f"{str(self.path)!r}, " if self.path is not None else ""
+        saved = f", saved={sorted(self.saved)}" if self.saved else ""
+        return (f"BoraAdapter({where}r={self.config.r}, b={self.config.bora_blocks}, "
+                f"modules={len(self.modules)}, parameters={self.num_parameters:,}{saved})")
+
 
 def load_adapter(path: str | Path) -> BoraAdapter:
     """Read and validate a BoRA adapter directory.
@@ -99,8 +111,9 @@ def load_adapter(path: str | Path) -> BoraAdapter:
         CheckpointError: tensors are unreadable, missing, unexpected, mis-shaped or non-finite.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not an adapter directory")
+    wrong = wrong_kind(path, expected="adapter")
+    if wrong is not None:
+        raise (CheckpointError if not path.is_dir() else ConfigError)(wrong)
     config = BoraConfig.load(path)
     tensors = read_tensors(path)
     return adapter_from_tensors(config, tensors, source=path)

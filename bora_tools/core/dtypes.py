@@ -12,21 +12,47 @@ from bora_tools.errors import UnsupportedError, ValidationError
 #: the on-disk names (``F32``, ``BF16``, ...) are ``io.safetensors.ST_DTYPES``.
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+#: Every spelling users bring from torch, transformers, PEFT, mergekit and llama.cpp -> the name above.
+#: Matched case-insensitively (``FP16``, ``BF16`` and ``Float32`` are fine too).
+DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
 
-def parse_dtype(name: str, *, allow_auto: bool = False) -> torch.dtype | None:
-    """The torch dtype a user named; ``None`` for ``auto`` (keep the input's) when ``allow_auto``.
+#: The GGUF names (``--outtype``) of the three float dtypes.
+GGUF_FLOAT_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
-    Example: ``parse_dtype("bfloat16")`` -> ``torch.bfloat16``.
+
+def dtype_name(name: str, *, allow_auto: bool = False) -> str:
+    """The canonical name (``float16``, ...) of a dtype a user spelled in any usual way; ``auto`` when allowed.
+
+    Example: ``dtype_name("FP16")`` -> ``"float16"``; ``dtype_name("bf16")`` -> ``"bfloat16"``.
 
     Raises:
-        ValidationError: a name outside ``FLOAT_DTYPES`` (or ``auto`` where it is not allowed).
+        ValidationError: an unknown name (or ``auto`` where it is not allowed).
     """
-    if allow_auto and name == "auto":
-        return None
-    if name not in FLOAT_DTYPES:
-        names = (["auto"] if allow_auto else []) + list(FLOAT_DTYPES)
+    key = str(name).strip().lower()
+    if allow_auto and key == "auto":
+        return "auto"
+    if key not in DTYPE_ALIASES:
+        names = (["auto"] if allow_auto else []) + ["float32 (fp32, f32)", "float16 (fp16, f16, half)",
+                                                     "bfloat16 (bf16)"]
         raise ValidationError(f"`dtype` {name!r}: expected one of {', '.join(names)}")
-    return FLOAT_DTYPES[name]
+    return DTYPE_ALIASES[key]
+
+
+def parse_dtype(name: str, *, allow_auto: bool = False) -> torch.dtype | None:
+    """The torch dtype a user named (any spelling of ``DTYPE_ALIASES``); ``None`` for ``auto`` (keep the
+    input's) when ``allow_auto``.
+
+    Example: ``parse_dtype("bfloat16")`` -> ``torch.bfloat16``; ``parse_dtype("fp16")`` -> ``torch.float16``.
+
+    Raises:
+        ValidationError: an unknown name (or ``auto`` where it is not allowed).
+    """
+    canonical = dtype_name(name, allow_auto=allow_auto)
+    return None if canonical == "auto" else FLOAT_DTYPES[canonical]
 
 
 def cast_finite(t: torch.Tensor, dtype: torch.dtype, name: str, *, strict: bool = False,

@@ -44,6 +44,16 @@ class DemoContext:
     input_ids: torch.Tensor | None = None
     bora_logits: torch.Tensor | None = None
     results: dict[str, Any] = field(default_factory=dict)
+    shown_root: str = "WORKDIR"  # how paths are shown in the printed commands: the --workdir as typed
+
+    def shown(self, path: Path) -> str:
+        """``path`` (inside the workdir) as the user would type it."""
+        return f"{self.shown_root.rstrip('/')}/{path.relative_to(self.workdir).as_posix()}"
+
+    def command(self, *words: str | Path) -> None:
+        """Print the CLI command a step stands for (runnable once the demo ran with --workdir)."""
+        shown = [self.shown(w) if isinstance(w, Path) else w for w in words]
+        self.say("          $ bora-tools " + " ".join(shown))
 
 
 def step_train(ctx: DemoContext) -> None:
@@ -78,13 +88,12 @@ def step_train(ctx: DemoContext) -> None:
         "parameters": n_params,
     }
     ctx.say(
-        f"[train]   tiny {DEMO_ARCH} ({sum(p.numel() for p in model.parameters()) - n_params:,} frozen parameters), "
-        f"BoRA b={DEMO_BLOCKS} r={DEMO_RANK} on {len(config.target_modules)} projection types, {n_params:,} trainable"
+        f"[train]   a tiny {DEMO_ARCH} model ({sum(p.numel() for p in model.parameters()) - n_params:,} frozen "
+        f"parameters) learns a short text through a BoRA adapter (b={DEMO_BLOCKS} blocks, r={DEMO_RANK}, "
+        f"{n_params:,} trainable parameters), and its error on it falls (loss {losses[0]:.3f} -> "
+        f"{losses[-1]:.3f} in {ctx.steps} steps)"
     )
-    ctx.say(
-        f"          loss {losses[0]:.3f} -> {losses[-1]:.3f} in {ctx.steps} AdamW steps; "
-        f"adapter saved to {ctx.adapter_dir.name}/"
-    )
+    ctx.say(f"          Python API (bora_tools.training): add_bora, then save_bora -> {ctx.shown(ctx.adapter_dir)}")
 
 
 def _train(model, ids: torch.Tensor, params: list, steps: int, progress: Progress) -> list[float]:
@@ -112,10 +121,12 @@ def step_inspect(ctx: DemoContext) -> None:
         raise BoraError(f"demo: inspect counted {report['total_parameters']} parameters, expected {expected}")
     ctx.results["inspect"] = {"modules": report["num_modules"], "parameters": report["total_parameters"]}
     ctx.say(
-        f"[inspect] {report['num_modules']} modules, {report['total_parameters']:,} parameters = sum of r*(m+n)+b*b*r; "
-        f"every update has rank {'b*r=' + str(DEMO_BLOCKS * DEMO_RANK) if full_rank else 'below b*r'} "
-        f"(a LoRA of the same size reaches only r={DEMO_RANK})"
+        f"[inspect] the adapter's parameter count follows from its shapes (r*(m+n) + b*b*r per module: "
+        f"{report['total_parameters']:,} in {report['num_modules']} modules); "
+        + (f"every update reaches rank b*r (= {DEMO_BLOCKS * DEMO_RANK}), where a LoRA of the same size reaches "
+           f"only r (= {DEMO_RANK})" if full_rank else f"updates have rank up to b*r (= {DEMO_BLOCKS * DEMO_RANK})")
     )
+    ctx.command("inspect", ctx.adapter_dir)
 
 
 def step_export_gguf(ctx: DemoContext) -> None:
@@ -132,9 +143,14 @@ def step_export_gguf(ctx: DemoContext) -> None:
     ).to_dict()
     ranks = sorted({row["rank"] for row in lo["modules"]})
     ctx.say(
-        f"[gguf]    merged model -> {merged.name} ({m['tensors']} tensors, {m['merged_tensors']} merged in one pass), "
-        f"LoRA -> {lora.name} (exact rank {'/'.join(map(str, ranks))}, scaling folded in)"
+        f"[gguf]    llama.cpp files: the merged model ({m['merged_tensors']} of {m['tensors']} tensors merged in one "
+        f"pass), the base, and the adapter as a GGUF LoRA (exact, rank {'/'.join(map(str, ranks))})"
     )
+    ctx.command("export-gguf", ctx.adapter_dir, "--base", ctx.base_dir, "--merge", "--out", merged, "--outtype", "f32",
+                "--overwrite")
+    ctx.command("export-gguf", ctx.base_dir, "--out", base, "--outtype", "f32", "--overwrite")
+    ctx.command("export-gguf", ctx.adapter_dir, "--base", ctx.base_dir, "--out", lora, "--outtype", "f32",
+                "--overwrite")
     if not llama_cpp_available():
         ctx.results["export-gguf"] = {"checked_in_llama_cpp": False}
         ctx.say("          llama-cpp-python is not installed: files written, not run (pip install 'bora-tools[test]')")
@@ -151,8 +167,9 @@ def step_export_gguf(ctx: DemoContext) -> None:
         "same_tokens": same_tokens,
     }
     ctx.say(
-        f"          llama.cpp logits vs the BoRA model: merged rel. error {err_merged:.1e}, base + LoRA "
-        f"{err_lora:.1e} (bound {GGUF_RTOL:g}); tokenization {'identical' if same_tokens else 'DIFFERS'}"
+        f"          llama.cpp gives the BoRA model's outputs with the merged file (relative error {err_merged:.1e}) "
+        f"and with base + LoRA ({err_lora:.1e}; bound {GGUF_RTOL:g}), and splits text into the same tokens "
+        f"({'identical' if same_tokens else 'DIFFERENT'})"
     )
     if max(err_merged, err_lora) > GGUF_RTOL or not same_tokens:
         raise BoraError("demo: llama.cpp does not reproduce the BoRA model within the bound")
@@ -173,9 +190,10 @@ def step_merge(ctx: DemoContext) -> None:
         raise BoraError(f"demo: merged logits differ from the BoRA model's by {err:.2e} (> 1e-4)")
     ctx.results["merge"] = {"max_abs_logit_error": err, "merged": report.merged, "copied": report.copied}
     ctx.say(
-        f"[merge]   {report.merged} weights got W + dW (float32, rounded once), {report.copied} copied as raw bytes; "
-        f"transformers loads {out.name}/ and its logits match the BoRA model's within {err:.1e} (max abs)"
+        f"[merge]   the merged model loads in transformers and gives the adapted model's outputs (largest logit "
+        f"difference {err:.1e}; {report.merged} weights merged, {report.copied} copied unchanged)"
     )
+    ctx.command("merge", ctx.adapter_dir, "--base", ctx.base_dir, "--out", out, "--overwrite")
 
 
 def step_to_lora(ctx: DemoContext) -> None:
@@ -213,19 +231,18 @@ def step_to_lora(ctx: DemoContext) -> None:
         )
     ctx.results["to-lora"] = figures
     ctx.say(
-        f"[to-lora] exact form: PEFT loads a rank-{full['rank']} (b*r) LoRA whose logits match the BoRA model's "
-        f"within {full['max_abs_logit_error']:.1e} (max abs)"
+        f"[to-lora] as a plain PEFT LoRA of rank b*r (= {full['rank']}), the adapter loses nothing: PEFT gives the "
+        f"BoRA model's outputs (largest logit difference {full['max_abs_logit_error']:.1e})"
     )
+    ctx.command("to-lora", ctx.adapter_dir, "--out", ctx.workdir / "lora-full", "--overwrite")
     ctx.say(
-        f"          rank {cut['rank']} (same r as the BoRA adapter): relative Frobenius error worst "
-        f"{cut['max_rel_error']:.3f}, mean {cut['mean_rel_error']:.3f}, energy retained >= {cut['min_energy']:.3f}, "
-        f"{cut['parameters']:,} parameters; logits move by {cut['max_abs_logit_error']:.2f}"
+        f"          cut to rank {cut['rank']}, it is the best LoRA of that rank, with a known error (relative error "
+        f"of the update: worst {cut['max_rel_error']:.3f}, mean {cut['mean_rel_error']:.3f}; outputs move by "
+        f"{cut['max_abs_logit_error']:.2f}); PEFT's updates have exactly the reported errors (within "
+        f"{max(full['peft_error_mismatch'], cut['peft_error_mismatch']):.1e})"
     )
-    ctx.say(
-        f"          PEFT's own updates have the reported (Eckart-Young optimal) errors within "
-        f"{max(full['peft_error_mismatch'], cut['peft_error_mismatch']):.1e} (checked against a dense float64 dW; "
-        f"the conversion itself never forms dW)"
-    )
+    ctx.command("to-lora", ctx.adapter_dir, "--out", ctx.workdir / "lora-truncated", "--rank", str(DEMO_RANK),
+                "--overwrite")
 
 
 def _peft_vs_report(peft_model, bora_model, report: dict, delta_weight) -> float:
@@ -286,7 +303,7 @@ def step_push(ctx: DemoContext) -> None:
         figures[name] = {"repo_id": repo_id, "files": len(files) + 1, "bytes": size + len(card.encode()), **meta}
         commands.append(
             (
-                f"bora-tools push {name} {repo_id} --base-model {base_id}",
+                f"bora-tools push {ctx.shown(path)} {repo_id} --base-model {base_id}",
                 f"{len(files)} files ({size / 1024:,.0f} KB) + card: library_name={library}, "
                 f"base_model_relation={relation}",
             )
@@ -298,12 +315,11 @@ def step_push(ctx: DemoContext) -> None:
         "commands": [c for c, _ in commands],
     }
     ctx.say(
-        "[push]    not run (it needs a Hub); the model cards it would add parse back with huggingface_hub's "
-        "ModelCard, carry no local path and are the same on every build:"
+        "[push]    not run (it needs a Hub account); the model cards it would add are valid for the Hub, name no "
+        "local path and are the same on every build:"
     )
-    width = max(len(c) for c, _ in commands)
     for command, what in commands:
-        ctx.say(f"          {command:<{width}}  # {what}")
+        ctx.say(f"          $ {command}   # {what}")
 
 
 def _check_card(card: str, local_paths: list[str], *, repo_id: str, library: str, relation: str, base: str) -> dict:
@@ -335,7 +351,13 @@ class DemoReport(Report):
         return self.results
 
     def to_text(self) -> str:
-        return f"demo done in {self.seconds:.1f} s" + (f"; files in {self.workdir}" if self.workdir else "")
+        from bora_tools.report import human_seconds
+
+        if self.workdir:
+            return (f"demo done in {human_seconds(self.seconds)}; files in {self.workdir}: run the commands above "
+                    "on them")
+        return (f"demo done in {human_seconds(self.seconds)}; its files were temporary and are gone: run "
+                "'bora-tools demo --workdir DIR' to keep them and run the commands above yourself")
 
 
 # Steps are registered above this line.
@@ -369,8 +391,11 @@ def run_demo(
             root = Path(workdir)
             if root.exists() and any(root.iterdir()):
                 raise BoraError(f"demo workdir {root} is not empty", hint="give a new or empty directory")
+            created = not root.exists()
             root.mkdir(parents=True, exist_ok=True)
-        ctx = DemoContext(workdir=root, steps=steps, say=say, progress=progress)
+            stack.push(lambda kind, _e, _tb: _clean_after_failure(root, created=created, failed=kind is not None))
+        ctx = DemoContext(workdir=root, steps=steps, say=say, progress=progress,
+                          shown_root=str(workdir) if workdir is not None else "WORKDIR")
         start = time.perf_counter()
         for step in STEPS:
             try:
@@ -383,3 +408,18 @@ def run_demo(
         return DemoReport(
             results=ctx.results, seconds=time.perf_counter() - start, workdir=str(root) if workdir else None
         )
+
+
+def _clean_after_failure(root: Path, *, created: bool, failed: bool) -> bool:
+    """After a failure or Ctrl-C, remove what the demo wrote, so that a rerun with the same --workdir works."""
+    import shutil
+
+    if failed and created:
+        shutil.rmtree(root, ignore_errors=True)
+    elif failed:  # it was empty before the demo
+        for p in root.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    return False  # the exception goes on

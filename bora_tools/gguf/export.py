@@ -62,7 +62,7 @@ _SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None = None, merge: bool = False,
                 rank: int | str = "full", outtype: str = "f16", overwrite: bool = False, device: str = "auto",
-                progress: Progress = no_progress) -> ExportReport:
+                progress: Progress = no_progress, name: str | None = None) -> ExportReport:
     """Export a model directory, or an adapter (with ``base``), as GGUF for llama.cpp.
 
     Example::
@@ -75,6 +75,8 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
         rank: ``"full"`` (the exact LoRA form, rank ``b*r``) or an int ``K``
             (the best rank-``K`` truncation); LoRA adapters only.
         outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the big matrices.
+        name: the model's name in the file (``general.name``; e.g. the Hub repo it came from); default:
+            the source folder's name.
 
     Returns:
         A report: kind, path, architecture, tensor types, fallbacks, vocabulary, timings.
@@ -93,7 +95,7 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
     start = time.perf_counter()
     with _quiet_gguf_py():
         report = _dispatch(source, out, base=base, merge=merge, rank=rank, outtype=outtype, overwrite=overwrite,
-                           device=device, progress=progress)
+                           device=device, progress=progress, name=name)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
 
@@ -112,16 +114,17 @@ def _quiet_gguf_py() -> Iterator[None]:
 
 
 def _dispatch(source: Path, out: Path, *, base: Any, merge: bool, rank: int | str, outtype: str, overwrite: bool,
-              device: str, progress: Progress) -> ExportReport:
+              device: str, progress: Progress, name: str | None = None) -> ExportReport:
     if base is None:
-        return export_model(ModelDir.open(source), out, outtype=outtype, overwrite=overwrite, progress=progress)
+        return export_model(ModelDir.open(source), out, outtype=outtype, overwrite=overwrite, progress=progress,
+                            name=name)
     if merge:
         return _export_merged(source, Path(base), out, outtype=outtype, overwrite=overwrite, device=device,
-                              progress=progress)
+                              progress=progress, name=name)
     from bora_tools.gguf.lora import export_lora
 
     return export_lora(source, Path(base), out, rank=rank, outtype=outtype, overwrite=overwrite, device=device,
-                       progress=progress)
+                       progress=progress, name=name)
 
 
 def _check_options(source: Path, *, base: Any, merge: bool, rank: Any, outtype: str) -> None:
@@ -141,7 +144,7 @@ def _check_options(source: Path, *, base: Any, merge: bool, rank: Any, outtype: 
 def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite: bool = False,
                  replacements: dict[str, BoraModule | torch.Tensor] | None = None,
                  device: torch.device | str = "cpu", progress: Progress = no_progress,
-                 kind: str = "model") -> ExportReport:
+                 kind: str = "model", name: str | None = None) -> ExportReport:
     """Write ``model`` (with ``replacements`` merged in, if any) as a full GGUF file.
 
     ``replacements`` maps base tensor names to a ``BoraModule`` (written as
@@ -164,7 +167,7 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
     check_target(out, overwrite=overwrite)
     warnings = _warnings(model, hp, plan, outtype) + vocab.notes
     writer = gguf.GGUFWriter(None, spec.name)
-    add_general(writer, kind=gguf.GGUFType.MODEL, name=model.path.resolve().name, outtype=outtype)
+    add_general(writer, kind=gguf.GGUFType.MODEL, name=name or model.path.resolve().name, outtype=outtype)
     if replacements:
         # Provenance: a merged model is a fine-tune of its base, not a plain conversion of it
         # (what `bora-tools push` reads to write the model card's base_model_relation).
@@ -343,7 +346,8 @@ def _warnings(model: ModelDir, hp: Hparams, plan: list[PlannedTensor], outtype: 
 
 
 def _export_merged(
-    adapter_dir: Path, base_dir: Path, out: Path, *, outtype: str, overwrite: bool, device: str, progress: Progress
+    adapter_dir: Path, base_dir: Path, out: Path, *, outtype: str, overwrite: bool, device: str, progress: Progress,
+    name: str | None = None,
 ) -> ExportReport:
     refuse_output_over_inputs(out, adapter_dir, base_dir)
     adapter = load_adapter(adapter_dir)
@@ -360,6 +364,7 @@ def _export_merged(
         device=resolve_device(device),
         progress=progress,
         kind="merged",
+        name=name,
     )
     report.adapter = str(adapter_dir)
     return report

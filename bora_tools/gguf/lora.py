@@ -60,7 +60,7 @@ Factors = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> (B_k (m, k), 
 
 def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, *, rank: int | str = "full",
                 outtype: str = "f16", overwrite: bool = False, device: str | torch.device = "auto",
-                progress: Progress = no_progress) -> ExportReport:
+                progress: Progress = no_progress, name: str | None = None) -> ExportReport:
     """Write the adapter at ``adapter_dir`` as a llama.cpp LoRA GGUF for the model at ``base_dir``.
 
     ``device`` runs the per-module work (truncated SVD, exact factors) there;
@@ -99,7 +99,7 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
         plan, rows = _plan(modules, prepared, names, alpha=alpha, outtype=outtype,
                            heads_of=lambda g: qk_heads(g, hp) if spec.permute_qk else None)
         writer = gguf.GGUFWriter(None, spec.name)
-        add_general(writer, kind=gguf.GGUFType.ADAPTER, name=adapter_dir.resolve().name, outtype=outtype)
+        add_general(writer, kind=gguf.GGUFType.ADAPTER, name=name or adapter_dir.resolve().name, outtype=outtype)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         with atomic_output(out, overwrite=overwrite) as tmp:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bora_tools.report import Report
+from bora_tools.report import Report, human_bytes, human_seconds
 
 #: Fields that only some kinds of export have; absent from ``to_dict()`` when unset.
 _OPTIONAL = ("merged_tensors", "vocab", "alpha", "rank", "modules", "adapter", "notes")
@@ -42,11 +42,13 @@ class ExportReport(Report):
         return _lines(self.to_dict())
 
 
+_KINDS = {"model": "a full model", "merged": "the merged model, as a full model", "lora": "a LoRA adapter"}
+
+
 def _lines(report: dict[str, Any]) -> str:
+    """Details first, per-module rows next, the ``wrote ...`` summary last (it stays on screen)."""
     types = ", ".join(f"{n} {t}" for t, n in sorted(report.get("types", {}).items()))
-    lines = [f"wrote {report['out']} ({report['bytes'] / 2**20:.1f} MiB, {report['kind']}, "
-             f"llama.cpp arch {report['architecture']}) in {report.get('seconds', 0):.1f} s",
-             f"tensors: {report['tensors']} ({types})"]
+    lines = [f"tensors: {report['tensors']} ({types})"]
     if "vocab" in report:
         v = report["vocab"]
         lines.append(f"tokenizer: {v['model']} / pre-tokenizer {v['pre']}, {v['tokens']} tokens"
@@ -57,14 +59,18 @@ def _lines(report: dict[str, Any]) -> str:
     if modules:
         ranks = sorted({m["rank"] for m in modules})
         worst = max(modules, key=lambda m: m["relative_error"])
+        for m in modules if len(modules) <= 16 else []:
+            lines.append(f"  {m['gguf_name']:<28} rank {m['rank']:>4} / {m['max_rank']:<4} "
+                         f"rel. error {m['relative_error']:.2e}")
+        error = (f"largest relative error {worst['relative_error']:.2e} ({worst['gguf_name']})"
+                 if worst["relative_error"] > 0 else "exact (relative error 0)")
         lines.append(f"LoRA: {len(modules)} modules, rank {'/'.join(map(str, ranks))}, adapter.lora.alpha "
-                     f"{report['alpha']:g} (each module's scaling folded into lora_b); largest relative error "
-                     f"{worst['relative_error']:.2e} ({worst['gguf_name']})")
-    for m in modules if len(modules) <= 16 else []:
-        lines.append(f"  {m['gguf_name']:<28} rank {m['rank']:>4} / {m['max_rank']:<4} "
-                     f"rel. error {m['relative_error']:.2e}")
+                     f"{report['alpha']:g} (each module's scaling folded into lora_b); {error}")
     lines.extend(f"note: {note}" for note in report.get("notes", []))
     if report.get("fallbacks"):
-        lines.append(f"{len(report['fallbacks'])} tensor(s) kept as F16: rows not a multiple of 32")
+        lines.append(f"{len(report['fallbacks'])} tensor(s) kept as F16: their rows are not a multiple of 32, "
+                     "which q8_0 blocks need")
+    lines.append(f"wrote {report['out']} ({human_bytes(report['bytes'])}, {_KINDS.get(report['kind'], report['kind'])}"
+                 f" for llama.cpp, architecture {report['architecture']}) in {human_seconds(report.get('seconds', 0))}")
     return "\n".join(lines)
 

@@ -15,26 +15,32 @@ failures become one ``HubError`` line with a hint.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bora_tools.errors import HubError, UnsafePathError, UnsupportedError, register_secret, scrub
+from bora_tools.errors import HubError, UnsafePathError, UnsupportedError
 from bora_tools.hub.card import build_model_card, describe_source, render_card
-from bora_tools.progress import logger
-from bora_tools.report import Report
+from bora_tools.io.hub_input import clean_token, hub_messages_silenced, scrub_chain, unauthorized
+from bora_tools.io.hub_input import scrub as _scrub
+from bora_tools.io.hub_input import transport_errors as _transport_errors
+from bora_tools.progress import Progress, logger, no_progress
+from bora_tools.report import Report, human_bytes
 
 __all__ = ["PushReport", "build_model_card", "push"]
 
 CARD_NAME = "README.md"
-_LOGIN_HINT = "pass `token`, set HF_TOKEN, or run 'hf auth login'"
 
 
 @dataclass(frozen=True)
 class PushReport(Report):
-    """What ``push`` did: the commit (or the unchanged head), the files sent, whether a card was written."""
+    """What ``push`` did: the commit it made (``commit`` is ``None`` when nothing changed), the files that
+    commit carried, those already up to date on the Hub, and whether a generated card was part of it.
+
+    ``commit_oid`` / ``commit_url`` name the commit the branch points at afterwards: the new one, or the
+    unchanged head when nothing was uploaded.
+    """
 
     repo_id: str
     repo_url: str
@@ -42,14 +48,22 @@ class PushReport(Report):
     commit_url: str
     commit_oid: str
     pr_url: str | None
-    files: list[str]
-    card_written: bool
+    files: list[str]  # what the commit carried (new or changed files)
+    card_written: bool  # a generated README.md was part of the commit
+    commit: dict[str, str] | None = None  # {"oid", "url"} of the new commit; None: nothing to upload
+    unchanged: list[str] = field(default_factory=list)  # files already on the Hub with the same content
+    bytes_uploaded: int = 0  # size of the files the commit carried
 
     def to_text(self) -> str:
-        lines = [f"Pushed {len(self.files)} file(s) to {self.repo_id}@{self.revision}"
-                 + (" as a pull request" if self.pr_url else "")
-                 + (", with a generated model card" if self.card_written else ""),
-                 f"Commit: {self.commit_url}"]
+        where = f"{self.repo_id}@{self.revision}"
+        if self.commit is None:
+            return f"nothing to upload: {where} is already up to date ({len(self.unchanged)} file(s) unchanged)"
+        lines = [f"  {name}" for name in self.files]
+        lines.append(f"Pushed {len(self.files)} file(s), {human_bytes(self.bytes_uploaded)}, to {where}"
+                     + (" as a pull request" if self.pr_url else "")
+                     + (", with a generated model card (README.md)" if self.card_written else "")
+                     + (f"; {len(self.unchanged)} file(s) were already up to date" if self.unchanged else ""))
+        lines.append(f"Commit: {self.commit_url}")
         if self.pr_url:
             lines.append(f"Pull request: {self.pr_url}")
         return "\n".join(lines)
@@ -58,7 +72,8 @@ class PushReport(Report):
 def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
          create_pr: bool = False, commit_message: str | None = None, token: str | None = None,
          include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
-         base_model: str | None = None, endpoint: str | None = None) -> PushReport:
+         base_model: str | None = None, endpoint: str | None = None,
+         progress: Progress = no_progress) -> PushReport:
     """Upload ``path`` (a directory, or one ``.gguf`` file) to the model repo ``repo_id`` in one commit.
 
     When ``path`` has no ``README.md``, a model card describing it is added to the upload (``path`` itself
@@ -75,9 +90,11 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
         include, exclude: glob patterns on paths relative to ``path`` (``huggingface_hub`` rules).
         base_model: the Hub id of the base model, for the card, when the files only know a local path.
         endpoint: the Hub's URL; ``None`` uses ``HF_ENDPOINT`` or https://huggingface.co.
+        progress: wraps the files as they are uploaded (huggingface_hub's own bars and messages are silenced).
 
     Returns:
-        A ``PushReport`` with the commit URL and oid, the pull request URL and the files sent.
+        A ``PushReport`` with the commit URL and oid (``commit`` is ``None`` when every file was already
+        up to date and no commit was made), the pull request URL and the files the commit carried.
 
     Raises:
         HubError: missing or rejected token, no write access, unknown repo or revision, Hub unreachable.
@@ -107,18 +124,51 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
     message = commit_message or f"Upload {source.label} with bora-tools"
 
     api = HfApi(endpoint=endpoint, token=token)
-    with hub_errors(endpoint=api.endpoint, repo_id=repo_id, revision=revision, token=token):
+    with hub_errors(endpoint=api.endpoint, repo_id=repo_id, revision=revision, token=token), \
+            hub_messages_silenced():
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         repo_id = repo_url.repo_id or repo_id  # a bare name resolves to the token owner's namespace
         if private:
             _warn_if_public(api, repo_id)
         if revision and revision != "main" and not revision.startswith("refs/") and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        _validate_card_first(api, operations)
+        # One file at a time, so that our bar moves as files go up; the commit then sends no byte twice.
+        for op in progress(operations, total=len(operations), label=f"uploading to {repo_id}"):
+            api.preupload_lfs_files(repo_id, additions=[op], revision=revision, create_pr=create_pr)
+        head = api.repo_info(repo_id, revision=revision).sha if not create_pr else None
         info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision,
                                  create_pr=create_pr)
+    carried = [op for op in operations if not _unchanged(op)]
+    made = bool(carried) and (create_pr or info.oid != head)
+    names = sorted(op.path_in_repo for op in carried) if made else []
     return PushReport(repo_id=repo_id, repo_url=str(repo_url), revision=revision or "main",
-                      commit_url=info.commit_url, commit_oid=info.oid, pr_url=info.pr_url,
-                      files=sorted(op.path_in_repo for op in operations), card_written=card is not None)
+                      commit_url=info.commit_url, commit_oid=info.oid, pr_url=info.pr_url if made else None,
+                      files=names, card_written=made and card is not None and CARD_NAME in names,
+                      commit={"oid": info.oid, "url": info.commit_url} if made else None,
+                      unchanged=sorted(op.path_in_repo for op in operations if op.path_in_repo not in names),
+                      bytes_uploaded=sum(op.upload_info.size for op in carried) if made else 0)
+
+
+def _validate_card_first(api: Any, operations: list[Any]) -> None:
+    """Let the Hub check README.md's metadata before any file goes up, as ``create_commit`` does first."""
+    validate = getattr(api, "_validate_yaml", None)  # create_commit calls it again; absent: it is the only check
+    for op in operations:
+        if op.path_in_repo == CARD_NAME and validate is not None:
+            with op.as_file() as f:
+                validate(f.read().decode())
+
+
+def _unchanged(op: Any) -> bool:
+    """huggingface_hub left ``op`` out of the commit: the Hub already holds the same content at that path.
+
+    The client compares the oid the Hub reported for the path (``preupload``) with the local one, as
+    ``create_commit`` does; without those (another client version), the file counts as sent.
+    """
+    remote, local = getattr(op, "_remote_oid", None), None
+    with contextlib.suppress(Exception):
+        local = op._local_oid
+    return remote is not None and remote == local
 
 
 def upload_files(path: Path, *, include: Sequence[str] | None = None,
@@ -167,54 +217,6 @@ def _warn_if_public(api: Any, repo_id: str) -> None:
                        "(change its visibility in the repo's settings on the Hub)")
 
 
-def clean_token(token: str | None) -> str | None:
-    """``token`` without surrounding whitespace (a pasted token often ends in a newline or CR).
-
-    The token (and the one ``huggingface_hub`` would resolve when ``token`` is None) is registered
-    as a secret, so that no message or ``--debug`` traceback can show it.
-
-    Example: ``clean_token("hf_abc\\r\\n")`` -> ``"hf_abc"``.
-
-    Raises:
-        HubError: an empty token, or one with a space, a control or a non-ASCII character inside
-            (never a valid HTTP header value); the token itself is not shown.
-    """
-    where = "`token`"
-    if token is None:
-        from huggingface_hub import get_token
-
-        try:
-            resolved = get_token()
-        except Exception:  # an OIDC or Colab lookup that fails: huggingface_hub reports it itself
-            return None
-        if resolved is None:
-            return None
-        register_secret(resolved)
-        if resolved == resolved.strip() and _token_ok(resolved):
-            return None  # huggingface_hub resolves it again, unchanged
-        token, where = resolved, "the token from HF_TOKEN or the saved login"
-    register_secret(token)
-    stripped = token.strip()
-    if not stripped:
-        raise HubError(f"{where} is empty", hint=_LOGIN_HINT)
-    if not _token_ok(stripped):
-        raise HubError(f"{where} contains a space, a control character or a non-ASCII character, which an HTTP "
-                       "header cannot carry (the token is not shown)", hint="copy the token again from the Hub")
-    return stripped
-
-
-def _token_ok(token: str) -> bool:
-    return all(33 <= ord(c) <= 126 for c in token)
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Network failures, whichever HTTP library this huggingface_hub uses."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module in ("httpx2", "httpx", "requests"):
-        with contextlib.suppress(ImportError, AttributeError):
-            mod = importlib.import_module(module)
-            errors.append(mod.TransportError if hasattr(mod, "TransportError") else mod.RequestException)
-    return tuple(errors)
 
 
 @contextlib.contextmanager
@@ -254,47 +256,16 @@ def hub_errors(*, endpoint: str, repo_id: str, revision: str | None, token: str 
             raise
         raise HubError(f"the Hub refused the README.md metadata: {_scrub(e, token)}") from e
     except _transport_errors() as e:
-        _scrub_chain(e)
+        scrub_chain(e)
         if "header" in str(e).lower():  # the HTTP client refused a header value before sending anything
             raise HubError(f"the HTTP client refused a request header ({type(e).__name__}: {_scrub(e, token)})",
                            hint="check the token and HF_ENDPOINT") from e
         raise HubError(f"cannot reach the Hub at {endpoint} ({type(e).__name__})",
                        hint="check the network, or HF_ENDPOINT when you use another server") from e
     except BaseException as e:
-        _scrub_chain(e)
+        scrub_chain(e)
         raise
 
 
-def _scrub_chain(e: BaseException | None) -> None:
-    """Mask secrets in the string arguments of ``e`` and every exception it was chained from, in place."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        with contextlib.suppress(Exception):
-            e.args = tuple(scrub(a) if isinstance(a, str) else a for a in e.args)
-        e = e.__cause__ or e.__context__
-
-
 def _unauthorized(endpoint: str, token: str | None) -> HubError:
-    from huggingface_hub import get_token
-
-    try:
-        known = token is not None or get_token() is not None
-    except Exception:  # an OIDC or Colab lookup that fails still means: no usable token
-        known = token is not None
-    if not known:
-        return HubError(f"no Hugging Face token found; {endpoint} answered 401 Unauthorized", hint=_LOGIN_HINT)
-    return HubError(f"{endpoint} rejected the token (401 Unauthorized)",
-                    hint=f"the token is invalid or expired: {_LOGIN_HINT} with a write token")
-
-
-def _scrub(text: Any, token: str | None) -> str:
-    """``text`` on one line, with any token (explicit or resolved) masked."""
-    from huggingface_hub import get_token
-
-    out = scrub(" ".join(str(text).split()))
-    with contextlib.suppress(Exception):
-        for secret in {token, get_token()}:
-            if secret:
-                out = out.replace(secret, "***")
-    return out
+    return unauthorized(endpoint, token, write=True)

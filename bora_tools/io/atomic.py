@@ -39,12 +39,45 @@ def _tmp_prefix(target: Path) -> str:
 
 
 def check_target(target: Path, *, overwrite: bool) -> None:
-    """Refuse an existing target (unless ``overwrite``) or a missing parent directory."""
+    """Refuse an existing target (unless ``overwrite``), or a parent that cannot be a directory.
+
+    Missing parent directories are fine: ``atomic_output`` creates them (and removes them again when
+    the write fails), as mergekit and llama.cpp's converters do.
+    """
     target = Path(target)
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise OutputExistsError(f"output {target} already exists", hint="pass `overwrite` to replace it")
-    if not target.parent.is_dir():
-        raise OutputWriteError(f"output directory {target.parent} does not exist")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputWriteError(f"output {target}: {parent} is a file, not a directory")
+            return
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create the missing parents of ``target``; returns those created, innermost first."""
+    missing = []
+    for parent in target.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    made: list[Path] = []
+    try:
+        for parent in reversed(missing):
+            parent.mkdir(exist_ok=True)
+            made.insert(0, parent)
+    except OSError:
+        _remove_created(made)
+        raise
+    return missing
+
+
+def _remove_created(created: list[Path]) -> None:
+    for parent in created:  # innermost first; only while empty (another writer may have used them)
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def refuse_output_over_inputs(out: str | os.PathLike, *inputs: str | os.PathLike) -> None:
@@ -112,6 +145,10 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
     """
     target = Path(target)
     check_target(target, overwrite=overwrite)
+    try:
+        created = _make_parents(target)
+    except OSError as e:
+        raise OutputWriteError(f"cannot create the folder {target.parent}: {_os_reason(e)}") from e
     _clean_stale(target)
     tmp = target.parent / f"{_tmp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -121,16 +158,19 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
         _commit(tmp, target, overwrite=overwrite)
     except OSError as e:
         _remove(tmp)
+        _remove_created(created)
         if isinstance(e, BoraError):
             raise
         raise OutputWriteError(f"writing {target} failed: {_os_reason(e)}; nothing was written") from e
     except SafetensorError as e:  # safetensors' writer reports I/O errors as its own type
         _remove(tmp)
+        _remove_created(created)
         found = re.search(r"os error (\d+)", str(e))
         reason = _os_reason(OSError(int(found.group(1)), str(e))) if found else " ".join(str(e).split())
         raise OutputWriteError(f"writing {target} failed: {reason}; nothing was written") from e
     except BaseException:
         _remove(tmp)
+        _remove_created(created)
         raise
 
 

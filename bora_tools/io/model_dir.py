@@ -21,6 +21,7 @@ import torch
 
 from bora_tools.errors import ModelDirError, UnsafePathError, raise_if_problems
 from bora_tools.io.json import read_json
+from bora_tools.io.kinds import wrong_kind
 from bora_tools.io.safetensors import ST_DTYPES
 from bora_tools.progress import logger
 
@@ -220,8 +221,9 @@ class ModelDir:
             UnsafePathError: a shard name or symlink that leaves the directory.
         """
         path = Path(path)
-        if not path.is_dir():
-            raise ModelDirError(f"{path}: not a model directory")
+        wrong = wrong_kind(path, expected="model")
+        if wrong is not None:
+            raise ModelDirError(wrong)
         config = read_json(safe_member(path, "config.json"), error=ModelDirError)
         if not isinstance(config, dict):
             raise ModelDirError(f"{path / 'config.json'}: expected a JSON object")
