@@ -8,7 +8,8 @@ from typing import Any
 from bora_tools.report import Report
 
 #: Fields that only some kinds of export have; absent from ``to_dict()`` when unset.
-_OPTIONAL = ("merged_tensors", "vocab", "alpha", "rank", "modules", "adapter", "notes")
+_OPTIONAL = ("merged_tensors", "vocab", "alpha", "rank", "modules", "adapter", "notes", "bits_per_weight",
+             "intermediate", "peak_disk_bytes", "phases", "threads")
 
 
 @dataclass
@@ -31,6 +32,12 @@ class ExportReport(Report):
     modules: list[dict[str, Any]] | None = None  # LoRA: one row per module
     adapter: str | None = None  # merged and LoRA exports: the adapter directory
     notes: list[str] | None = None  # LoRA: per-module notes (zero updates)
+    # Types made by llama.cpp's quantizer (q4_k_m, ...): ``types`` and ``tensors`` are read back from the final file.
+    bits_per_weight: float | None = None  # tensor data bits per element, over the whole file
+    intermediate: dict[str, Any] | None = None  # the intermediate GGUF: its tensor types and bytes
+    peak_disk_bytes: int | None = None  # intermediate + output, on disk together while quantizing
+    phases: dict[str, float] | None = None  # seconds: write_intermediate, quantize
+    threads: int | None = None  # quantizer threads
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -47,6 +54,12 @@ def _lines(report: dict[str, Any]) -> str:
     lines = [f"wrote {report['out']} ({report['bytes'] / 2**20:.1f} MiB, {report['kind']}, "
              f"llama.cpp arch {report['architecture']}) in {report.get('seconds', 0):.1f} s",
              f"tensors: {report['tensors']} ({types})"]
+    if "bits_per_weight" in report:
+        inter = report["intermediate"]
+        phases = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in report["phases"].items())
+        lines.append(f"quantized by llama.cpp: {report['bits_per_weight']:.2f} bits per weight, from an intermediate "
+                     f"of {inter['bytes'] / 2**20:.1f} MiB ({', '.join(sorted(inter['types']))}); peak disk "
+                     f"{report['peak_disk_bytes'] / 2**20:.1f} MiB; {phases} on {report['threads']} thread(s)")
     if "vocab" in report:
         v = report["vocab"]
         lines.append(f"tokenizer: {v['model']} / pre-tokenizer {v['pre']}, {v['tokens']} tokens"
