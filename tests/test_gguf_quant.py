@@ -144,6 +144,21 @@ def test_the_adapter_survives_quantization(models, reference, tmp_path, outtype)
     assert to_merged < 0.65 * to_base  # measured: 0.42 (q4_k_m), 0.51 (q4_0)
 
 
+def test_rows_not_multiple_of_256_fall_back_as_llama_cpp_decides(tmp_path):
+    from bora_tools.demo.tiny import build_model_dir
+
+    small = build_model_dir(tmp_path / "small", "llama")  # hidden 64, intermediate 128
+    report = export_gguf(small, tmp_path / "q.gguf", outtype="q4_k_m")
+    types = tensor_types(tmp_path / "q.gguf")
+    assert report.types == {"F32": 5, "Q5_0": 13, "Q8_0": 3}  # llama.cpp's fallbacks for Q4_K and Q6_K
+    assert len(report.fallbacks) == 15 and all(types[f["tensor"]] == f["type"] for f in report.fallbacks)
+    assert {"tensor": "blk.0.ffn_down.weight", "type": "Q5_0",
+            "reason": "row of 128 is not a multiple of 256 (Q4_K)"} in report.fallbacks
+    assert report.warnings == ["15 tensor(s) written by llama.cpp in a fallback type instead of q4_k_m's: their rows "
+                               "are not a multiple of the type's block (token_embd.weight, blk.0.attn_k.weight, "
+                               "blk.0.attn_output.weight, blk.0.attn_q.weight and 11 more)"]
+
+
 def test_report_fields_in_json_and_text(models, tmp_path):
     out = tmp_path / "q.gguf"
     report = export_gguf(models["llama"], out, outtype="q6_k", threads=1)

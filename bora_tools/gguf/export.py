@@ -214,9 +214,14 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
         report.types, report.tensors = done.types, done.tensors
         report.bits_per_weight, report.peak_disk_bytes = done.bits_per_weight, done.peak_disk_bytes
         report.phases, report.threads = done.phases, done.threads
-        report.warnings.extend(done.warnings)
-        for w in done.warnings:
-            logger.warning(w)
+        report.fallbacks = done.fallbacks
+        if done.fallbacks:
+            names = [f["tensor"] for f in done.fallbacks]
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            warning = (f"{len(names)} tensor(s) written by llama.cpp in a fallback type instead of {outtype}'s: "
+                       f"their rows are not a multiple of the type's block ({shown})")
+            report.warnings.append(warning)
+            logger.warning(warning)
     return report
 
 

@@ -48,9 +48,12 @@ from bora_tools.progress import Progress, logger, no_progress
 INSTALL_HINT = "pip install 'bora-tools[llama]'"
 
 # ggml's log levels (ggml.h): NONE, DEBUG, INFO, WARN, ERROR, CONT (continues the previous line).
-_WARN, _ERROR, _CONT = 3, 4, 5
+_ERROR, _CONT = 4, 5
 #: llama.cpp's line for each tensor it writes: "[   3/  21] blk.0.attn_k.weight - [...], type = f32, ..."
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+#: llama.cpp's line for a tensor whose rows do not fit the type's block, before it writes it in another type.
+_FALLBACK_LINE = re.compile(r"^warning: (\S+)\s+- ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\S+)\)"
+                            r" -> falling back to\s+(\S+)")
 
 
 def require_llama_cpp(outtype: str) -> None:
@@ -99,7 +102,7 @@ class Quantized:
     peak_disk_bytes: int  # intermediate + output, both on disk while llama.cpp writes
     phases: dict[str, float]  # seconds: write_intermediate, quantize
     threads: int
-    warnings: list[str] = field(default_factory=list)
+    fallbacks: list[dict[str, str]] = field(default_factory=list)  # tensor, type, reason: llama.cpp's own fallbacks
 
 
 def write_quantized(write_intermediate: Callable[[Path], None], tmp: Path, *, outtype: str, threads: int,
@@ -125,7 +128,7 @@ def write_quantized(write_intermediate: Callable[[Path], None], tmp: Path, *, ou
         write_intermediate(intermediate)
         written = time.perf_counter()
         intermediate_bytes = intermediate.stat().st_size
-        warnings = quantize_file(intermediate, tmp, outtype=outtype, threads=threads, tensors=tensors,
+        fallbacks = quantize_file(intermediate, tmp, outtype=outtype, threads=threads, tensors=tensors,
                                  progress=progress)
         done = time.perf_counter()
         peak = intermediate_bytes + tmp.stat().st_size
@@ -135,7 +138,7 @@ def write_quantized(write_intermediate: Callable[[Path], None], tmp: Path, *, ou
     return Quantized(types=summary["types"], tensors=summary["tensors"], bits_per_weight=summary["bits_per_weight"],
                      intermediate_bytes=intermediate_bytes, peak_disk_bytes=peak,
                      phases={"write_intermediate": round(written - start, 3), "quantize": round(done - written, 3)},
-                     threads=threads, warnings=warnings)
+                     threads=threads, fallbacks=fallbacks)
 
 
 def read_summary(path: Path) -> dict[str, Any]:
@@ -155,8 +158,11 @@ def read_summary(path: Path) -> dict[str, Any]:
 
 
 def quantize_file(src: Path, dst: Path, *, outtype: str, threads: int, tensors: int,
-                  progress: Progress = no_progress) -> list[str]:
-    """Run ``llama_model_quantize(src, dst)`` for ``outtype`` on ``threads`` threads; returns its warnings.
+                  progress: Progress = no_progress) -> list[dict[str, str]]:
+    """Run ``llama_model_quantize(src, dst)`` for ``outtype`` on ``threads`` threads.
+
+    Returns the tensors llama.cpp wrote in a fallback type (rows not a
+    multiple of the type's block), as ``{"tensor", "type", "reason"}``.
 
     llama.cpp runs in a worker thread while this one draws ``progress`` from its
     per-tensor log lines (``tensors`` of them).
@@ -199,7 +205,7 @@ def quantize_file(src: Path, dst: Path, *, outtype: str, threads: int, tensors: 
         if code is not None:
             raise OSError(code, f"llama.cpp's quantizer could not write {dst.name}: {message}")
         raise UnsupportedError(f"llama.cpp's quantizer failed on `outtype` {outtype}: {message}")
-    return session.warnings
+    return session.fallbacks
 
 
 class _LogSession:
@@ -209,7 +215,7 @@ class _LogSession:
     def __init__(self) -> None:
         self.events: queue.Queue = queue.Queue()
         self.errors: list[str] = []
-        self.warnings: list[str] = []
+        self.fallbacks: list[dict[str, str]] = []
         self._pending = ""
         self._level = 0
 
@@ -227,8 +233,11 @@ class _LogSession:
         self.events.put(line)  # logged by the waiting thread, where the CLI's context is
         if self._level == _ERROR:
             self.errors.append(line.removeprefix("llama_model_quantize: "))
-        elif self._level == _WARN and "fallback" in line:
-            self.warnings.append(f"llama.cpp: {line}")
+        fallback = _FALLBACK_LINE.match(line)
+        if fallback:
+            name, cols, block, wanted, used = fallback.groups()
+            self.fallbacks.append({"tensor": name, "type": used.upper(),
+                                   "reason": f"row of {cols} is not a multiple of {block} ({wanted.upper()})"})
         found = _TENSOR_LINE.match(line)
         if found:
             tensor_done(int(found.group(1)), int(found.group(2)), found.group(3), self.events)

@@ -78,6 +78,8 @@ def _lines(report: dict[str, Any]) -> str:
                      f"rel. error {m['relative_error']:.2e}")
     lines.extend(f"note: {note}" for note in report.get("notes", []))
     if report.get("fallbacks"):
-        lines.append(f"{len(report['fallbacks'])} tensor(s) kept as F16: rows not a multiple of 32")
+        kept = sorted({f["type"] for f in report["fallbacks"]})
+        lines.append(f"{len(report['fallbacks'])} tensor(s) kept as {'/'.join(kept)}: "
+                     f"{report['fallbacks'][0]['reason']} (see fallbacks)")
     return "\n".join(lines)
 
