@@ -282,6 +282,19 @@ def _routed_log(llama_cpp: Any) -> Iterator[_LogSession]:
         yield _session
     finally:
         _session = None
+        _restore_default_log(llama_cpp)
+
+
+def _restore_default_log(llama_cpp: Any) -> None:
+    # Hand the log back to llama-cpp-python's own callback (the one it installs on import), so that a
+    # later llama_cpp.Llama(verbose=...) in the same process behaves as without us.
+    try:
+        from llama_cpp import _logger
+    except ImportError:  # another layout: keep ours, which logs only errors at debug level
+        return
+    default = getattr(_logger, "llama_log_callback", None)
+    if default is not None:
+        llama_cpp.llama_log_set(default, ctypes.c_void_p(0))
 
 
 def _write_failure(dst: Path, message: str) -> int | None:
