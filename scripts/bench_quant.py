@@ -105,6 +105,7 @@ def run(cmd: list[str], *, cwd: Path | None = None) -> dict:
 
 def ours(model: Path, outdir: Path, threads: int) -> dict:
     out = outdir / "ours-q4_k_m.gguf"
+    outdir.mkdir(parents=True)
     with DiskSampler(outdir) as disk:
         r = run([sys.executable, "-m", "bora_tools.cli", "export-gguf", str(model), "--out", str(out), "--outtype",
                  "q4_k_m", "--threads", str(threads), "--quiet"])
@@ -113,6 +114,7 @@ def ours(model: Path, outdir: Path, threads: int) -> dict:
 
 def theirs(model: Path, outdir: Path, threads: int, llama_cpp: Path) -> dict:
     f16, out = outdir / "llama-f16.gguf", outdir / "llama-q4_k_m.gguf"
+    outdir.mkdir(parents=True)
     with DiskSampler(outdir) as disk:
         convert = run([sys.executable, "convert_hf_to_gguf.py", str(model), "--outfile", str(f16), "--outtype", "f16"],
                       cwd=llama_cpp)
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-quant"))
+    ap.add_argument("--keep-model", action="store_true", help="reuse WORKDIR/model from an earlier run")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     model, outdir = args.workdir / "model", args.workdir / "out"
@@ -138,11 +141,12 @@ def main() -> None:
         return
     if not (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
         raise SystemExit(f"{args.llama_cpp}: no convert_hf_to_gguf.py (see the usage above)")
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    # Built in a child, so that this parent stays small (no torch): a child's ru_maxrss starts from it.
-    subprocess.run([sys.executable, __file__, "--build-only", "--llama-cpp", str(args.llama_cpp), "--layers",
-                    str(args.layers), "--workdir", str(args.workdir)], check=True)
-    outdir.mkdir()
+    if not (args.keep_model and (model / "model.safetensors").is_file()):
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        # Built in a child, so that this parent stays small (no torch): a child's ru_maxrss starts from it.
+        subprocess.run([sys.executable, __file__, "--build-only", "--llama-cpp", str(args.llama_cpp), "--layers",
+                        str(args.layers), "--workdir", str(args.workdir)], check=True)
+    shutil.rmtree(outdir, ignore_errors=True)
     size = (model / "model.safetensors").stat().st_size
     print(f"model: {args.layers} layers, hidden {HIDDEN}, bf16, {size / 2**30:.2f} GiB; {args.threads} threads",
           flush=True)
@@ -151,19 +155,20 @@ def main() -> None:
     for rep in range(args.repeats):
         order = ["bora-tools", "llama.cpp"] if rep % 2 == 0 else ["llama.cpp", "bora-tools"]
         for tool in order:
-            r = ours(model, outdir, args.threads) if tool == "bora-tools" else \
-                theirs(model, outdir, args.threads, args.llama_cpp)
+            # each route in its own directory: the disk sampler sees only that route's files
+            r = ours(model, outdir / "ours", args.threads) if tool == "bora-tools" else \
+                theirs(model, outdir / "llama", args.threads, args.llama_cpp)
             results[tool].append(r)
             steps = " + ".join(f"{s['seconds']:.1f}" for s in r["steps"])
             print(f"  {tool:11} {r['seconds']:7.1f} s ({steps})  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
                   f"peak disk {r['peak_disk_mib']:6.0f} MiB  out {r['bytes'] / 2**20:.0f} MiB", flush=True)
         if compared is None:
             compared = json.loads(subprocess.run(
-                [sys.executable, "-c", COMPARE, str(outdir / "ours-q4_k_m.gguf"), str(outdir / "llama-q4_k_m.gguf")],
+                [sys.executable, "-c", COMPARE, str(outdir / "ours" / "ours-q4_k_m.gguf"),
+                 str(outdir / "llama" / "llama-q4_k_m.gguf")],
                 check=True, capture_output=True, text=True).stdout)
             print(f"  compared: {compared}", flush=True)
-        for f in outdir.iterdir():
-            f.unlink()
+        shutil.rmtree(outdir)
     print("\n| route | wall s (median) | peak RSS MiB (median) | peak disk MiB | output MiB |")
     print("|---|---|---|---|---|")
     med = {}
