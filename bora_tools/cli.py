@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 from bora_tools.errors import BoraError, scrub
+from bora_tools.gguf.outtypes import OUTTYPES
 from bora_tools.progress import logger
 
 # Exit codes: 1 for bad input or a refused operation, 2 for usage (click's own),
@@ -288,9 +289,13 @@ def print_report(report: Any, *, as_json: bool) -> None:
 class _WarningHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            quiet = _state().quiet
+            quiet, debug = _state().quiet, _state().debug
         except RuntimeError:
-            quiet = False
+            quiet = debug = False
+        if record.levelno < logging.WARNING:  # debug lines (llama.cpp's log): only under --debug
+            if debug:
+                click.echo(f"Debug: {record.getMessage()}", err=True)
+            return
         if not quiet:
             ctx = click.get_current_context(silent=True)
             click.echo(f"Warning: {_with_flags(record.getMessage(), ctx.command if ctx else None)}", err=True)
@@ -316,7 +321,7 @@ def cli() -> None:
     """
     if not any(isinstance(h, _WarningHandler) for h in logger.handlers):
         logger.addHandler(_WarningHandler())
-        logger.setLevel(logging.WARNING)
+        logger.setLevel(logging.DEBUG)  # the handler shows debug lines only under --debug
         logger.propagate = False
 
 
@@ -455,16 +460,20 @@ class _RankType(click.ParamType):
 @click.option("--rank", type=_RankType(), default=None,
               help="LoRA export: 'full' (the default) is the exact form (rank b*r); K keeps the best rank-K "
                    "truncation.")
-@click.option("--outtype", type=_OuttypeChoice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
-              help="Type of the weight matrices, case-insensitive (norms and 1-D tensors stay f32; q8_0 falls "
-                   "back to f16 where a row is not a multiple of 32).")
+@click.option("--outtype", type=_OuttypeChoice(list(OUTTYPES)), default="f16", show_default=True, metavar="TYPE",
+              help="Type of the weight matrices, case-insensitive: f32, f16, bf16, q8_0 (norms and 1-D tensors stay "
+                   "f32; q8_0 falls back to f16 where a row is not a multiple of 32). Full and merged models also "
+                   "take llama.cpp's quantizations, made by its own quantizer (the 'llama' extra): q4_0, q4_1, q5_0, "
+                   "q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads of llama.cpp's quantizer  [default: all cores]")
 @device_option
 @token_option
 @overwrite_option
 @json_option
 @common_options
 def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: int | str | None, outtype: str,
-                    device: str, token: str | None, overwrite: bool, as_json: bool) -> None:
+                    threads: int | None, device: str, token: str | None, overwrite: bool, as_json: bool) -> None:
     """Export a model directory, or a BoRA adapter (with --base), as GGUF for llama.cpp.
 
     \b
@@ -472,6 +481,7 @@ def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: 
       bora-tools export-gguf ./Llama-3.2-1B --out model.gguf --outtype q8_0
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --out lora.gguf
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged.gguf
+      bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged-q4.gguf --outtype q4_k_m
     """
     if merge and base is None:
         raise click.UsageError("--merge needs --base: the base model the adapter was trained on")
@@ -486,7 +496,7 @@ def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: 
     out = _gguf_target(out, source, found.path, base=base, merge=merge, outtype=outtype)
     report = export_gguf(found.path, out, base=found_base.path if found_base else None, merge=merge,
                          rank=rank or "full", outtype=outtype, overwrite=overwrite, device=device,
-                         progress=make_progress(), name=_gguf_name(found_base if merge else found))
+                         threads=threads, progress=make_progress(), name=_gguf_name(found_base if merge else found))
     print_report(report, as_json=as_json)
 
 

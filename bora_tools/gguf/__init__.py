@@ -3,8 +3,21 @@
 - ``export``: the command (full model, one-pass ``--merge``), ``lora``: the LoRA adapter GGUF.
 - ``hparams``: ``config.json`` -> llama.cpp hyperparameters; ``vocab``: the tokenizer.
 - ``writer``: architectures, tensor names and types, the streaming tensor writer.
+- ``outtypes``: the ``--outtype`` table; ``quantize``: llama.cpp's quantizer (k-quants) on our intermediate GGUF.
+
+``export_gguf`` is imported on first use, so that the CLI reads ``outtypes`` without loading torch.
 """
 
-from bora_tools.gguf.export import export_gguf
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["export_gguf"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "export_gguf":
+        from bora_tools.gguf.export import export_gguf
+
+        return export_gguf
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

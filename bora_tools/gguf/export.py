@@ -11,7 +11,9 @@ Three sources, one entry point (``export_gguf``):
 
 Everything is checked before the first byte is written; tensors then stream
 to disk one at a time (``bora_tools.gguf.writer``), so memory holds about one
-tensor whatever the model's size.
+tensor whatever the model's size. The k-quants and legacy quants (``q4_k_m``,
+...) are made by llama.cpp's own quantizer from an intermediate file
+(``bora_tools.gguf.quantize``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ from bora_tools.core.lowrank import parse_rank
 from bora_tools.core.row_merge import RowMerger, chunk_elements, merge_plan, row_chunks
 from bora_tools.errors import ConfigError, UnsupportedError, ValidationError, raise_if_problems
 from bora_tools.gguf.hparams import Hparams, add_hparams, read_hparams, rope_freq_factors
+from bora_tools.gguf.outtypes import OUTTYPES, QUANTIZER_OUTTYPES, WRITER_OUTTYPES
+from bora_tools.gguf.quantize import check_threads, require_llama_cpp, write_quantized
 from bora_tools.gguf.report import ExportReport
 from bora_tools.gguf.vocab import read_vocab
 from bora_tools.gguf.writer import (
-    OUTTYPES,
     ArchSpec,
     PlannedTensor,
+    Q,
     add_general,
     arch_spec,
     qk_heads,
@@ -56,13 +60,16 @@ from bora_tools.io.model_dir import ModelDir, TensorEntry, read_rows
 from bora_tools.io.safetensors import FLOAT_ST_DTYPES
 from bora_tools.progress import Progress, logger, no_progress
 
+#: safetensors dtype -> the GGUF type that holds its values exactly (float64 is rounded to float32,
+#: as llama.cpp computes in float32).
+_EXACT = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 #: Tensors the HF checkpoints may carry that llama.cpp recomputes itself.
 _SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None = None, merge: bool = False,
                 rank: int | str = "full", outtype: str = "f16", overwrite: bool = False, device: str = "auto",
-                progress: Progress = no_progress, name: str | None = None) -> ExportReport:
+                threads: int | None = None, progress: Progress = no_progress, name: str | None = None) -> ExportReport:
     """Export a model directory, or an adapter (with ``base``), as GGUF for llama.cpp.
 
     Example::
@@ -70,11 +77,16 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
         export_gguf("models/tiny-llama", "tiny.gguf", outtype="q8_0")          # full model
         export_gguf("my-adapter", "lora.gguf", base="models/tiny-llama")       # LoRA adapter
         export_gguf("my-adapter", "merged.gguf", base="models/tiny-llama", merge=True)
+        export_gguf("models/tiny-llama", "tiny-q4.gguf", outtype="q4_k_m")       # llama.cpp's quantizer
 
     Args:
         rank: ``"full"`` (the exact LoRA form, rank ``b*r``) or an int ``K``
             (the best rank-``K`` truncation); LoRA adapters only.
-        outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the big matrices.
+        outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the big matrices (our writer, bit-exact);
+            for full and merged models also llama.cpp's quantizations (``q4_0``, ``q4_1``, ``q5_0``,
+            ``q5_1``, ``q2_k``, ``q3_k_s/m/l``, ``q4_k_s/m``, ``q5_k_s/m``, ``q6_k``), made by its own
+            quantizer from ``llama-cpp-python`` (the ``llama`` extra).
+        threads: llama.cpp quantizer threads (default: every CPU this process may use).
         name: the model's name in the file (``general.name``; e.g. the Hub repo it came from); default:
             the source folder's name.
 
@@ -83,7 +95,8 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
 
     Raises:
         ValidationError: contradictory options (an adapter without ``base``, ...).
-        UnsupportedError: an architecture or setting llama.cpp export does not handle.
+        UnsupportedError: an architecture or setting llama.cpp export does not handle, a type that needs
+            an importance matrix, or a quantized type without ``llama-cpp-python``.
         ModelDirError, CheckpointError, ShapeError: bad inputs, named.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
         OutputWriteError: ``out`` is, holds or lies inside an input (inputs are never modified).
@@ -91,11 +104,12 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
     source, out = Path(source), Path(out)
     rank = parse_rank(rank)
     _check_options(source, base=base, merge=merge, rank=rank, outtype=outtype)
+    threads = check_threads(threads)
     refuse_output_over_inputs(out, source, *([base] if base is not None else []))
     start = time.perf_counter()
     with _quiet_gguf_py():
         report = _dispatch(source, out, base=base, merge=merge, rank=rank, outtype=outtype, overwrite=overwrite,
-                           device=device, progress=progress, name=name)
+                           device=device, threads=threads, progress=progress, name=name)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
 
@@ -114,13 +128,13 @@ def _quiet_gguf_py() -> Iterator[None]:
 
 
 def _dispatch(source: Path, out: Path, *, base: Any, merge: bool, rank: int | str, outtype: str, overwrite: bool,
-              device: str, progress: Progress, name: str | None = None) -> ExportReport:
+              device: str, threads: int, progress: Progress, name: str | None = None) -> ExportReport:
     if base is None:
-        return export_model(ModelDir.open(source), out, outtype=outtype, overwrite=overwrite, progress=progress,
-                            name=name)
+        return export_model(ModelDir.open(source), out, outtype=outtype, overwrite=overwrite, threads=threads,
+                            progress=progress, name=name)
     if merge:
         return _export_merged(source, Path(base), out, outtype=outtype, overwrite=overwrite, device=device,
-                              progress=progress, name=name)
+                              threads=threads, progress=progress, name=name)
     from bora_tools.gguf.lora import export_lora
 
     return export_lora(source, Path(base), out, rank=rank, outtype=outtype, overwrite=overwrite, device=device,
@@ -129,7 +143,11 @@ def _dispatch(source: Path, out: Path, *, base: Any, merge: bool, rank: int | st
 
 def _check_options(source: Path, *, base: Any, merge: bool, rank: Any, outtype: str) -> None:
     if outtype not in OUTTYPES:
-        raise ValidationError(f"`outtype` {outtype!r}: expected one of {', '.join(OUTTYPES)}")
+        raise ValidationError(f"`outtype` {outtype!r}: expected one of {', '.join(WRITER_OUTTYPES)} (our writer) "
+                              f"or {', '.join(QUANTIZER_OUTTYPES)} (llama.cpp's quantizer)")
+    if OUTTYPES[outtype].imatrix:
+        raise UnsupportedError(f"`outtype` {outtype} needs an importance matrix, which export-gguf does not compute",
+                               hint="export f16 and run llama.cpp's llama-imatrix and llama-quantize on it")
     is_adapter = (source / CONFIG_NAME).is_file()
     if is_adapter and base is None:
         raise ValidationError(f"{source} is an adapter: give `base` (the model directory it was trained on)")
@@ -139,24 +157,32 @@ def _check_options(source: Path, *, base: Any, merge: bool, rank: Any, outtype: 
         raise ValidationError("`merge` needs an adapter as `source` and `base`")
     if rank != "full" and (base is None or merge):
         raise ValidationError("`rank` applies only to a LoRA adapter export (an adapter with `base`, without `merge`)")
+    if OUTTYPES[outtype].quantizer and (base is None or merge):
+        require_llama_cpp(outtype)  # before anything is read at length or written
 
 
 def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite: bool = False,
                  replacements: dict[str, BoraModule | torch.Tensor] | None = None,
-                 device: torch.device | str = "cpu", progress: Progress = no_progress,
+                 device: torch.device | str = "cpu", threads: int | None = None, progress: Progress = no_progress,
                  kind: str = "model", name: str | None = None) -> ExportReport:
     """Write ``model`` (with ``replacements`` merged in, if any) as a full GGUF file.
 
     ``replacements`` maps base tensor names to a ``BoraModule`` (written as
     ``W + dW``) or a whole tensor (``modules_to_save``), as ``merge.merge_plan``
-    returns them.
+    returns them. An ``outtype`` of llama.cpp's quantizer goes through an
+    intermediate GGUF (``bora_tools.gguf.quantize``) on ``threads`` threads.
 
     Example: ``export_model(ModelDir.open("base"), Path("base.gguf"), outtype="f32")``
 
     Raises:
         OutputWriteError: ``out`` is, holds or lies inside the model directory.
-        UnsupportedError: a value overflows its GGUF type (``f16``: beyond 65504), named; nothing is left.
+        UnsupportedError: a value overflows its GGUF type (``f16``: beyond 65504), named; nothing is left;
+            a quantized ``outtype`` without ``llama-cpp-python``.
     """
+    quantized = OUTTYPES[outtype].quantizer
+    if quantized:
+        require_llama_cpp(outtype)
+    threads = check_threads(threads)
     refuse_output_over_inputs(out, model.path)
     config_path = str(model.path / "config.json")
     spec = arch_spec(model.architecture, source=config_path)
@@ -179,11 +205,30 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
     # One torch thread, as merge runs: the streamed blocks are small, and on a shared CPU the thread pool's
     # barriers made an f16 export 3-5x slower (docs/benchmarks.md, "The redesign").
     with one_cpu_thread(device), atomic_output(out, overwrite=overwrite) as tmp:
-        write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF")
-    return ExportReport(kind=kind, out=str(out), architecture=spec.name, hf_architecture=model.architecture,
-                        outtype=outtype, **tensor_report(plan), bytes=out.stat().st_size,
-                        merged_tensors=sum(1 for p in plan if p.source.endswith("(merged)")),
-                        vocab=vocab.summary(), warnings=warnings)
+        if quantized:
+            done = write_quantized(
+                lambda path: write_streaming(writer, path, plan, progress=progress, label="writing intermediate GGUF"),
+                tmp, outtype=outtype, threads=threads, tensors=len(plan), progress=progress)
+        else:
+            write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF")
+    report = ExportReport(kind=kind, out=str(out), architecture=spec.name, hf_architecture=model.architecture,
+                          outtype=outtype, **tensor_report(plan), bytes=out.stat().st_size,
+                          merged_tensors=sum(1 for p in plan if p.source.endswith("(merged)")),
+                          vocab=vocab.summary(), warnings=warnings)
+    if quantized:
+        report.intermediate = {"types": report.types, "bytes": done.intermediate_bytes}
+        report.types, report.tensors = done.types, done.tensors
+        report.bits_per_weight, report.peak_disk_bytes = done.bits_per_weight, done.peak_disk_bytes
+        report.phases, report.threads = done.phases, done.threads
+        report.fallbacks = done.fallbacks
+        if done.fallbacks:
+            names = [f["tensor"] for f in done.fallbacks]
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            warning = (f"{len(names)} tensor(s) written by llama.cpp in a fallback type instead of {outtype}'s: "
+                       f"their rows are not a multiple of the type's block ({shown})")
+            report.warnings.append(warning)
+            logger.warning(warning)
+    return report
 
 
 def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: str, *,
@@ -291,7 +336,10 @@ def _shape_problems(entry: TensorEntry, gname: str, hp: Hparams) -> list[str]:
 
 def _planned(entry: TensorEntry, gname: str, hp: Hparams, outtype: str, spec: ArchSpec,
              replacement: BoraModule | torch.Tensor | None, device: torch.device | str) -> PlannedTensor:
-    qtype, fallback = tensor_type(gname, entry.shape, outtype)
+    # For llama.cpp's quantizer, the intermediate keeps the values exactly: the stored dtype,
+    # or float32 for weights computed here (W + dW), so that only the quantizer rounds.
+    exact = Q.F32 if replacement is not None else _EXACT.get(entry.dtype, Q.F32)
+    qtype, fallback = tensor_type(gname, entry.shape, outtype, exact=exact)
     heads = qk_heads(gname, hp) if spec.permute_qk else None
     head_rows = entry.shape[0] // heads if heads else 1
 
@@ -346,8 +394,8 @@ def _warnings(model: ModelDir, hp: Hparams, plan: list[PlannedTensor], outtype: 
 
 
 def _export_merged(
-    adapter_dir: Path, base_dir: Path, out: Path, *, outtype: str, overwrite: bool, device: str, progress: Progress,
-    name: str | None = None,
+    adapter_dir: Path, base_dir: Path, out: Path, *, outtype: str, overwrite: bool, device: str, threads: int,
+    progress: Progress, name: str | None = None,
 ) -> ExportReport:
     refuse_output_over_inputs(out, adapter_dir, base_dir)
     adapter = load_adapter(adapter_dir)
@@ -362,6 +410,7 @@ def _export_merged(
         overwrite=overwrite,
         replacements=replacements,
         device=resolve_device(device),
+        threads=threads,
         progress=progress,
         kind="merged",
         name=name,

@@ -38,8 +38,9 @@ from bora_tools.core.lowrank import (
     update_rank,
     zero_factors,
 )
-from bora_tools.errors import UnsupportedError, raise_if_problems
+from bora_tools.errors import UnsupportedError, ValidationError, raise_if_problems
 from bora_tools.gguf.hparams import read_hparams
+from bora_tools.gguf.outtypes import WRITER_OUTTYPES
 from bora_tools.gguf.report import ExportReport
 from bora_tools.gguf.writer import (
     PlannedTensor,
@@ -72,12 +73,14 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
         # llama.cpp: Llama("base.gguf", lora_path="lora.gguf") gives the merged model's logits
 
     Raises:
+        ValidationError: an ``outtype`` other than f32, f16, bf16 and q8_0 (LoRA factors are not quantized).
         UnsupportedError: ``modules_to_save`` or ``fan_in_fan_out`` (no LoRA form
             in llama.cpp), a module llama.cpp has no tensor for, or an unsupported base.
         ShapeError: the adapter does not fit the base model.
         OutputWriteError: ``out`` is, holds or lies inside the adapter or the base.
     """
     adapter_dir, out = Path(adapter_dir), Path(out)
+    _check_outtype(outtype)
     refuse_output_over_inputs(out, adapter_dir, base_dir)
     check_target(out, overwrite=overwrite)
     adapter = load_adapter(adapter_dir)
@@ -108,6 +111,20 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
     return ExportReport(kind="lora", out=str(out), architecture=spec.name, hf_architecture=base.architecture,
                         outtype=outtype, **tensor_report(plan), bytes=out.stat().st_size, alpha=alpha, rank=rank,
                         modules=rows, adapter=str(adapter_dir), notes=notes, warnings=[])
+
+
+def _check_outtype(outtype: str) -> None:
+    """A LoRA GGUF holds f32, f16, bf16 or q8_0 factors: what llama.cpp's tools write and apply.
+
+    Raises:
+        ValidationError: any other ``outtype`` (k-quants, legacy quants), saying why.
+    """
+    if outtype not in WRITER_OUTTYPES:
+        raise ValidationError(
+            f"`outtype` {outtype}: a GGUF LoRA adapter is written as {', '.join(WRITER_OUTTYPES)}; llama.cpp "
+            "adds the adapter's low-rank product to the base weights at run time, and its quantizer makes "
+            "k-quants and legacy quants only for full models",
+            hint="quantize the base GGUF instead, or export the merged model with `merge`")
 
 
 def _plan(modules, prepared: dict, names: dict[str, str], *, alpha: float, outtype: str,

@@ -8,7 +8,8 @@ from typing import Any
 from bora_tools.report import Report, human_bytes, human_seconds
 
 #: Fields that only some kinds of export have; absent from ``to_dict()`` when unset.
-_OPTIONAL = ("merged_tensors", "vocab", "alpha", "rank", "modules", "adapter", "notes")
+_OPTIONAL = ("merged_tensors", "vocab", "alpha", "rank", "modules", "adapter", "notes", "bits_per_weight",
+             "intermediate", "peak_disk_bytes", "phases", "threads")
 
 
 @dataclass
@@ -31,6 +32,12 @@ class ExportReport(Report):
     modules: list[dict[str, Any]] | None = None  # LoRA: one row per module
     adapter: str | None = None  # merged and LoRA exports: the adapter directory
     notes: list[str] | None = None  # LoRA: per-module notes (zero updates)
+    # Types made by llama.cpp's quantizer (q4_k_m, ...): ``types`` and ``tensors`` are read back from the final file.
+    bits_per_weight: float | None = None  # tensor data bits per element, over the whole file
+    intermediate: dict[str, Any] | None = None  # the intermediate GGUF: its tensor types and bytes
+    peak_disk_bytes: int | None = None  # intermediate + output, on disk together while quantizing
+    phases: dict[str, float] | None = None  # seconds: write_intermediate, quantize
+    threads: int | None = None  # quantizer threads
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -49,6 +56,12 @@ def _lines(report: dict[str, Any]) -> str:
     """Details first, per-module rows next, the ``wrote ...`` summary last (it stays on screen)."""
     types = ", ".join(f"{n} {t}" for t, n in sorted(report.get("types", {}).items()))
     lines = [f"tensors: {report['tensors']} ({types})"]
+    if "bits_per_weight" in report:
+        inter = report["intermediate"]
+        phases = ", ".join(f"{k.replace('_', ' ')} {human_seconds(v)}" for k, v in report["phases"].items())
+        lines.append(f"quantized by llama.cpp: {report['bits_per_weight']:.2f} bits per weight, from an intermediate "
+                     f"of {human_bytes(inter['bytes'])} ({', '.join(sorted(inter['types']))}); peak disk "
+                     f"{human_bytes(report['peak_disk_bytes'])}; {phases} on {report['threads']} thread(s)")
     if "vocab" in report:
         v = report["vocab"]
         lines.append(f"tokenizer: {v['model']} / pre-tokenizer {v['pre']}, {v['tokens']} tokens"
@@ -68,8 +81,9 @@ def _lines(report: dict[str, Any]) -> str:
                      f"{report['alpha']:g} (each module's scaling folded into lora_b); {error}")
     lines.extend(f"note: {note}" for note in report.get("notes", []))
     if report.get("fallbacks"):
-        lines.append(f"{len(report['fallbacks'])} tensor(s) kept as F16: their rows are not a multiple of 32, "
-                     "which q8_0 blocks need")
+        kept = sorted({f["type"] for f in report["fallbacks"]})
+        lines.append(f"{len(report['fallbacks'])} tensor(s) kept as {'/'.join(kept)}: "
+                     f"{report['fallbacks'][0]['reason']} (see fallbacks)")
     lines.append(f"wrote {report['out']} ({human_bytes(report['bytes'])}, {_KINDS.get(report['kind'], report['kind'])}"
                  f" for llama.cpp, architecture {report['architecture']}) in {human_seconds(report.get('seconds', 0))}")
     return "\n".join(lines)

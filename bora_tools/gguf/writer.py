@@ -27,6 +27,7 @@ import torch
 from bora_tools.core.dtypes import cast_finite
 from bora_tools.errors import UnsupportedError
 from bora_tools.gguf.hparams import Hparams
+from bora_tools.gguf.outtypes import OUTTYPES
 from bora_tools.progress import Progress, no_progress
 
 Q = gguf.GGMLQuantizationType
@@ -66,13 +67,6 @@ def arch_spec(architecture: str | None, *, source: str) -> ArchSpec:
     return spec
 
 
-#: --outtype -> (general.file_type, tensor type of the big matrices)
-OUTTYPES: dict[str, tuple[gguf.LlamaFileType, Q]] = {
-    "f32": (gguf.LlamaFileType.ALL_F32, Q.F32),
-    "f16": (gguf.LlamaFileType.MOSTLY_F16, Q.F16),
-    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, Q.BF16),
-    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
-}
 #: The torch dtype of the plain GGUF float types.
 _TORCH_FOR = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 _WIDER = "use `outtype` f32 or bf16"
@@ -80,19 +74,24 @@ _WIDER = "use `outtype` f32 or bf16"
 _Q8_SLICE_ELEMENTS = 1 << 17
 
 
-def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> tuple[Q, str | None]:
+def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str, *, exact: Q = Q.F32) -> tuple[Q, str | None]:
     """The GGUF type of one tensor, and why it differs from ``outtype`` if it must.
 
     As llama.cpp expects: 1-D tensors and norms stay F32; Q8_0 needs rows
     (the last dimension) that are a multiple of its 32-element block, and falls
-    back to F16 otherwise.
+    back to F16 otherwise. For an outtype llama.cpp's quantizer makes, this is
+    the type of the intermediate file: ``exact``, a type that holds the values
+    without rounding (the stored dtype, or F32 for merged weights), so that
+    only the quantizer rounds.
 
     Example: ``tensor_type("blk.0.ffn_down.weight", (64, 80), "q8_0")``
     -> ``(F16, "row of 80 is not a multiple of 32")``
     """
-    want = OUTTYPES[outtype][1]
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
         return Q.F32, None
+    if OUTTYPES[outtype].tensor is None:
+        return exact, None
+    want = Q[OUTTYPES[outtype].tensor]
     if want == Q.Q8_0:
         block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
         if shape[-1] % block:
@@ -268,5 +267,5 @@ def add_general(writer: gguf.GGUFWriter, *, kind: str, name: str, outtype: str) 
     """``general.*`` keys common to models and adapters."""
     writer.add_type(kind)
     writer.add_name(name)
-    writer.add_file_type(OUTTYPES[outtype][0])
+    writer.add_file_type(gguf.LlamaFileType[OUTTYPES[outtype].file_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

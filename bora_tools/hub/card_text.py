@@ -143,15 +143,19 @@ def _gguf_rows(files: list[dict[str, Any]]) -> str:
 def _gguf_model(d: dict[str, Any], ctx: dict[str, Any]) -> list[str]:
     files = d.get("files", [])
     first = next((f["file"] for f in files if f["type"] != "adapter"), "MODEL.gguf")
+    quantized = [f for f in files if f["type"] != "adapter" and f.get("file_type") not in (None, "F32", "F16", "BF16")]
+    quantization = (["Quantization: " + ", ".join(f"**{f['file_type']}** (`{f['file']}`)" for f in quantized)
+                     + ", as llama.cpp's quantizer makes it."] if quantized else [])
     return [
         f"**GGUF** files for [llama.cpp](https://github.com/ggml-org/llama.cpp), from {_base_link(ctx)}.",
-        "## Files", _gguf_rows(files),
+        "## Files", _gguf_rows(files), *quantization,
         "## How to use it",
         f"```bash\nhf download {ctx['repo']} {first} --local-dir .\nllama-cli -m {first} -p \"Hello\"\n```",
         "## How it was made",
         "`bora-tools export-gguf MODEL_DIR --out FILE.gguf --outtype f32|f16|bf16|q8_0` converts a model "
         f"directory (for example one made by `bora-tools merge`); `bora-tools export-gguf ADAPTER --base BASE "
-        f"--merge --out FILE.gguf` merges a BoRA adapter ({PAPER}) and converts in one pass.",
+        f"--merge --out FILE.gguf` merges a BoRA adapter ({PAPER}) and converts in one pass; `--outtype q4_k_m` "
+        "(or q5_k_m, q6_k, ...) quantizes the result with llama.cpp's own quantizer.",
     ]
 
 

@@ -174,6 +174,27 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
         raise
 
 
+def scratch_sibling(tmp: str | os.PathLike, tag: str) -> Path:
+    """Another hidden file beside the temporary ``tmp`` of ``atomic_output``, for a step's own scratch output.
+
+    It carries the same marker and process id as ``tmp``, so a later run on the
+    same target removes it as a leftover when this process is gone (killed).
+    The caller removes it when done (``remove_scratch``); ``atomic_output`` does not.
+
+    Example: ``scratch_sibling(Path(".m.gguf.bora-tmp-42-ab12cd34"), "f32")``
+    -> ``Path(".m.gguf.bora-tmp-42-ab12cd34-f32")``
+    """
+    tmp = Path(tmp)
+    if _TMP_MARK not in tmp.name:
+        raise ValueError(f"{tmp} is not a temporary made by atomic_output")
+    return tmp.with_name(f"{tmp.name}-{tag}")
+
+
+def remove_scratch(path: str | os.PathLike) -> None:
+    """Remove a scratch file or directory if it exists."""
+    _remove(Path(path))
+
+
 def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
     if not (target.exists() or target.is_symlink()):
         with _signals_deferred():
