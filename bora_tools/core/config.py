@@ -30,14 +30,14 @@ _PEFT_BOOKKEEPING = {"inference_mode", "revision", "auto_mapping", "peft_version
 
 #: User patterns (``target_modules`` as one regex, ``rank_pattern`` / ``alpha_pattern`` keys) are matched with
 #: PEFT's semantics on the ``regex`` engine, which can stop a match: one match may take at most
-#: ``REGEX_MATCH_SECONDS`` and all matches of a process together ``REGEX_TOTAL_SECONDS``, so a pattern
+#: ``REGEX_MATCH_SECONDS`` and all matches of one pattern together ``REGEX_TOTAL_SECONDS``, so a pattern
 #: with catastrophic backtracking (``([a-z_.0-9]+)+Z``) is refused in well under a second instead of
 #: running for hours. A module name is a few dozen characters: an honest pattern matches in microseconds.
 REGEX_MATCH_SECONDS = 0.05
 REGEX_TOTAL_SECONDS = 2.0
 #: Longest user pattern accepted (characters).
 MAX_PATTERN_CHARS = 1000
-_regex_spent = [0.0]
+_regex_spent: dict[str, float] = {}  # per pattern: a budget that grows with the input, never with the process
 
 
 def _peft_key_regex(key: str) -> str:
@@ -56,10 +56,10 @@ def _guarded_match(pattern: str, name: str, *, what: str, full: bool = False, sh
         raise ConfigError(f"{CONFIG_NAME}: {what} {shown or pattern!r} is not a valid regular expression ({e})"
                           ) from None
     finally:
-        _regex_spent[0] += time.perf_counter() - started
-    if _regex_spent[0] > REGEX_TOTAL_SECONDS:
-        raise ConfigError(f"{CONFIG_NAME}: matching the patterns of {what} against the module names took over "
-                          f"{REGEX_TOTAL_SECONDS:g} s", hint="simplify the regular expressions")
+        _regex_spent[pattern] = _regex_spent.get(pattern, 0.0) + time.perf_counter() - started
+    if _regex_spent[pattern] > REGEX_TOTAL_SECONDS:
+        raise ConfigError(f"{CONFIG_NAME}: matching {what} {shown or pattern!r} against the module names took over "
+                          f"{REGEX_TOTAL_SECONDS:g} s", hint="simplify the regular expression")
     return found is not None
 
 
@@ -70,6 +70,7 @@ def _compiled(pattern: str) -> Any:
     if pattern not in _COMPILED:
         if len(_COMPILED) > 4096:
             _COMPILED.clear()
+            _regex_spent.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # regex's notes on syntax it may change one day
             _COMPILED[pattern] = regex.compile(pattern, flags=regex.VERSION0)
@@ -87,7 +88,7 @@ def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
     """
     for key in patterns:
         if key == name or name.endswith("." + key) or _guarded_match(_peft_key_regex(key), name, what="pattern key",
-                                                                      shown=repr(key)):
+                                                                      shown=key):
             return key
     return None
 

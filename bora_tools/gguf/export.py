@@ -22,7 +22,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from bora_tools.gguf.hparams import Hparams, add_hparams, read_hparams, rope_fre
 from bora_tools.gguf.outtypes import OUTTYPES, QUANTIZER_OUTTYPES, WRITER_OUTTYPES
 from bora_tools.gguf.quantize import check_threads, require_llama_cpp, write_quantized
 from bora_tools.gguf.report import ExportReport
+from bora_tools.gguf.shapes import check_layer_count, embedding_rows, layout_problems, shape_problems
 from bora_tools.gguf.vocab import read_vocab
 from bora_tools.gguf.writer import (
     ArchSpec,
@@ -188,7 +188,7 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
     spec = arch_spec(model.architecture, source=config_path)
     hp = read_hparams(model.config, source=config_path)
     # The embedding's rows bound vocab_size before the vocabulary is padded to it.
-    vocab = read_vocab(model.path, vocab_size=hp.vocab_size, rows=_embedding_rows(model, spec, hp))
+    vocab = read_vocab(model.path, vocab_size=hp.vocab_size, rows=embedding_rows(model, spec, hp))
     plan = plan_model_tensors(model, spec, hp, outtype, replacements=replacements or {}, device=device)
     check_target(out, overwrite=overwrite)
     warnings = _warnings(model, hp, plan, outtype) + vocab.notes
@@ -243,7 +243,7 @@ def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: st
         UnsupportedError: tensors llama.cpp has no name for, or non-float tensors.
         ConfigError: shapes that disagree with ``config.json``.
     """
-    _check_layer_count(model, hp)
+    check_layer_count(model, hp)
     tmap = gguf.get_tensor_name_map(spec.arch, hp.n_layer)
     unsupported: list[str] = []
     problems: list[str] = []
@@ -268,70 +268,12 @@ def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: st
             if entry.dtype not in FLOAT_ST_DTYPES:
                 unsupported.append(f"{entry.name}: dtype {entry.dtype} is not a float type")
                 continue
-            problems.extend(_shape_problems(entry, gname, hp))
+            problems.extend(shape_problems(entry, gname, hp))
             plan.append(_planned(entry, gname, hp, outtype, spec, replacements.get(entry.name), device))
     raise_if_problems(str(model.path), unsupported, cls=UnsupportedError)
-    names = {p.name for p in plan}
-    if "token_embd.weight" not in names:
-        problems.append("no token embedding (model.embed_tokens.weight): llama.cpp needs token_embd.weight")
-    empty = [i for i in range(hp.n_layer) if not any(n.startswith(f"blk.{i}.") for n in names)]
-    if empty:
-        problems.append(f"num_hidden_layers is {hp.n_layer} but no tensor is stored for layer(s) "
-                        f"{', '.join(map(str, empty[:8]))}{' ...' if len(empty) > 8 else ''}")
+    problems.extend(layout_problems({p.name for p in plan}, hp))
     raise_if_problems(str(model.path), problems, cls=ConfigError)
     return plan
-
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def _embedding_rows(model: ModelDir, spec: ArchSpec, hp: Hparams) -> int | None:
-    """Rows of the stored token embedding (what bounds the vocabulary), or None when absent."""
-    _check_layer_count(model, hp)
-    tmap = gguf.get_tensor_name_map(spec.arch, hp.n_layer)
-    for entry in model.entries.values():
-        if entry.shape and tmap.get_name(entry.name, try_suffixes=(".weight",)) == "token_embd.weight":
-            return entry.shape[0]
-    return None
-
-
-def _check_layer_count(model: ModelDir, hp: Hparams) -> None:
-    """num_hidden_layers cannot exceed the layers the weights hold (and llama.cpp's name map is built per layer)."""
-    stored = {int(m.group(1)) for name in model.entries if (m := _LAYER.search(name))}
-    if hp.n_layer > len(stored):
-        raise ConfigError(f"{model.path / 'config.json'}: num_hidden_layers is {hp.n_layer} but the weights hold "
-                          f"{len(stored)} layer(s)")
-
-
-def expected_shape(gname: str, hp: Hparams) -> tuple[int, ...] | None:
-    """The shape (torch order) llama.cpp expects for GGUF tensor ``gname`` from config.json, or None if unknown.
-
-    Example: ``expected_shape("blk.0.ffn_down.weight", hp)`` -> ``(hp.n_embd, hp.n_ff)``
-    """
-    parts = gname.split(".")
-    kind, what = (parts[2], parts[3]) if gname.startswith("blk.") and len(parts) == 4 else (parts[0], parts[-1])
-    q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-    weights = {
-        "token_embd": (hp.vocab_size, hp.n_embd), "output": (hp.vocab_size, hp.n_embd),
-        "output_norm": (hp.n_embd,), "attn_norm": (hp.n_embd,), "ffn_norm": (hp.n_embd,),
-        "attn_q": (q, hp.n_embd), "attn_k": (kv, hp.n_embd), "attn_v": (kv, hp.n_embd),
-        "attn_output": (hp.n_embd, q),
-        "ffn_gate": (hp.n_ff, hp.n_embd), "ffn_up": (hp.n_ff, hp.n_embd), "ffn_down": (hp.n_embd, hp.n_ff),
-    }
-    if what == "weight":
-        return weights.get(kind)
-    if what == "bias" and kind in ("attn_q", "attn_k", "attn_v"):
-        return weights[kind][:1]
-    return None
-
-
-def _shape_problems(entry: TensorEntry, gname: str, hp: Hparams) -> list[str]:
-    want = expected_shape(gname, hp)
-    if want is None or tuple(entry.shape) == want:
-        return []
-    return [f"{entry.name}: shape {tuple(entry.shape)}, but config.json implies {want} for llama.cpp's {gname} "
-            f"(vocab_size {hp.vocab_size}, hidden_size {hp.n_embd}, intermediate_size {hp.n_ff}, "
-            f"heads {hp.n_head}/{hp.n_head_kv} x head_dim {hp.head_dim})"]
 
 
 def _planned(entry: TensorEntry, gname: str, hp: Hparams, outtype: str, spec: ArchSpec,

@@ -42,6 +42,7 @@ from bora_tools.errors import UnsupportedError, ValidationError, raise_if_proble
 from bora_tools.gguf.hparams import read_hparams
 from bora_tools.gguf.outtypes import WRITER_OUTTYPES
 from bora_tools.gguf.report import ExportReport
+from bora_tools.gguf.shapes import check_base_tensors
 from bora_tools.gguf.writer import (
     PlannedTensor,
     add_general,
@@ -88,10 +89,7 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
     config_path = str(base.path / "config.json")
     spec = arch_spec(base.architecture, source=config_path)
     hp = read_hparams(base.config, source=config_path)
-    # The base GGUF this adapter applies to must itself be valid: the same shape checks as a full export.
-    from bora_tools.gguf.export import plan_model_tensors
-
-    plan_model_tensors(base, spec, hp, outtype, replacements={})
+    check_base_tensors(base, spec, hp)  # the base GGUF this LoRA applies to must load in llama.cpp too
     names = _check(adapter, base, spec, n_layer=hp.n_layer)
     dev = resolve_device(device) if isinstance(device, str) else device
     with one_cpu_thread(dev):
