@@ -122,9 +122,8 @@ def _table(report: dict[str, Any]) -> str:
     if t["capped_modules"]:
         notes.append(f"{t['capped_modules']} kept a different rank than asked: see their note")
     if t["max_rel_error"] > 0:
-        error = (f"relative error ||dW - LoRA|| / ||dW||: worst {t['max_rel_error']:.3e} "
-                 f"({t['max_rel_error_module']}), mean {t['mean_rel_error']:.3e}; share of ||dW||^2 kept >= "
-                 f"{t['min_energy']:.6f}")
+        error = (f"relative Frobenius error: worst {t['max_rel_error']:.3e} ({t['max_rel_error_module']}), "
+                 f"mean {t['mean_rel_error']:.3e}; share of ||dW||^2 kept >= {t['min_energy']:.6f}")
     else:
         error = "exact: every LoRA update equals its BoRA update (relative error 0)"
     lines += [
