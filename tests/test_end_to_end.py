@@ -223,5 +223,5 @@ class TestEndToEnd:
         out = bora_tools(flow, "demo", "--quiet", "--steps", "5", "--workdir", "demo").stdout
         labels = [line.split("]")[0] + "]" for line in out.splitlines() if line.startswith("[")]
         assert labels == ["[train]", "[inspect]", "[merge]", "[to-lora]", "[gguf]", "[push]"], out
-        assert "bora-tools push merged " in out and "bora-tools push lora-full " in out
+        assert "bora-tools push demo/merged " in out and "bora-tools push demo/lora-full " in out
         assert out.splitlines()[-1].startswith("demo done in ")

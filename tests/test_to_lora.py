@@ -200,7 +200,7 @@ def test_truncation_is_the_optimum_of_a_dense_svd_in_peft(case, tmp_path, rank, 
 def test_rank_above_the_update_rank_is_capped_and_lossless(llama, tmp_path, caplog):
     report = to_lora(llama["path"], tmp_path / "lora", rank=40).to_dict()  # b*r = 16 < 40
     assert all(m["rank"] == 16 and "capped at the update's rank 16" in m["note"] for m in report["modules"])
-    assert "kept fewer triplets than asked" in caplog.text
+    assert "kept another rank than asked" in caplog.text
     assert (_logits(_peft("llama", tmp_path / "lora")) - llama["bora_logits"]).abs().max() <= ATOL_LOGITS
 
 
@@ -405,7 +405,6 @@ def test_plot_without_matplotlib_is_one_clear_error_before_any_work(llama, tmp_p
         ["--energy", "1.01"],
         ["--energy", "-0.5"],
         ["--energy", "x"],
-        [],
         ["--rank", "full", "--energy", "0.5"],
     ],
 )
@@ -453,10 +452,6 @@ def test_refusals_are_one_line_and_leave_nothing(llama, tmp_path):
         (
             [str(llama["path"]), "--out", str(out), "--rank", "2", "--report", str(out / "r.json")],
             "inside the LoRA adapter",
-        ),
-        (
-            [str(llama["path"]), "--out", str(out), "--rank", "2", "--report", str(tmp_path / "missing" / "r.json")],
-            "does not exist",
         ),
     ]
     if not torch.cuda.is_available():
