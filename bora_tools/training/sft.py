@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -197,8 +198,10 @@ def train(
     else:
         pad = tokenizer.pad_token_id
     total_steps_hint = max_steps or max(1, math.ceil(len(examples) / batch_size / grad_accum * epochs))
+    # Without checkpoints the trainer still wants a directory of its own: a temporary one, removed afterwards.
+    scratch = None if save_steps else tempfile.TemporaryDirectory(prefix="bora-train-")
     args = TrainingArguments(
-        output_dir=str(ckpt_dir),
+        output_dir=str(ckpt_dir) if scratch is None else scratch.name,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
         num_train_epochs=epochs,
@@ -234,11 +237,15 @@ def train(
     main = trainer.accelerator.is_main_process
     if save_steps and resume_path is None and overwrite and main and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # only the main process writes checkpoints, so only it clears them
-    trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
-    reporter.close()
-    if main:
-        save_bora(model, out, overwrite=overwrite)
-    trainer.accelerator.wait_for_everyone()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
+        reporter.close()
+        if main:
+            save_bora(model, out, overwrite=overwrite)
+        trainer.accelerator.wait_for_everyone()
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     state = trainer.state
     return TrainReport(
         out=out,
