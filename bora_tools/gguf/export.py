@@ -169,7 +169,7 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
         writer.add_base_model_count(1)
         writer.add_base_model_name(0, model.path.resolve().name)
         writer.add_tags(["bora", "merged"])
-    add_hparams(writer, hp, spec)
+    add_hparams(writer, hp)
     vocab.add_to(writer)
     with atomic_output(out, overwrite=overwrite) as tmp:
         write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF")

@@ -15,7 +15,6 @@ import gguf
 import torch
 
 from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
-from bora_tools.gguf.writer import ArchSpec
 
 DEFAULT_ROPE_THETA = 10000.0
 #: rope_type values handled; anything else is refused rather than silently mis-rotated.
@@ -109,10 +108,10 @@ def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], 
     return dict(params), theta
 
 
-def add_hparams(writer: gguf.GGUFWriter, hp: Hparams, spec: ArchSpec) -> None:
+def add_hparams(writer: gguf.GGUFWriter, hp: Hparams) -> None:
     """Write the ``{arch}.*`` keys llama.cpp reads for this architecture.
 
-    Example: ``add_hparams(gguf.GGUFWriter(None, "llama"), read_hparams(config, source="config.json"), spec)``
+    Example: ``add_hparams(gguf.GGUFWriter(None, "llama"), read_hparams(config, source="config.json"))``
     """
     writer.add_vocab_size(hp.vocab_size)
     writer.add_context_length(hp.n_ctx)

@@ -26,6 +26,7 @@ import torch
 
 from bora_tools.core.dtypes import cast_finite
 from bora_tools.errors import UnsupportedError
+from bora_tools.gguf.hparams import Hparams
 from bora_tools.progress import Progress, no_progress
 
 Q = gguf.GGMLQuantizationType
@@ -168,7 +169,7 @@ def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
-def qk_heads(gguf_name: str, hparams: Any) -> int | None:
+def qk_heads(gguf_name: str, hparams: Hparams) -> int | None:
     """Heads whose rows ``qk_row_order`` permutes for this tensor, or None (no permutation).
 
     Example: ``qk_heads("blk.3.attn_k.weight", hp)`` -> ``hp.n_head_kv``
