@@ -68,12 +68,23 @@ class BoraLinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return y
-        x_in = self.dropout(x).to(self.lora_A.dtype)
+        x_in = self.dropout(x)
+        if not _autocast_on(x.device.type):
+            # Without autocast the path runs in the factors' float32; under autocast the matmuls take the
+            # autocast dtype anyway, and an upcast copy of x would only be kept for backward.
+            x_in = x_in.to(self.lora_A.dtype)
         delta = bora_forward_update(x_in, self.lora_A, self.lora_B, self.bora_sigma, self.scaling)
         return y + delta.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, blocks={self.blocks}, scaling={self.scaling:g}"
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: one flag per device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class SavedModule(nn.Module):
