@@ -164,6 +164,9 @@ def train(
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.name}-checkpoints"
     if save_steps is not None or resume is not None:
         refuse_output_over_inputs(ckpt_dir, base, data)
+        if ckpt_dir.resolve().is_relative_to(out.resolve()) or out.resolve().is_relative_to(ckpt_dir.resolve()):
+            raise ValidationError(f"`checkpoint_dir` {ckpt_dir} and `out` {out} overlap; OUT appears only when "
+                                  f"training is done", hint="give the checkpoints a directory of their own")
     records = sft_data.read_records(data)
     config_hf = _read_config(base)
     targets, n_modules = _check_targets(config_hf, target_modules, blocks, base)
