@@ -35,7 +35,7 @@ from bora_tools.errors import (
     raise_if_problems,
 )
 from bora_tools.io.atomic import check_target, refuse_output_over_inputs
-from bora_tools.progress import Progress, no_progress
+from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, human_seconds
 from bora_tools.training import data as sft_data
 from bora_tools.training.layers import is_conv1d
@@ -179,13 +179,11 @@ def train(
     if not examples:
         raise ValidationError(f"`data` {data}: no record keeps a token to learn within `max_length` {max_length}")
     if stats.dropped:
-        from bora_tools.progress import logger
-
         logger.warning(f"`data` {data}: {len(stats.dropped)} record(s) left without a completion token within "
                        f"`max_length` {max_length} are skipped (first: line {stats.dropped[0]})")
 
     # Everything is checked: the work starts here.
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype if torch_dtype is not None else "auto")
@@ -232,7 +230,7 @@ def train(
         save_only_model=False,
     )
     losses: list[tuple[int, float]] = []
-    reporter = _Reporter(losses, log, progress, TrainerCallback)
+    reporter = _reporter(losses, log, progress)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=sft_data.Collator(pad),
                       callbacks=[reporter])
     trainer.remove_callback(PrinterCallback)
@@ -283,40 +281,40 @@ def _checkpointing_argument(arguments_cls) -> str:
     return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
-class _Reporter:
-    """A TrainerCallback (built lazily: transformers is imported only when training) for losses and progress."""
+def _reporter(losses: list, log: Callable[[str], None] | None, progress: Progress):
+    """A ``TrainerCallback`` (defined here: transformers is imported only when training) for losses and progress."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, losses, log, progress, base_cls):
-        class Reporter(base_cls):
-            def __init__(self):
-                self.bar = None
-                self.t0 = time.perf_counter()
+    class Reporter(TrainerCallback):
+        def __init__(self):
+            self.bar = None
+            self.t0 = time.perf_counter()
 
-            def on_train_begin(self, args, state, control, **kwargs):
-                if state.is_world_process_zero:
-                    self.bar = iter(progress(range(state.max_steps), total=state.max_steps, label="training"))
-                    for _ in range(state.global_step):  # resumed: the steps already done
-                        next(self.bar, None)
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if self.bar is not None:
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = iter(progress(range(state.max_steps), total=state.max_steps, label="training"))
+                for _ in range(state.global_step):  # resumed: the steps already done
                     next(self.bar, None)
 
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if not state.is_world_process_zero or not logs or "loss" not in logs:
-                    return
-                losses.append((state.global_step, float(logs["loss"])))
-                if log is not None:
-                    log(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
-                        f"lr {logs.get('learning_rate', 0.0):.2e}  {human_seconds(time.perf_counter() - self.t0)}")
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                next(self.bar, None)
 
-            def close(self):
-                if self.bar is not None:
-                    for _ in self.bar:
-                        pass
-                    self.bar = None
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            losses.append((state.global_step, float(logs["loss"])))
+            if log is not None:
+                log(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                    f"lr {logs.get('learning_rate', 0.0):.2e}  {human_seconds(time.perf_counter() - self.t0)}")
 
-        return Reporter()
+        def close(self):
+            if self.bar is not None:
+                for _ in self.bar:
+                    pass
+                self.bar = None
+
+    return Reporter()
 
 
 def _check_parameters(p: dict[str, Any]) -> None:
