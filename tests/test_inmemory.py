@@ -45,7 +45,8 @@ def logits(model, ids=IDS):
         return model(ids).logits.float()
 
 
-@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32)])
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("llama", torch.float16),
+                                        ("gpt2", torch.float32)])
 def test_merge_bora_gives_the_weights_and_logits_of_the_cli_merge(tmp_path, arch, dtype):
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +103,7 @@ def test_merge_keeps_the_trained_copy_of_modules_to_save():
     torch.testing.assert_close(logits(merged), bora, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_disable_bora_runs_the_base_and_restores_the_adapter(dtype):
     model = adapted(dtype=dtype, modules_to_save=["lm_head"])
     with torch.no_grad():
