@@ -10,9 +10,14 @@ time is taken by a TrainerCallback from ``on_step_begin`` to ``on_step_end`` (wa
 the first ``--warmup`` steps of each run are dropped). Reports medians, and ratios of the CPU-time
 medians (the steadier figure on a shared machine) to LoRA r=8 and r=32.
 
-Usage (about 15 minutes on a shared 2-core CPU):
+Usage (about 25 minutes on a shared 2-core CPU):
 
     python scripts/bench_train.py --rounds 2 --steps 3 --threads 1
+
+``--layer`` measures one layer instead (2048x2048, 2048 tokens, forward + backward, BoRA b=4 r=16
+against PEFT LoRA r=16 and r=64, all in one process, interleaved; about 2 minutes):
+
+    python scripts/bench_train.py --layer --repeats 15 --threads 1
 
 Prints a markdown table (and writes ``results.json`` into ``--workdir`` when given). Never
 imported by the package or the tests.
@@ -83,6 +88,48 @@ def child(adapter: str, dtype_name: str, args) -> dict:
     }
 
 
+def layer_bench(args) -> str:
+    """One 2048x2048 layer, 2048 tokens, forward + backward; the three adapters interleaved in one process."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from bora_tools.training import BoraLinear
+
+    torch.set_num_threads(args.threads)
+    rows = ["| dtype | adapter | update rank | forward + backward (CPU, median) | vs LoRA r=16 | vs LoRA r=64 |",
+            "|---|---|---|---|---|---|"]
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        base = nn.Linear(2048, 2048, bias=False).to(dtype).requires_grad_(False)
+        bora = BoraLinear(copy.deepcopy(base), r=16, blocks=4, scaling=2.0)
+        with torch.no_grad():
+            bora.lora_B.normal_(0, 0.01)
+        layers = {"bora-b4-r16": bora}
+        for r in (16, 64):
+            peft = get_peft_model(nn.Sequential(copy.deepcopy(base)), LoraConfig(r=r, lora_alpha=2 * r,
+                                                                              target_modules=["0"]))
+            layers[f"lora-r{r}"] = peft
+        x = torch.randn(2048, 2048, dtype=dtype, requires_grad=True)
+        cpu: dict[str, list[float]] = {name: [] for name in layers}
+        for rep in range(args.repeats + 1):
+            for name, layer in layers.items():
+                t = time.process_time()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    y = layer(x)
+                y.float().sum().backward()
+                if rep:  # the first pass warms up
+                    cpu[name].append(time.process_time() - t)
+        med = {name: statistics.median(v) for name, v in cpu.items()}
+        for name, value in med.items():
+            rank = 16 if name == "lora-r16" else 64
+            rows.append(f"| {str(dtype).replace('torch.', '')} | {name} | {rank} | {value * 1000:.0f} ms | "
+                        f"{value / med['lora-r16']:.3f}x | {value / med['lora-r64']:.3f}x |")
+    return "\n".join(rows)
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -99,11 +146,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--layer", action="store_true", help="one layer instead of the model")
+    parser.add_argument("--repeats", type=int, default=15, help="with --layer: timed passes per adapter")
     parser.add_argument("--child", nargs=2, metavar=("ADAPTER", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir-child", default="/tmp/bench-train-trainer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args)))
+        return
+    if args.layer:
+        start = time.time()
+        print(layer_bench(args))
+        print(f"\n{time.time() - start:.0f} s; {os.cpu_count()} CPUs, torch threads {args.threads}")
         return
 
     runs = [(a, d) for d in args.dtypes.split(",") for a in ADAPTERS]
