@@ -120,6 +120,17 @@ def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path,
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_overwrite_clears_the_earlier_checkpoints_and_nothing_else(tmp_path, inputs):
+    ckpts = tmp_path / "adapter-checkpoints"
+    (ckpts / "checkpoint-7").mkdir(parents=True)
+    (ckpts / "notes.txt").write_text("keep me")
+    (tmp_path / "adapter").mkdir()
+    result = run(*train_args(inputs, tmp_path / "adapter", "--max-steps", 2, "--save-steps", 2, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "notes.txt"]
+    assert load_adapter(tmp_path / "adapter").config.r == 4  # the old OUT was replaced whole
+
+
 def _bad_line(tmp_path, text):
     path = tmp_path / "bad.jsonl"
     path.write_text(text)
@@ -139,6 +150,8 @@ def _bad_line(tmp_path, text):
     ("resume", r"--resume: no checkpoint-N directory in"),
     ("inside", r"is, contains or lies inside the input"),
     ("base", r"--base .*: no config\.json"),
+    ("float16", r"--dtype float16 training needs a CUDA device"),
+    ("earlier", r"checkpoint directory .* holds checkpoints of an earlier run \(pass --resume to continue it"),
 ])
 def test_every_bad_input_gets_one_line_and_nothing_is_written(tmp_path, inputs, case, expected):
     base, data = inputs
@@ -169,6 +182,11 @@ def test_every_bad_input_gets_one_line_and_nothing_is_written(tmp_path, inputs, 
     elif case == "base":
         base = tmp_path / "empty-base"
         base.mkdir()
+    elif case == "float16":
+        extra = ["--dtype", "float16", "--device", "cpu"]
+    elif case == "earlier":
+        (tmp_path / "adapter-checkpoints" / "checkpoint-1").mkdir(parents=True)
+        extra = ["--save-steps", 1]
     before = sorted(p.name for p in tmp_path.iterdir())
     result = run("train", "--base", base, "--data", data, "--out", out, "-r", 4, "--blocks", 2, "--max-steps", 1,
                  *extra)

@@ -172,6 +172,10 @@ def train(
     targets, n_modules = _check_targets(config_hf, target_modules, blocks, base)
     config = BoraConfig(r=r, bora_blocks=blocks, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
                         task_type="CAUSAL_LM", base_model_name_or_path=str(base))
+    stored = getattr(config_hf, "dtype", None) or getattr(config_hf, "torch_dtype", None)
+    if (torch_dtype or stored) in (torch.float16, "float16") and dev.type != "cuda":
+        raise UnsupportedError(f"`dtype` float16 training needs a CUDA device ({base} would train in float16 on "
+                               f"{dev.type})", hint="pass `dtype` float32 or bfloat16")
     resume_path = _check_resume(resume, ckpt_dir, config, save_steps=save_steps, overwrite=overwrite)
     tokenizer = _load_tokenizer(base)
     sft_data.check_chat_template(records, tokenizer, source=str(base))
@@ -188,9 +192,6 @@ def train(
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype if torch_dtype is not None else "auto")
     run_dtype = next(model.parameters()).dtype
-    if run_dtype == torch.float16 and dev.type != "cuda":
-        raise UnsupportedError(f"`dtype` float16 training needs a CUDA device; {base} would run in float16 on "
-                               f"{dev.type}", hint="pass `dtype` float32 or bfloat16")
     torch.manual_seed(seed)  # the same initial A on every process (DDP also broadcasts rank 0's)
     add_bora(model, config, dropout=dropout)
     counts = trainable_parameters(model)
@@ -236,8 +237,12 @@ def train(
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     main = trainer.accelerator.is_main_process
-    if save_steps and resume_path is None and overwrite and main and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # only the main process writes checkpoints, so only it clears them
+    if save_steps and resume_path is None and overwrite and main and ckpt_dir.is_dir():
+        # An earlier run's checkpoint-N directories, and nothing else of the directory: only the main
+        # process writes checkpoints, so only it clears them.
+        for old in ckpt_dir.glob("checkpoint-*"):
+            if old.is_dir() and not old.is_symlink() and old.name.split("-", 1)[1].isdigit():
+                shutil.rmtree(old)
     try:
         trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
         reporter.close()
