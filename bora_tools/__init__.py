@@ -8,6 +8,7 @@ The public Python API, one name per job (``import bora_tools as bt``)::
     bt.to_lora("my-bora", "my-lora", rank="full")              # a PEFT LoRA adapter
     bt.export_gguf("merged", "merged.gguf", outtype="q8_0")    # GGUF for llama.cpp
     bt.push(path="my-bora", repo_id="me/my-bora")              # the Hugging Face Hub
+    bt.train("base-model", "data.jsonl", "my-bora", r=8, blocks=4)   # fine-tune a BoRA adapter (Trainer)
 
 Each report has ``to_dict()`` (what ``--json`` prints) and a text form (``str(report)``).
 Every error a user can cause is a ``bt.BoraError`` with a one-line message.
@@ -56,6 +57,14 @@ _EXPORTS = {
     "load_bora": "bora_tools.training",
     "bora_modules": "bora_tools.training",
     "BoraLinear": "bora_tools.training",
+    "randomize_bora": "bora_tools.training",
+    "bora_adapter": "bora_tools.training",
+    "merge_bora": "bora_tools.training",
+    "unload_bora": "bora_tools.training",
+    "disable_bora": "bora_tools.training",
+    "trainable_parameters": "bora_tools.training",
+    "train": "bora_tools.training",
+    "TrainReport": "bora_tools.training",
     # errors
     "BoraError": "bora_tools.errors",
     "ConfigError": "bora_tools.errors",
@@ -75,7 +84,9 @@ __all__ = [
     "BoraConfig", "BoraAdapter", "BoraModule", "load_adapter", "save_adapter", "delta_weight",
     "exact_lora_factors", "RankPolicy", "inspect_adapter", "InspectReport", "merge_adapter", "MergeReport",
     "merged_weight", "to_lora", "ToLoraReport", "export_gguf", "ExportReport", "push", "PushReport",
-    "build_model_card", "add_bora", "save_bora", "load_bora", "bora_modules", "BoraLinear", "BoraError",
+    "build_model_card", "add_bora", "save_bora", "load_bora", "bora_modules", "BoraLinear", "randomize_bora",
+    "bora_adapter", "merge_bora", "unload_bora", "disable_bora", "trainable_parameters", "train", "TrainReport",
+    "BoraError",
     "ConfigError", "CheckpointError", "ShapeError", "ModelDirError", "UnsafePathError", "OutputExistsError",
     "OutputWriteError", "UnsupportedError", "HubError", "ValidationError",
 ]
@@ -120,4 +131,18 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from bora_tools.inspection import InspectReport, inspect_adapter
     from bora_tools.merge import MergeReport, merge_adapter
     from bora_tools.to_lora import ToLoraReport, to_lora
-    from bora_tools.training import BoraLinear, add_bora, bora_modules, load_bora, save_bora
+    from bora_tools.training import (
+        BoraLinear,
+        TrainReport,
+        add_bora,
+        bora_adapter,
+        bora_modules,
+        disable_bora,
+        load_bora,
+        merge_bora,
+        randomize_bora,
+        save_bora,
+        train,
+        trainable_parameters,
+        unload_bora,
+    )

@@ -569,6 +569,83 @@ def _gguf_target(out: str, source: str, local: Path, *, base: str | None, merge:
     return path
 
 
+@cli.command("train", short_help="Fine-tune a BoRA adapter with transformers' Trainer (SFT, offline).")
+@click.option("--base", required=True, type=_InputType("model"),
+              help="The base model: a folder (config.json, safetensors, tokenizer) or a Hub id.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL: one {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"} object per line.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The BoRA adapter directory to write.")
+@click.option("-r", "--rank", "r", type=int, default=8, show_default=True, help="Rank r of each block product.")
+@click.option("--blocks", type=int, default=4, show_default=True, help="BoRA blocks b (must divide every dimension).")
+@click.option("--alpha", type=float, default=None, help="lora_alpha (default: r, a scaling of 1).")
+@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) instead of alpha/r.")
+@click.option("--target-modules", default=None, metavar="NAMES",
+              help="Comma-separated module names (or one regex); default: every linear projection but the head.")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the BoRA path's input.")
+@click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the data.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--scheduler", type=click.Choice(["linear", "cosine", "constant"]), default="linear",
+              show_default=True, help="Learning-rate schedule after warmup.")
+@click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear warmup steps.")
+@click.option("--batch-size", type=int, default=4, show_default=True,
+              help="Examples per process and step; global batch = batch size x grad accum x processes.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
+@click.option("--max-length", type=int, default=1024, show_default=True, help="Cut examples at this many tokens.")
+@click.option("--dtype", type=_DtypeType(allow_auto=True), default="auto", show_default=True,
+              help="Base weights' dtype (auto: as stored); bfloat16/float16 also train under autocast. "
+                   "Factors stay float32.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward: less memory.")
+@click.option("--save-steps", type=int, default=None, help="Write an adapter-only checkpoint every N steps.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where checkpoints go (default: OUT-checkpoints next to OUT).")
+@click.option("--resume", default=None, is_flag=False, flag_value="last", metavar="[CHECKPOINT]",
+              help="Resume from the latest checkpoint, or from the checkpoint-N directory given.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the adapter's init and data order.")
+@click.option("--logging-steps", type=int, default=None, help="Log the loss every N steps (default: about 20 lines).")
+@device_option
+@token_option
+@overwrite_option
+@json_option
+@common_options
+def train_cmd(base: str, data: Path, out: Path, target_modules: str | None, token: str | None, as_json: bool,
+              **options: Any) -> None:
+    """Fine-tune a BoRA adapter on a causal LM with transformers' Trainer, offline; runs unchanged under torchrun.
+
+    Loss is taken on every token of a text, on the completion of a prompt/completion record, and on
+    the assistant turns of a chat (rendered with the tokenizer's chat template).
+
+    \b
+    Examples:
+      bora-tools train --base ./Llama-3.2-1B --data chats.jsonl --out ./my-bora -r 8 --blocks 4 --epochs 2
+      torchrun --nproc_per_node 8 -m bora_tools.cli train --base ./Llama-3.2-1B --data chats.jsonl --out ./my-bora
+    """
+    from bora_tools.training.sft import is_main_process, train
+
+    if not _state().quiet and not _state().debug:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading bars; the loss lines are this command's progress
+    targets = None
+    if target_modules is not None:
+        parts = [t.strip() for t in target_modules.split(",") if t.strip()]
+        targets = parts if "," in target_modules or re.fullmatch(r"[\w.]+", target_modules) else target_modules
+    main = is_main_process()
+    say = (lambda line: click.echo(line, err=True)) if main and not _state().quiet else None
+    found = _resolve(base, "model", token=token) if main else None
+    if found is None:  # the other processes of a torchrun job: the first one reported it; the cache holds it
+        from bora_tools.io.hub_input import resolve_input
+
+        found = resolve_input(base, kind="model", token=token)
+    base_name = found.repo_id if found.from_hub else None  # recorded as base_model_name_or_path, for push's cards
+    report = train(found.path, data, out, target_modules=targets, base_name=base_name, log=say, **options)
+    if main:
+        print_report(report, as_json=as_json)
+
+
 # Commands are registered above this line.
 
 

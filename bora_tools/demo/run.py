@@ -57,57 +57,44 @@ class DemoContext:
 
 
 def step_train(ctx: DemoContext) -> None:
-    """Build a tiny llama with a tokenizer, add BoRA layers, train them, save the adapter."""
-    from bora_tools.core.config import BoraConfig
-    from bora_tools.demo.tiny import TEXT, build_model, default_targets, save_model_dir
-    from bora_tools.training import add_bora, save_bora
+    """Build a tiny llama with a tokenizer and train a BoRA adapter on it with ``bora-tools train``'s function."""
+    import json
 
-    model = build_model(DEMO_ARCH, seed=0)
-    ctx.base_dir = save_model_dir(model, ctx.workdir / "base")
+    from bora_tools.demo.tiny import TEXT, build_model, default_targets, save_model_dir
+    from bora_tools.training import load_bora
+    from bora_tools.training.sft import train
+
+    ctx.base_dir = save_model_dir(build_model(DEMO_ARCH, seed=0), ctx.workdir / "base")
     from transformers import AutoTokenizer
 
     ctx.tokenizer = AutoTokenizer.from_pretrained(ctx.base_dir)
-    config = BoraConfig(r=DEMO_RANK, bora_blocks=DEMO_BLOCKS, lora_alpha=DEMO_ALPHA,
-                        target_modules=default_targets(DEMO_ARCH), task_type="CAUSAL_LM",
-                        base_model_name_or_path=str(ctx.base_dir))
-    add_bora(model, config)
-    ids = ctx.tokenizer(TEXT, return_tensors="pt").input_ids
-    params = [p for p in model.parameters() if p.requires_grad]
-    losses = _train(model, ids, params, ctx.steps, ctx.progress)
-    model.eval()
-    ctx.model = model
-    ctx.adapter_dir = save_bora(model, ctx.workdir / "bora-adapter")
+    data = ctx.workdir / "train.jsonl"
+    data.write_text(json.dumps({"text": TEXT}) + "\n")
+    targets = default_targets(DEMO_ARCH)
+    report = train(ctx.base_dir, data, ctx.workdir / "bora-adapter", r=DEMO_RANK, blocks=DEMO_BLOCKS,
+                   alpha=DEMO_ALPHA, target_modules=targets, max_steps=ctx.steps, lr=1e-2, scheduler="constant",
+                   batch_size=1, logging_steps=1, device="cpu", seed=0, progress=ctx.progress)
+    ctx.adapter_dir = report.out
+    ctx.model = load_bora(build_model(DEMO_ARCH, seed=0), ctx.adapter_dir).eval()
     ctx.input_ids = ctx.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     with torch.no_grad():
-        ctx.bora_logits = model(ctx.input_ids).logits.float()
-    n_params = sum(p.numel() for p in params)
+        ctx.bora_logits = ctx.model(ctx.input_ids).logits.float()
+    n_params = report.trainable_parameters
     ctx.results["train"] = {
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "steps": ctx.steps,
+        "loss_first": report.loss_first,
+        "loss_last": report.loss_last,
+        "steps": report.steps,
         "parameters": n_params,
     }
     ctx.say(
-        f"[train]   a tiny {DEMO_ARCH} model ({sum(p.numel() for p in model.parameters()) - n_params:,} frozen "
-        f"parameters) learns a short text through a BoRA adapter (b={DEMO_BLOCKS} blocks, r={DEMO_RANK}, "
-        f"{n_params:,} trainable parameters), and its error on it falls (loss {losses[0]:.3f} -> "
-        f"{losses[-1]:.3f} in {ctx.steps} steps)"
+        f"[train]   a tiny {DEMO_ARCH} model ({report.total_parameters - n_params:,} frozen parameters) learns a "
+        f"short text through a BoRA adapter (b={DEMO_BLOCKS} blocks, r={DEMO_RANK}, {n_params:,} trainable "
+        f"parameters) with transformers' Trainer, and its error on it falls (loss {report.loss_first:.3f} -> "
+        f"{report.loss_last:.3f} in {report.steps} steps)"
     )
-    ctx.say(f"          Python API (bora_tools.training): add_bora, then save_bora -> {ctx.shown(ctx.adapter_dir)}")
-
-
-def _train(model, ids: torch.Tensor, params: list, steps: int, progress: Progress) -> list[float]:
-    model.train()
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    torch.manual_seed(0)
-    losses = []
-    for _ in progress(range(steps), total=steps, label="training BoRA"):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    ctx.command("train", "--base", ctx.base_dir, "--data", data, "--out", ctx.adapter_dir, "-r", str(DEMO_RANK),
+                "--blocks", str(DEMO_BLOCKS), "--alpha", str(DEMO_ALPHA), "--max-steps", str(ctx.steps), "--lr", "0.01",
+                "--scheduler", "constant", "--batch-size", "1", "--overwrite")
 
 
 def step_inspect(ctx: DemoContext) -> None:

@@ -1,0 +1,462 @@
+"""Supervised fine-tuning with a BoRA adapter on ``transformers.Trainer``: what ``bora-tools train`` runs.
+
+``train`` checks everything it can before any work (parameters, the output, the
+data file line by line, the target modules and ``b`` against the model's shapes
+read from its config), then tokenizes, loads the base, adds BoRA layers and
+hands the model to a plain ``transformers.Trainer``. It runs unchanged under
+``torchrun`` / ``accelerate launch`` (DDP): every process trains on its share of
+each global batch, and only the main process writes, atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bora_tools.core.config import BoraConfig, matches_target
+from bora_tools.core.devices import resolve_device
+from bora_tools.core.dtypes import parse_dtype
+from bora_tools.core.factors import block_problems
+from bora_tools.errors import (
+    ConfigError,
+    ModelDirError,
+    UnsupportedError,
+    ValidationError,
+    raise_if_problems,
+)
+from bora_tools.io.atomic import check_target, refuse_output_over_inputs
+from bora_tools.progress import Progress, logger, no_progress
+from bora_tools.report import Report, human_seconds
+from bora_tools.training import data as sft_data
+from bora_tools.training.layers import is_conv1d
+from bora_tools.training.model import add_bora, linear_modules, save_bora
+from bora_tools.training.trainer import trainable_parameters
+
+SCHEDULERS = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainReport(Report):
+    """What a training run did (``--json`` prints ``to_dict()``)."""
+
+    out: Path
+    base: str
+    data: str
+    examples: int
+    steps: int
+    epochs: float
+    tokens: int  # non-padding input tokens seen by all processes
+    loss_first: float
+    loss_last: float
+    seconds: float
+    trainable_parameters: int
+    total_parameters: int
+    r: int
+    blocks: int
+    target_modules: list[str]
+    modules: int
+    processes: int
+    global_batch: int
+    dtype: str
+    device: str
+    checkpoints: Path | None = None
+    resumed_from: str | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) as logged
+
+    def to_text(self) -> str:
+        resumed = f", resumed from {self.resumed_from}" if self.resumed_from else ""
+        lines = [
+            f"trained {self.out}: BoRA b={self.blocks} r={self.r} on {self.modules} modules "
+            f"({', '.join(self.target_modules)}), {self.trainable_parameters:,} trainable of "
+            f"{self.total_parameters:,} parameters",
+            f"{self.steps} steps ({self.epochs:.2f} epochs of {self.examples} examples, global batch "
+            f"{self.global_batch} on {self.processes} process(es), {self.dtype} on {self.device}){resumed}",
+            f"loss {self.loss_first:.4f} -> {self.loss_last:.4f}; {self.tokens:,} tokens in "
+            f"{human_seconds(self.seconds)}",
+        ]
+        if self.checkpoints:
+            lines.append(f"checkpoints in {self.checkpoints}")
+        return "\n".join(lines)
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Every linear projection of the model's family, by last name component, without the output head.
+
+    Example: a Llama gives ``["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]``.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names: list[str] = []
+    for name, module in linear_modules(model).items():
+        short = name.rsplit(".", 1)[-1]
+        if module is not head and short not in names:
+            names.append(short)
+    return names
+
+
+def train(
+    base: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    r: int = 8,
+    blocks: int = 4,
+    alpha: float | None = None,
+    rslora: bool = False,
+    target_modules: list[str] | str | None = None,
+    dropout: float = 0.0,
+    epochs: float = 1.0,
+    max_steps: int | None = None,
+    lr: float = 2e-4,
+    scheduler: str = "linear",
+    warmup_steps: int = 0,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    max_length: int = 1024,
+    dtype: str = "auto",
+    gradient_checkpointing: bool = False,
+    save_steps: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    seed: int = 0,
+    logging_steps: int | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    base_name: str | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: Progress = no_progress,
+) -> TrainReport:
+    """Fine-tune a BoRA adapter on ``base`` with the JSONL ``data``; write it to ``out``.
+
+    ``batch_size`` is per process: the global batch is ``batch_size * grad_accum * processes``.
+    ``save_steps`` writes adapter-only checkpoints every so many steps into ``checkpoint_dir``
+    (default ``OUT-checkpoints`` next to ``OUT``); ``resume`` is ``"last"`` (the latest there)
+    or one ``checkpoint-N`` directory. ``log`` receives one line per logging step (step, loss,
+    learning rate) on the main process; ``progress`` wraps the steps.
+
+    Example::
+
+        report = train("Llama-3.2-1B", "chats.jsonl", "my-bora", r=8, blocks=4, epochs=2, lr=2e-4)
+        print(report)
+
+    Raises:
+        ValidationError: a bad parameter, an unreadable or empty data file, records of the wrong
+            shape (line numbers named), target modules that match nothing, ``blocks`` not dividing
+            a target's dimensions, a checkpoint that does not fit this run.
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+        ModelDirError, UnsupportedError: the base cannot be read or trained here.
+    """
+    start = time.perf_counter()
+    base, data, out = Path(base), Path(data), Path(out)
+    _check_parameters(locals())
+    torch_dtype = parse_dtype(dtype, allow_auto=True)
+    dev = resolve_device(device)
+    check_target(out, overwrite=overwrite)
+    refuse_output_over_inputs(out, base, data)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.name}-checkpoints"
+    if save_steps is not None or resume is not None:
+        refuse_output_over_inputs(ckpt_dir, base, data)
+        if ckpt_dir.resolve().is_relative_to(out.resolve()) or out.resolve().is_relative_to(ckpt_dir.resolve()):
+            raise ValidationError(f"`checkpoint_dir` {ckpt_dir} and `out` {out} overlap; OUT appears only when "
+                                  f"training is done", hint="give the checkpoints a directory of their own")
+    records = sft_data.read_records(data)
+    config_hf = _read_config(base)
+    targets, n_modules = _check_targets(config_hf, target_modules, blocks, base)
+    config = BoraConfig(r=r, bora_blocks=blocks, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_name or str(base))
+    stored = getattr(config_hf, "dtype", None) or getattr(config_hf, "torch_dtype", None)
+    if (torch_dtype or stored) in (torch.float16, "float16") and dev.type != "cuda":
+        raise UnsupportedError(f"`dtype` float16 training needs a CUDA device ({base} would train in float16 on "
+                               f"{dev.type})", hint="pass `dtype` float32 or bfloat16")
+    resume_path = _check_resume(resume, ckpt_dir, config, save_steps=save_steps, overwrite=overwrite)
+    tokenizer = _load_tokenizer(base)
+    sft_data.check_chat_template(records, tokenizer, source=str(base))
+    examples, stats = sft_data.tokenize(records, tokenizer, max_length=max_length)
+    if not examples:
+        raise ValidationError(f"`data` {data}: no record keeps a token to learn within `max_length` {max_length}")
+    if stats.dropped:
+        logger.warning(f"`data` {data}: {len(stats.dropped)} record(s) left without a completion token within "
+                       f"`max_length` {max_length} are skipped (first: line {stats.dropped[0]})")
+
+    # Everything is checked: the work starts here.
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype if torch_dtype is not None else "auto")
+    run_dtype = next(model.parameters()).dtype
+    torch.manual_seed(seed)  # the same initial A on every process (DDP also broadcasts rank 0's)
+    add_bora(model, config, dropout=dropout)
+    counts = trainable_parameters(model)
+    if tokenizer.pad_token_id is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    else:
+        pad = tokenizer.pad_token_id
+    total_steps_hint = max_steps or max(1, math.ceil(len(examples) / batch_size / grad_accum * epochs))
+    # Without checkpoints the trainer still wants a directory of its own: a temporary one, removed afterwards.
+    scratch = None if save_steps else tempfile.TemporaryDirectory(prefix="bora-train-")
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir) if scratch is None else scratch.name,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=epochs,
+        max_steps=max_steps if max_steps is not None else -1,
+        learning_rate=lr,
+        lr_scheduler_type=scheduler,
+        warmup_steps=warmup_steps,
+        weight_decay=0.0,
+        logging_steps=logging_steps or max(1, total_steps_hint // 20),
+        logging_first_step=True,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        seed=seed,
+        data_seed=seed,
+        bf16=run_dtype == torch.bfloat16,
+        fp16=run_dtype == torch.float16,
+        use_cpu=dev.type == "cpu",
+        **{_checkpointing_argument(TrainingArguments): gradient_checkpointing},
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        save_only_model=False,
+    )
+    losses: list[tuple[int, float]] = []
+    reporter = _reporter(losses, log, progress)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=sft_data.Collator(pad),
+                      callbacks=[reporter])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    main = trainer.accelerator.is_main_process
+    if save_steps and resume_path is None and overwrite and main and ckpt_dir.is_dir():
+        # An earlier run's checkpoint-N directories, and nothing else of the directory: only the main
+        # process writes checkpoints, so only it clears them.
+        for old in ckpt_dir.glob("checkpoint-*"):
+            if old.is_dir() and not old.is_symlink() and old.name.split("-", 1)[1].isdigit():
+                shutil.rmtree(old)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
+        reporter.close()
+        if main:
+            save_bora(model, out, overwrite=overwrite)
+        trainer.accelerator.wait_for_everyone()
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    state = trainer.state
+    return TrainReport(
+        out=out,
+        base=str(base),
+        data=str(data),
+        examples=len(examples),
+        steps=state.global_step,
+        epochs=float(state.epoch or 0.0),
+        tokens=int(state.num_input_tokens_seen),
+        loss_first=losses[0][1] if losses else float("nan"),
+        loss_last=losses[-1][1] if losses else float("nan"),
+        seconds=time.perf_counter() - start,
+        trainable_parameters=counts.trainable,
+        total_parameters=counts.total,
+        r=r,
+        blocks=blocks,
+        target_modules=list(targets) if isinstance(targets, list) else [targets],
+        modules=n_modules,
+        processes=trainer.args.world_size,
+        global_batch=batch_size * grad_accum * trainer.args.world_size,
+        dtype=str(run_dtype).replace("torch.", ""),
+        device=str(trainer.args.device),
+        checkpoints=ckpt_dir if save_steps else None,
+        resumed_from=str(resume_path) if resume_path else None,
+        losses=losses,
+    )
+
+
+def _checkpointing_argument(arguments_cls) -> str:
+    """``activation_checkpointing`` from transformers 5.24 on, ``gradient_checkpointing`` before."""
+    fields = getattr(arguments_cls, "__dataclass_fields__", {})
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
+def _reporter(losses: list, log: Callable[[str], None] | None, progress: Progress):
+    """A ``TrainerCallback`` (defined here: transformers is imported only when training) for losses and progress."""
+    from transformers import TrainerCallback
+
+    class Reporter(TrainerCallback):
+        def __init__(self):
+            self.bar = None
+            self.t0 = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = iter(progress(range(state.max_steps), total=state.max_steps, label="training"))
+                for _ in range(state.global_step):  # resumed: the steps already done
+                    next(self.bar, None)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                next(self.bar, None)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            losses.append((state.global_step, float(logs["loss"])))
+            if log is not None:
+                log(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                    f"lr {logs.get('learning_rate', 0.0):.2e}  {human_seconds(time.perf_counter() - self.t0)}")
+
+        def close(self):
+            if self.bar is not None:
+                for _ in self.bar:
+                    pass
+                self.bar = None
+
+    return Reporter()
+
+
+def _check_parameters(p: dict[str, Any]) -> None:
+    problems = []
+
+    def need(ok: bool, name: str, want: str) -> None:
+        if not ok:
+            problems.append(f"`{name}`: expected {want}, found {p[name]!r}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    need(is_int(p["r"]) and p["r"] >= 1, "r", "an integer >= 1")
+    need(is_int(p["blocks"]) and p["blocks"] >= 1, "blocks", "an integer >= 1")
+    need(p["alpha"] is None or is_num(p["alpha"]), "alpha", "a finite number")
+    need(is_num(p["dropout"]) and 0 <= p["dropout"] < 1, "dropout", "a number in [0, 1)")
+    need(is_num(p["epochs"]) and p["epochs"] > 0, "epochs", "a number > 0")
+    need(p["max_steps"] is None or (is_int(p["max_steps"]) and p["max_steps"] >= 1), "max_steps", "an integer >= 1")
+    need(is_num(p["lr"]) and p["lr"] > 0, "lr", "a number > 0")
+    need(p["scheduler"] in SCHEDULERS, "scheduler", f"one of {', '.join(SCHEDULERS)}")
+    need(is_int(p["warmup_steps"]) and p["warmup_steps"] >= 0, "warmup_steps", "an integer >= 0")
+    need(is_int(p["batch_size"]) and p["batch_size"] >= 1, "batch_size", "an integer >= 1")
+    need(is_int(p["grad_accum"]) and p["grad_accum"] >= 1, "grad_accum", "an integer >= 1")
+    need(is_int(p["max_length"]) and p["max_length"] >= 2, "max_length", "an integer >= 2")
+    need(p["save_steps"] is None or (is_int(p["save_steps"]) and p["save_steps"] >= 1), "save_steps",
+         "an integer >= 1")
+    need(p["logging_steps"] is None or (is_int(p["logging_steps"]) and p["logging_steps"] >= 1), "logging_steps",
+         "an integer >= 1")
+    need(is_int(p["seed"]), "seed", "an integer")
+    if p["resume"] is not None and p["overwrite"]:
+        problems.append("`resume` and `overwrite` together: resuming keeps the checkpoints that overwrite would clear")
+    raise_if_problems("train", problems)
+    if not p["base"].is_dir():
+        raise ModelDirError(f"`base` {p['base']}: not a model directory")
+    if not p["data"].is_file():
+        raise ValidationError(f"`data` {p['data']}: no such file")
+
+
+def _read_config(base: Path):
+    from transformers import AutoConfig
+
+    if not (base / "config.json").is_file():
+        raise ModelDirError(f"`base` {base}: no config.json (not a Hugging Face model directory)")
+    try:
+        return AutoConfig.from_pretrained(base)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelDirError(f"`base` {base}/config.json: cannot be read ({' '.join(str(e).split())[:200]})") from None
+
+
+def _meta_model(config_hf, base: Path) -> nn.Module:
+    """The model's modules and shapes, without weights (no memory, no reading)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config_hf)
+    except ValueError as e:
+        raise UnsupportedError(f"`base` {base}: not a causal language model transformers can build "
+                               f"({' '.join(str(e).split())[:200]})") from None
+
+
+def _check_targets(config_hf, target_modules, blocks: int, base: Path) -> tuple[list[str] | str, int]:
+    """The target modules (default: every linear projection but the head), each checked to match and to fit ``b``."""
+    model = _meta_model(config_hf, base)
+    linear = linear_modules(model)
+    targets = default_target_modules(model) if target_modules is None else target_modules
+    if isinstance(targets, str):
+        unmatched = [] if any(matches_target(targets, n) for n in linear) else [targets]
+    else:
+        unmatched = [t for t in targets if not any(matches_target([t], n) for n in linear)]
+    if unmatched:
+        known = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValidationError(f"`target_modules` {', '.join(map(repr, unmatched))} match(es) no linear module of "
+                              f"{type(model).__name__} (its linear modules: {', '.join(known)})")
+    matched = [n for n in linear if matches_target(targets, n)]
+    problems, seen = [], set()
+    for name in matched:
+        module = linear[name]
+        n_in, m_out = module.weight.shape if is_conv1d(module) else module.weight.shape[::-1]
+        short = name.rsplit(".", 1)[-1]
+        if short not in seen:
+            found = block_problems(m_out, n_in, blocks, name=name)
+            if found:
+                seen.add(short)
+                problems += found
+    if problems:
+        raise ValidationError(f"`blocks` {blocks} does not fit: " + "; ".join(problems[:3])
+                              + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""),
+                              hint="b must divide every adapted module's in and out features")
+    return targets, len(matched)
+
+
+def _check_resume(resume, ckpt_dir: Path, config: BoraConfig, *, save_steps, overwrite: bool) -> Path | None:
+    from bora_tools.core.config import CONFIG_NAME
+
+    if resume is None:
+        if save_steps and ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*")) and not overwrite:
+            raise ValidationError(f"checkpoint directory {ckpt_dir} holds checkpoints of an earlier run",
+                                  hint="pass `resume` to continue it, or `overwrite` to start afresh")
+        return None
+    if str(resume) == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if last is None:
+            raise ValidationError(f"`resume`: no checkpoint-N directory in {ckpt_dir}")
+        path = Path(last)
+    else:
+        path = Path(resume)
+    if not (path / CONFIG_NAME).is_file() or not (path / "trainer_state.json").is_file():
+        raise ValidationError(f"`resume` {path}: not a training checkpoint (needs {CONFIG_NAME} and "
+                              f"trainer_state.json)")
+    try:
+        saved = BoraConfig.load(path)
+    except ConfigError as e:
+        raise ValidationError(f"`resume` {path}: {e}") from None
+    keys = ("r", "bora_blocks", "lora_alpha", "use_rslora", "target_modules")
+    differ = [f"{k} {getattr(saved, k)!r} there, {getattr(config, k)!r} here" for k in keys
+              if getattr(saved, k) != getattr(config, k)]
+    if differ:
+        raise ValidationError(f"`resume` {path}: the checkpoint was trained with other settings: {'; '.join(differ)}")
+    return path
+
+
+def _load_tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelDirError(f"`base` {base}: no usable tokenizer ({' '.join(str(e).split())[:200]})") from None
+
+
+def is_main_process() -> bool:
+    """True on the process that writes and reports: rank 0 under torchrun/accelerate, or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0

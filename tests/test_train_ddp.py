@@ -1,0 +1,76 @@
+"""`bora-tools train` under torchrun: two processes (gloo on the CPU) train the adapter one process trains on the
+same global batch; only rank 0 writes, and what it writes is complete.
+
+Tolerance: DDP sums the two halves' gradients in another order than one process sums the whole batch, so the
+gradients differ by float32 rounding (~1e-7 relative). AdamW divides each gradient by its own running magnitude,
+which turns that into up to ~1e-5 on elements whose gradient is near zero: measured 1.2e-5 (max abs) after 4 steps
+at lr 1e-2. The bound, 1e-4, is 1% of one step's update; the control (other batches, same everything else)
+differs by more than 1e-3, so a process that saw the wrong data or skipped the gradient average cannot pass.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bora_tools.cli import cli
+from bora_tools.core.adapter import load_adapter
+from bora_tools.demo.tiny import TEXT, build_model, save_model_dir
+
+pytest.importorskip("accelerate")
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4
+
+
+def train_args(base, data, out, batch_size):
+    return ["train", "--base", str(base), "--data", str(data), "--out", str(out), "-r", "4", "--blocks", "2",
+            "--max-steps", "4", "--lr", "1e-2", "--batch-size", str(batch_size), "--device", "cpu",
+            "--logging-steps", "1"]
+
+
+def max_difference(a, b):
+    a, b = load_adapter(a).state_dict(), load_adapter(b).state_dict()
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_processes_train_the_adapter_one_process_trains(tmp_path):
+    base = save_model_dir(build_model("llama"), tmp_path / "base")
+    records = [{"text": line} for line in TEXT.splitlines() if line.strip()][:7]
+    records.append({"prompt": "Q: what jumps? A:", "completion": " the quick brown fox"})
+    data = tmp_path / "data.jsonl"  # 8 records: whole global batches of 4, no padded last batch
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "bora_tools.cli", *train_args(base, data, tmp_path / "two", 2), "--save-steps", "2", "--json"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # one report: rank 1 printed nothing
+    assert (report["processes"], report["global_batch"], report["steps"]) == (2, 4, 4)
+    assert proc.stderr.count("step 1/4 ") == 1  # the loss lines come from rank 0 alone
+
+    # Complete and atomic: the adapter and nothing else, no temporary sibling left by either rank.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not [p.name for p in tmp_path.iterdir() if ".bora-tmp-" in p.name]
+    for step in (2, 4):  # checkpoints written once, by rank 0, adapter-only
+        ckpt = tmp_path / "two-checkpoints" / f"checkpoint-{step}"
+        assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+
+    torch.set_num_threads(1)
+    try:
+        for out, batch in (("one", 4), ("control", 2)):
+            result = CliRunner().invoke(cli, [*train_args(base, data, tmp_path / out, batch), "--quiet"])
+            assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert max_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
+    assert max_difference(tmp_path / "one", tmp_path / "control") > 1e-3
