@@ -44,8 +44,8 @@ _EXPORTS = {
     "merge_adapter": "bora_tools.merge",
     "MergeReport": "bora_tools.merge",
     "merged_weight": "bora_tools.core.row_merge",
-    "to_lora": "bora_tools.to_lora",
-    "ToLoraReport": "bora_tools.to_lora",
+    "to_lora": "bora_tools.conversion",
+    "ToLoraReport": "bora_tools.conversion",
     "export_gguf": "bora_tools.gguf.export",
     "ExportReport": "bora_tools.gguf.report",
     "push": "bora_tools.hub.push",
@@ -106,6 +106,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from bora_tools.conversion import ToLoraReport, to_lora
     from bora_tools.core.adapter import BoraAdapter, BoraModule, load_adapter, save_adapter
     from bora_tools.core.config import BoraConfig
     from bora_tools.core.factors import delta_weight, exact_lora_factors
@@ -130,7 +131,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from bora_tools.hub.push import PushReport, push
     from bora_tools.inspection import InspectReport, inspect_adapter
     from bora_tools.merge import MergeReport, merge_adapter
-    from bora_tools.to_lora import ToLoraReport, to_lora
     from bora_tools.training import (
         BoraLinear,
         TrainReport,

@@ -535,7 +535,7 @@ def to_lora_cmd(adapter: str, out: Path, rank: int | str | None, energy: float |
         rank = "full"
     if rank == "full" and energy is not None:
         raise click.UsageError("--rank full keeps everything; it cannot be combined with --energy")
-    from bora_tools.to_lora import to_lora
+    from bora_tools.conversion import to_lora
 
     found = _resolve(adapter, "adapter", token=token)
     report = to_lora(found.path, out, rank=rank, energy=energy, dtype=dtype, device=device, report=report_path,

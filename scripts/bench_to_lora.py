@@ -4,7 +4,7 @@ Side by side in one run (each measurement in its own child process, so its
 peak memory is its own):
 
 1. single layers 4096x4096 and 4096x11008 with ``b*r = 64`` (b=4, r=16):
-   - gram / qr: ``bora_tools.to_lora.convert_module`` with either SVD route
+   - gram / qr: ``bora_tools.conversion.convert_module`` with either SVD route
      (``gram_svd`` / ``factored_svd``, never forming ``dW``), SVD + rank-16 factors;
    - dense: form ``dW`` and ``torch.linalg.svd(dW, full_matrices=False)`` in float32,
      what PEFT's LoRA conversion and mergekit's extract_lora do;
@@ -108,7 +108,7 @@ def _layer_job(method: str, m: int, n: int, reps: int, queue) -> None:
 
 def _adapter_job(adapter: str, out: str, kwargs: dict, queue) -> None:
     """``to_lora`` end to end on the 7B-shaped adapter, in a child process."""
-    from bora_tools.to_lora import to_lora
+    from bora_tools.conversion import to_lora
 
     before = _peak_mib()
     t0 = time.perf_counter()

@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 import re
 import tempfile
-import types
 import unicodedata
 from pathlib import Path
 
@@ -239,27 +238,23 @@ def _python_blocks(path: Path) -> list[tuple[int, str, bool]]:
     return blocks
 
 
-def _shadowed_public_names() -> list[str]:
-    """Public names whose package attribute has become a submodule (``import bora_tools.to_lora`` does that)."""
-    return [n for n in bora_tools.__all__ if isinstance(bora_tools.__dict__.get(n), types.ModuleType)]
-
-
-@pytest.mark.xfail(strict=True, reason="known bug: bora_tools/to_lora.py is a submodule named like bt.to_lora: "
-                                       "importing it replaces the function by the module; drop this mark once fixed")
 def test_no_public_name_is_also_a_submodule():
     # `import bora_tools.X` sets the package attribute X to the module, hiding the lazy public name X
-    clashes = [n for n in bora_tools.__all__ if importlib.util.find_spec(f"bora_tools.{n}") is not None]
+    package = Path(bora_tools.__file__).parent
+    clashes = [n for n in bora_tools.__all__ if (package / f"{n}.py").exists() or (package / n).is_dir()]
     assert not clashes, f"public names shadowed by submodules of the same name: {clashes}"
 
 
 def test_python_api_examples_run(tmp_path, monkeypatch):
     blocks = _python_blocks(API_MD)
     assert sum(runs for _, _, runs in blocks) >= 5, "docs/python-api.md lost its examples"
-    for name in _shadowed_public_names():  # the bug above, when another test imported the submodule first
-        module = importlib.import_module(bora_tools._EXPORTS[name])
-        monkeypatch.setattr(bora_tools, name, getattr(module, name))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # tempfile.mkdtemp() in the examples lands here
+    # Offline for the examples only: huggingface_hub reads HF_HUB_OFFLINE once, at import, so the constant is
+    # patched (and restored) too; an environment variable alone would leak into every later test of the session.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
     namespace: dict = {"__name__": "docs_python_api"}

@@ -18,13 +18,13 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 from bora_tools.cli import cli
+from bora_tools.conversion import pattern_keys, to_lora
 from bora_tools.core.adapter import PREFIX, WEIGHTS_NAME, load_adapter
 from bora_tools.core.config import BoraConfig
 from bora_tools.core.factors import factored_svd, gram_svd
 from bora_tools.core.lowrank import RankPolicy, balanced_exact_factors, energy_rank
 from bora_tools.demo.tiny import build_model
 from bora_tools.errors import OutputExistsError, OutputWriteError, ValidationError
-from bora_tools.to_lora import pattern_keys, to_lora
 
 ATOL_LOGITS = 1e-4
 IDS = torch.tensor([[0, 17, 42, 99, 3, 250, 7, 64, 128, 5]])

@@ -188,8 +188,8 @@ def step_to_lora(ctx: DemoContext) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from bora_tools.conversion import to_lora
     from bora_tools.core.factors import delta_weight
-    from bora_tools.to_lora import to_lora
 
     figures = {}
     for label, rank in (("full", "full"), ("truncated", DEMO_RANK)):
