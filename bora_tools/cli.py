@@ -8,9 +8,7 @@ stdout.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 import signal
@@ -259,23 +257,10 @@ def make_progress() -> Callable[..., Iterable]:
 
 
 def emit_json(data: Any) -> None:
-    """Print ``data`` as strict JSON on stdout (paths and tuples made serialisable).
+    """Print ``data`` as strict JSON on stdout (``report.json_text``: non-finite numbers become ``null``)."""
+    from bora_tools.report import json_text
 
-    JSON has no infinity or NaN: a non-finite number is printed as ``null`` (docs/cli.md), so the output
-    always parses, in Python's ``json`` and in strict parsers alike.
-    """
-    click.echo(json.dumps(_finite(data), indent=2, allow_nan=False,
-                          default=lambda o: str(o) if isinstance(o, Path) else _finite(list(o))))
-
-
-def _finite(data: Any) -> Any:
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: _finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(v) for v in data]
-    return data
+    click.echo(json_text(data))
 
 
 def print_report(report: Any, *, as_json: bool) -> None:

@@ -34,7 +34,7 @@ from bora_tools.core.lowrank import SVD_ROUTES, ModuleResult, RankPolicy, conver
 from bora_tools.errors import ValidationError
 from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
 from bora_tools.progress import Progress, logger, no_progress
-from bora_tools.report import Report
+from bora_tools.report import Report, json_text
 
 Tensor = torch.Tensor
 
@@ -284,7 +284,7 @@ def _write_all(out: Path, tensors: dict[str, Tensor], config: dict, report: ToLo
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if extras["report"]:
             tmp_report = stack.enter_context(atomic_output(extras["report"], overwrite=overwrite))
-            tmp_report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            tmp_report.write_text(json_text(report.to_dict()) + "\n")
         if extras["plot"]:
             from bora_tools.plot import plot_spectra
 

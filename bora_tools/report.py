@@ -6,6 +6,7 @@ Library functions return reports and never print; the CLI prints ``to_dict()`` a
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,28 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def json_text(data: Any, *, indent: int = 2) -> str:
+    """``data`` as strict JSON text: what ``--json`` prints and ``--report`` files hold (docs/cli.md).
+
+    JSON has no infinity or NaN: a non-finite number is written as ``null``, so the text always parses, in
+    Python's ``json`` and in strict parsers alike. Paths become strings and tuples lists.
+
+    Example: ``json_text({"x": float("inf")}, indent=None)`` -> ``'{"x": null}'``.
+    """
+    return json.dumps(_finite(plain(data)), indent=indent, allow_nan=False,
+                      default=lambda o: str(o) if isinstance(o, Path) else _finite(list(o)))
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def human_bytes(n: int | float) -> str:
