@@ -19,7 +19,7 @@ outputs are compared tensor by tensor (types, and whether the bytes are equal).
     pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d /tmp/sdist
     tar xzf /tmp/sdist/llama_cpp_python-0.3.36.tar.gz -C /tmp/sdist
     python scripts/bench_quant.py --llama-cpp /tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp \\
-        --layers 10 --repeats 3 --workdir /tmp/bench-quant
+        --layers 10 --repeats 2 --workdir /tmp/bench-quant
 
 Prints a markdown table of medians (and writes ``results.json`` in the
 workdir). Never imported by the package or the tests.
@@ -34,6 +34,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -94,13 +95,17 @@ class DiskSampler:
 def run(cmd: list[str], *, cwd: Path | None = None) -> dict:
     """Wall time and peak RSS of one child process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    with tempfile.TemporaryFile() as out:  # a file, not a pipe: wait4 must reap the child itself
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.PIPE)
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        out.seek(0)
+        stdout = out.read()
     code = os.waitstatus_to_exitcode(status)
     if code:
         raise SystemExit(f"{cmd[:3]} failed ({code}):\n{stderr.decode()[-3000:]}")
-    return {"seconds": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {"seconds": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "stdout": stdout.decode()}
 
 
 def ours(model: Path, outdir: Path, threads: int) -> dict:
@@ -108,8 +113,10 @@ def ours(model: Path, outdir: Path, threads: int) -> dict:
     outdir.mkdir(parents=True)
     with DiskSampler(outdir) as disk:
         r = run([sys.executable, "-m", "bora_tools.cli", "export-gguf", str(model), "--out", str(out), "--outtype",
-                 "q4_k_m", "--threads", str(threads), "--quiet"])
-    return {**r, "peak_disk_mib": disk.peak / 2**20, "bytes": out.stat().st_size, "steps": [r]}
+                 "q4_k_m", "--threads", str(threads), "--quiet", "--json"])
+    phases = json.loads(r.pop("stdout"))["phases"]  # our own split: write_intermediate, quantize
+    steps = [{"seconds": v} for v in phases.values()]
+    return {**r, "peak_disk_mib": disk.peak / 2**20, "bytes": out.stat().st_size, "steps": steps, "phases": phases}
 
 
 def theirs(model: Path, outdir: Path, threads: int, llama_cpp: Path) -> dict:
@@ -120,6 +127,7 @@ def theirs(model: Path, outdir: Path, threads: int, llama_cpp: Path) -> dict:
                       cwd=llama_cpp)
         quantize = run([sys.executable, "-c", QUANTIZE, str(f16), str(out), str(threads)])
     f16.unlink()
+    convert.pop("stdout"), quantize.pop("stdout")
     return {"seconds": convert["seconds"] + quantize["seconds"],
             "peak_rss_mib": max(convert["peak_rss_mib"], quantize["peak_rss_mib"]),
             "peak_disk_mib": disk.peak / 2**20, "bytes": out.stat().st_size, "steps": [convert, quantize]}
