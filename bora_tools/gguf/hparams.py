@@ -1,8 +1,12 @@
 """The hyperparameters llama.cpp needs, read from ``config.json`` and checked before any work.
 
 transformers 5 stores the rotary settings in ``rope_parameters``
-(``{"rope_theta": ..., "rope_type": ...}``); older configs keep ``rope_theta``
-at the top level and the scaling in ``rope_scaling``. Both are read.
+(``{"rope_theta": ..., "rope_type": ...}``, or one such object per layer type
+for models that mix sliding and full attention, as Gemma 3 does); older
+configs keep ``rope_theta`` at the top level and the scaling in
+``rope_scaling``. All forms are read. What one architecture adds (soft-capping,
+multipliers, sliding-window patterns) is read by its entry in
+``bora_tools.gguf.architectures`` into ``Hparams.extra``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import gguf
 import torch
 
 from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
-from bora_tools.gguf.writer import ArchSpec
 
 DEFAULT_ROPE_THETA = 10000.0
 #: rope_type values handled; anything else is refused rather than silently mis-rotated.
@@ -37,14 +40,17 @@ class Hparams:
     head_dim: int
     explicit_head_dim: bool
     rope_theta: float = DEFAULT_ROPE_THETA
-    rope: dict[str, Any] = field(default_factory=dict)  # rope_type and its parameters
+    rope: dict[str, Any] = field(default_factory=dict)  # rope_type and its parameters (full-attention layers)
+    rope_by_layer_type: dict[str, dict[str, Any]] = field(default_factory=dict)  # Gemma 3's per-layer-type form
+    n_rot: int = 0  # rotary dimensions per head (head_dim unless partially rotary)
+    extra: dict[str, Any] = field(default_factory=dict)  # what one architecture adds, read by its entry
 
     @property
     def rope_type(self) -> str:
         return str(self.rope.get("rope_type") or self.rope.get("type") or "default")
 
 
-def read_hparams(config: dict[str, Any], *, source: str) -> Hparams:
+def read_hparams(config: dict[str, Any], *, source: str, rope_types: tuple[str, ...] = ROPE_TYPES) -> Hparams:
     """Read and check the decoder hyperparameters of a llama-family ``config.json``.
 
     Example::
@@ -68,7 +74,7 @@ def read_hparams(config: dict[str, Any], *, source: str) -> Hparams:
     n_head = need("num_attention_heads")
     hp = Hparams(n_layer=need("num_hidden_layers"), n_embd=need("hidden_size"), n_ff=need("intermediate_size"),
                  n_head=n_head, n_head_kv=need("num_key_value_heads", n_head), vocab_size=need("vocab_size"),
-                 n_ctx=need("max_position_embeddings", 4096), rms_eps=_number(config, "rms_norm_eps", 1e-6, problems),
+                 n_ctx=need("max_position_embeddings", 4096), rms_eps=number(config, "rms_norm_eps", 1e-6, problems),
                  head_dim=1, explicit_head_dim=config.get("head_dim") is not None)
     hp.head_dim = need("head_dim") if hp.explicit_head_dim else hp.n_embd // max(hp.n_head, 1)
     if not hp.explicit_head_dim and hp.n_embd % hp.n_head:
@@ -77,15 +83,17 @@ def read_hparams(config: dict[str, Any], *, source: str) -> Hparams:
         problems.append(f"num_attention_heads {hp.n_head} is not a multiple of num_key_value_heads {hp.n_head_kv}")
     if hp.head_dim % 2:
         problems.append(f"head dimension {hp.head_dim} is odd; rotary embeddings need pairs")
-    hp.rope, hp.rope_theta = _rope(config, problems)
+    hp.rope, hp.rope_theta, hp.rope_by_layer_type = _rope(config, problems)
+    hp.n_rot = hp.head_dim
     raise_if_problems(source, problems, cls=ConfigError)
-    if hp.rope_type not in ROPE_TYPES:
+    if hp.rope_type not in rope_types:
         raise UnsupportedError(f"{source}: rope_type {hp.rope_type!r} is not supported for GGUF export "
-                               f"(supported: {', '.join(ROPE_TYPES)})")
+                               f"(supported: {', '.join(rope_types)})")
     return hp
 
 
-def _number(config: dict[str, Any], key: str, default: float, problems: list[str]) -> float:
+def number(config: dict[str, Any], key: str, default: float, problems: list[str]) -> float:
+    """``config[key]`` as a positive finite float (``default`` when absent); a bad value is added to ``problems``."""
     value = config.get(key, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         problems.append(f"{key}: expected a positive number, found {value!r}")
@@ -93,7 +101,7 @@ def _number(config: dict[str, Any], key: str, default: float, problems: list[str
     return float(value)
 
 
-def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], float]:
+def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], float, dict[str, dict[str, Any]]]:
     params = config.get("rope_parameters")
     if params is None:  # transformers 4: top-level rope_theta, scaling apart
         params = dict(config.get("rope_scaling") or {})
@@ -101,18 +109,22 @@ def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], 
             params["rope_theta"] = config["rope_theta"]
     if not isinstance(params, dict):
         problems.append(f"rope_parameters: expected an object, found {params!r}")
-        return {}, DEFAULT_ROPE_THETA
-    theta = _number(params, "rope_theta", DEFAULT_ROPE_THETA, problems)
+        return {}, DEFAULT_ROPE_THETA, {}
+    by_type: dict[str, dict[str, Any]] = {}
+    if isinstance(params.get("full_attention"), dict):  # one object per layer type (Gemma 3)
+        by_type = {k: dict(v) for k, v in params.items() if isinstance(v, dict)}
+        params = by_type["full_attention"]
+    theta = number(params, "rope_theta", DEFAULT_ROPE_THETA, problems)
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind in ("linear", "llama3"):
-        _number(params, "factor", 1.0, problems)
-    return dict(params), theta
+        number(params, "factor", 1.0, problems)
+    return dict(params), theta, by_type
 
 
-def add_hparams(writer: gguf.GGUFWriter, hp: Hparams, spec: ArchSpec) -> None:
-    """Write the ``{arch}.*`` keys llama.cpp reads for this architecture.
+def add_hparams(writer: gguf.GGUFWriter, hp: Hparams) -> None:
+    """Write the ``{arch}.*`` keys every llama.cpp decoder reads (an architecture's entry adds its own).
 
-    Example: ``add_hparams(gguf.GGUFWriter(None, "llama"), read_hparams(config, source="config.json"), spec)``
+    Example: ``add_hparams(gguf.GGUFWriter(None, "llama"), read_hparams(config, source="config.json"))``
     """
     writer.add_vocab_size(hp.vocab_size)
     writer.add_context_length(hp.n_ctx)
@@ -123,7 +135,7 @@ def add_hparams(writer: gguf.GGUFWriter, hp: Hparams, spec: ArchSpec) -> None:
     writer.add_head_count_kv(hp.n_head_kv)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_rope_freq_base(hp.rope_theta)
-    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_dimension_count(hp.n_rot)
     if hp.explicit_head_dim:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)

@@ -1,0 +1,142 @@
+"""export-gguf for the families of the architecture registry, each proven in llama.cpp in all three modes.
+
+Per family: a tiny random model (tests/families.py), a BoRA adapter on every projection it has, then
+the merged model as a full GGUF, the base GGUF plus a LoRA GGUF, and the one-pass ``merge`` GGUF all
+give transformers' logits of the merged model within 3e-3; Q8_0 stays correlated; the tokenizer
+tokenizes as transformers does.
+"""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+from families import FAMILIES, SPM_HF_DIFFERS, build_family_dir, targets
+from gguf_support import (
+    F32_RTOL,
+    IDS,
+    Q8_MIN_CORR,
+    SAMPLES,
+    correlation,
+    gguf_logits,
+    gguf_tokenize,
+    hf_logits,
+    needs_llama_cpp,
+    relative_error,
+    set_config,
+)
+
+from bora_tools.core.config import BoraConfig
+from bora_tools.errors import UnsupportedError
+from bora_tools.gguf.architectures import FAMILIES as REGISTRY
+from bora_tools.gguf.export import export_gguf
+from bora_tools.merge import merge_adapter
+from bora_tools.training import add_bora, randomize_bora, save_bora
+
+pytestmark = needs_llama_cpp
+
+HF_ARCH = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+           "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM",
+           "mixtral": "MixtralForCausalLM"}
+LLAMA_CPP_ARCH = {"qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3", "olmo2": "olmo2",
+                  "granite": "granite", "mixtral": "llama"}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def case(request, tmp_path_factory):
+    """A tiny model of one family, a randomised BoRA adapter on its projections, and the merged model."""
+    from transformers import AutoModelForCausalLM
+
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    base = build_family_dir(root / "base", family)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = model(torch.tensor([IDS])).logits[0].numpy()
+    add_bora(model, BoraConfig(r=2, bora_blocks=2, lora_alpha=4, target_modules=targets(family)))
+    randomize_bora(model, seed=1, std=0.2)
+    with torch.no_grad():
+        bora_logits = model(torch.tensor([IDS])).logits[0].numpy()
+    adapter = save_bora(model, root / "adapter")
+    merged = root / "merged"
+    merge_adapter(adapter, base, merged)
+    want = hf_logits(merged)
+    assert relative_error(want, bora_logits) < 1e-4  # the merge itself is right (proven elsewhere too)
+    base_gguf = root / "base.gguf"
+    export_gguf(base, base_gguf, outtype="f32")
+    return dict(family=family, root=root, base=base, adapter=adapter, merged=merged, want=want,
+                base_logits=base_logits, base_gguf=base_gguf)
+
+
+def test_adapter_moves_the_logits_far_beyond_the_tolerance(case):
+    assert relative_error(case["want"], case["base_logits"]) > 30 * F32_RTOL
+    assert HF_ARCH[case["family"]] in REGISTRY
+
+
+def test_base_model_f32(case):
+    assert relative_error(gguf_logits(case["base_gguf"], IDS), case["base_logits"]) < F32_RTOL
+
+
+def test_merged_model_f32(case, tmp_path):
+    out = tmp_path / "merged.gguf"
+    report = export_gguf(case["merged"], out, outtype="f32").to_dict()
+    assert report["architecture"] == LLAMA_CPP_ARCH[case["family"]]
+    assert report["hf_architecture"] == HF_ARCH[case["family"]]
+    assert relative_error(gguf_logits(out, IDS), case["want"]) < F32_RTOL
+
+
+def test_tokenization_matches_transformers(case):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(case["base"])
+    spm = FAMILIES[case["family"]][2] == "spm"
+    checked = 0
+    for text in SAMPLES:
+        if spm and text in SPM_HF_DIFFERS:
+            continue
+        assert gguf_tokenize(case["base_gguf"], text) == hf(text).input_ids, text
+        checked += 1
+    assert checked >= len(SAMPLES) - 1
+
+
+def test_lora_gguf_on_the_base_gguf(case, tmp_path):
+    lora = tmp_path / "lora.gguf"
+    report = export_gguf(case["adapter"], lora, base=case["base"], outtype="f32").to_dict()
+    assert report["architecture"] == LLAMA_CPP_ARCH[case["family"]]
+    names = [t.name for t in gguf.GGUFReader(lora).tensors]
+    assert names and all(n.endswith((".lora_a", ".lora_b")) for n in names)  # never rope factors or other tensors
+    assert len(names) == 2 * len(report["modules"])
+    got = gguf_logits(case["base_gguf"], IDS, lora_path=lora)
+    assert relative_error(got, case["want"]) < F32_RTOL
+
+
+def test_one_pass_merge(case, tmp_path):
+    out = tmp_path / "onepass.gguf"
+    report = export_gguf(case["adapter"], out, base=case["base"], merge=True, outtype="f32").to_dict()
+    assert report["merged_tensors"] > 0
+    assert relative_error(gguf_logits(out, IDS), case["want"]) < F32_RTOL
+
+
+def test_q8_0(case, tmp_path):
+    out = tmp_path / "q8.gguf"
+    report = export_gguf(case["adapter"], out, base=case["base"], merge=True, outtype="q8_0").to_dict()
+    assert report["fallbacks"] == [] and report["types"].get("Q8_0", 0) > 0
+    assert correlation(gguf_logits(out, IDS), case["want"]) > Q8_MIN_CORR
+
+
+def test_gemma2_query_scale_llama_cpp_cannot_apply_is_refused(tmp_path):
+    path = build_family_dir(tmp_path / "g", "gemma2")
+    set_config(path, query_pre_attn_scalar=24)
+    with pytest.raises(UnsupportedError, match=r"query_pre_attn_scalar 24: llama.cpp scales queries by 1/sqrt\(16\)"):
+        export_gguf(path, tmp_path / "g.gguf", outtype="f32")
+    assert not (tmp_path / "g.gguf").exists()
+
+
+def test_unsupported_architecture_names_the_supported_list(tmp_path):
+    path = build_family_dir(tmp_path / "q", "qwen3")
+    set_config(path, architectures=["Qwen3MoeForCausalLM"])
+    with pytest.raises(UnsupportedError) as e:
+        export_gguf(path, tmp_path / "q.gguf", outtype="f32")
+    message = str(e.value)
+    assert "'Qwen3MoeForCausalLM' is not supported" in message and "\n" not in message
+    assert all(arch in message for arch in HF_ARCH.values())
