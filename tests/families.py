@@ -49,8 +49,9 @@ def family_config(family: str, **overrides):
     extra = {
         "qwen3": dict(head_dim=32, tie_word_embeddings=True),  # explicit head_dim: 4 x 32 != 64
         # query_pre_attn_scalar as llama.cpp fixes it (head_dim); a 24-token window the 41-token test sequence crosses
-        "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=24, attn_logit_softcapping=50.0,
-                       final_logit_softcapping=30.0),
+        # soft-capping far below Gemma 2's defaults (50, 30), which llama.cpp would also assume: visibly applied
+        "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=24, attn_logit_softcapping=1.0,
+                       final_logit_softcapping=1.5),
         # one sliding and one full layer, each with its own rope base
         "gemma3": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=24,
                        layer_types=["sliding_attention", "full_attention"],
@@ -90,9 +91,12 @@ def build_family_dir(path: Path, family: str, *, seed: int = 0, init_std: float 
     config = family_config(family, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # norms too: Gemma's 1 + w and the q/k norms must be visibly right
+    # Norms too, so that the q/k norms and Gemma's 1 + w are visibly right: around 1 as applied
+    # (Gemma stores w around 0, the others store the factor itself).
+    norm_center = 0.0 if family.startswith("gemma") else 1.0
+    with torch.no_grad():
         for _, p in model.named_parameters():
-            p.normal_(0.0, init_std) if p.ndim >= 2 else p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            p.normal_(0.0, init_std) if p.ndim >= 2 else p.copy_(norm_center + 0.2 * torch.randn_like(p))
     path = Path(path)
     if FAMILIES[family][2] == "spm":
         model.eval().save_pretrained(path)

@@ -140,3 +140,62 @@ def test_unsupported_architecture_names_the_supported_list(tmp_path):
     message = str(e.value)
     assert "'Qwen3MoeForCausalLM' is not supported" in message and "\n" not in message
     assert all(arch in message for arch in HF_ARCH.values())
+
+
+# Settings a family reads from config.json beyond the default tiny model, each shown to change the logits.
+VARIANTS = {
+    # LongRoPE over a 32-token original context (the 41-token sequence uses the long factors in both
+    # programs), on half of each head's dimensions
+    "phi3-longrope": ("phi3", dict(original_max_position_embeddings=32, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "long_factor": [1.0, 2.5, 4.0, 9.0], "short_factor": [1.0, 1.1, 1.3, 1.7]})),
+    # linear rope scaling on the full-attention layers only, as Gemma 3 4B+ ship it
+    "gemma3-linear": ("gemma3", dict(rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})),
+    # layer_types against Gemma 2's default pattern: the first layer full, the second sliding
+    "gemma2-layer-types": ("gemma2", dict(layer_types=["full_attention", "sliding_attention"])),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variants(variant, tmp_path):
+    family, overrides = VARIANTS[variant]
+    plain = hf_logits(build_family_dir(tmp_path / "plain", family))
+    path = build_family_dir(tmp_path / "variant", family, **overrides)
+    want = hf_logits(path)
+    assert relative_error(want, plain) > 30 * F32_RTOL  # the setting matters
+    out = tmp_path / "m.gguf"
+    export_gguf(path, out, outtype="f32")
+    assert relative_error(gguf_logits(out, IDS), want) < F32_RTOL
+
+
+def test_mixtral_adapter_on_experts_merges_and_refuses_a_lora(tmp_path):
+    """An adapter on the stored expert matrices (...experts.<i>.w1, as PEFT targets them) and q_proj: the merged
+    experts are stacked into llama.cpp's 3-D tensors; a LoRA GGUF cannot carry them and says to merge."""
+    from safetensors.torch import load_file
+
+    from bora_tools.core.adapter import BoraAdapter, BoraModule, save_adapter
+
+    base = build_family_dir(tmp_path / "base", "mixtral")
+    shapes = {k[: -len(".weight")]: tuple(v.shape) for k, v in load_file(base / "model.safetensors").items()}
+    names = [k for k in shapes if ".experts." in k or k.endswith("q_proj")]
+    assert "model.layers.1.block_sparse_moe.experts.3.w2" in names and len(names) == 2 * (4 * 3 + 1)
+    g = torch.Generator().manual_seed(3)
+    config = BoraConfig(r=2, bora_blocks=2, lora_alpha=4, target_modules=["q_proj", "w1", "w2", "w3"])
+    modules = {name: BoraModule(name, torch.randn(2, shapes[name][1], generator=g) * 0.3,
+                                torch.randn(shapes[name][0], 2, generator=g) * 0.3,
+                                1 + 0.5 * torch.randn(2, 2, 2, generator=g), 2.0) for name in names}
+    adapter = save_adapter(BoraAdapter(config, modules), tmp_path / "adapter")
+    merged = tmp_path / "merged"
+    merge_adapter(adapter, base, merged)
+    want = hf_logits(merged)
+    assert relative_error(want, hf_logits(base)) > 30 * F32_RTOL
+    out = tmp_path / "m.gguf"
+    report = export_gguf(adapter, out, base=base, merge=True, outtype="f32").to_dict()
+    assert report["merged_tensors"] == 2 * (3 + 1)  # per layer: 3 stacked expert tensors and q_proj
+    gguf_shapes = {t.name: tuple(int(x) for x in t.shape) for t in gguf.GGUFReader(out).tensors}
+    assert gguf_shapes["blk.0.ffn_gate_exps.weight"] == (64, 64, 4)  # ggml order: (n_embd, n_ff, n_expert)
+    assert relative_error(gguf_logits(out, IDS), want) < F32_RTOL
+    with pytest.raises(UnsupportedError, match=r"experts\.0\.w1.*no tensor.*`merge`"):
+        export_gguf(adapter, tmp_path / "lora.gguf", base=base, outtype="f32")

@@ -180,7 +180,9 @@ def _read_gemma2(config: dict[str, Any], hp: Hparams, problems: list[str], unsup
     _gemma_attention_scale(config, hp, unsupported, layers_27b=46)
     hp.extra["attn_softcap"] = _softcap(config, "attn_logit_softcapping", problems)
     hp.extra["final_softcap"] = _softcap(config, "final_logit_softcapping", problems)
-    hp.extra["window"] = _window(config, problems)
+    # llama.cpp's gemma2 graph always has sliding layers (it aborts without any): no window is a window
+    # as long as the context, which attends to the same tokens.
+    hp.extra["window"] = _window(config, problems) or hp.n_ctx
     hp.extra["sliding"] = _layer_sliding(config, hp, lambda i: i % 2 == 0, problems)
 
 
@@ -208,12 +210,11 @@ def _write_gemma(writer: gguf.GGUFWriter, hp: Hparams) -> None:
         writer.add_attn_logit_softcapping(hp.extra["attn_softcap"])
     if hp.extra.get("final_softcap") is not None:
         writer.add_final_logit_softcapping(hp.extra["final_softcap"])
-    sliding = hp.extra["sliding"] if hp.extra["window"] is not None else [False] * hp.n_layer
-    if hp.extra["window"] is not None:
+    if hp.extra["window"] is not None:  # else (Gemma 3 only) llama.cpp runs every layer with full attention
         writer.add_sliding_window(hp.extra["window"])
-    writer.add_sliding_window_pattern(sliding)
-    if "swa_theta" in hp.extra:
-        writer.add_rope_freq_base_swa(hp.extra["swa_theta"])
+        writer.add_sliding_window_pattern(hp.extra["sliding"])
+        if "swa_theta" in hp.extra:
+            writer.add_rope_freq_base_swa(hp.extra["swa_theta"])
 
 
 def _read_phi3(config: dict[str, Any], hp: Hparams, problems: list[str], unsupported: list[str]) -> None:
