@@ -36,7 +36,7 @@ def one_cpu_thread(device: torch.device | str) -> Iterator[None]:
     Streaming and per-module work is a series of small, cache-sized operations:
     a second thread gains little, and on a CPU shared with other processes the
     thread pool's barriers made a merge up to 20x and a to-lora conversion
-    5-10x slower (BENCHMARKS.md). No effect on a GPU.
+    5-10x slower (docs/benchmarks.md). No effect on a GPU.
     """
     if torch.device(device).type != "cpu":
         yield

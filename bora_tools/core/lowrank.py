@@ -33,6 +33,18 @@ SVD_ROUTES = {"gram": gram_svd, "qr": _qr_route}
 ZERO_NOTE = "zero update: written as rank 1 with zero factors"
 
 
+def zero_factors(m: int, n: int, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """A zero update as LoRA loaders need it (``ZERO_NOTE``): rank 1 (PEFT and llama.cpp need ``r >= 1``),
+    zero factors, so the module stays a no-op."""
+    return torch.zeros(m, 1, dtype=dtype), torch.zeros(1, n, dtype=dtype)
+
+
+def update_rank(module: BoraModule, *, device: torch.device | str = "cpu", route: str = "gram") -> int:
+    """The numerical rank of ``dW`` from the factors' spectrum alone (no singular vectors); 0 for a zero update."""
+    A, B, sigma = (t.to(device) for t in (module.A, module.B, module.sigma))
+    return SVD_ROUTES[route](A, B, sigma, module.scaling, vectors=0).rank()
+
+
 def parse_rank(value: int | str) -> int | str:
     """``"full"`` or a positive ``int``, from either or from their text (``"8"``, ``"Full"``).
 
@@ -194,7 +206,7 @@ def convert_module(module: BoraModule, policy: RankPolicy, *, device: torch.devi
     note = None
     if update_rank == 0:  # exactly zero: PEFT needs r >= 1, and zero factors keep the module a no-op
         k, rel_error, energy, note = 1, 0.0, 1.0, ZERO_NOTE
-        b_k, a_k = torch.zeros(m, 1, dtype=torch.float64), torch.zeros(1, n, dtype=torch.float64)
+        b_k, a_k = zero_factors(m, n)
     elif policy.full:
         b_k, a_k = balanced_exact_factors(A, B, sigma, module.scaling)
         k, rel_error, energy = b_k.shape[1], 0.0, 1.0

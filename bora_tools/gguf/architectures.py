@@ -127,7 +127,7 @@ def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
-def qk_heads(gguf_name: str, hparams: Any) -> int | None:
+def qk_heads(gguf_name: str, hparams: Hparams) -> int | None:
     """Heads of a q or k projection (whose rows have ``head_dim`` each), or None for any other tensor.
 
     Example: ``qk_heads("blk.3.attn_k.weight", hp)`` -> ``hp.n_head_kv``

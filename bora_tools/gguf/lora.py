@@ -29,7 +29,14 @@ import torch
 
 from bora_tools.core.adapter import PREFIX, BoraModule, check_against_base, load_adapter
 from bora_tools.core.devices import one_cpu_thread, resolve_device
-from bora_tools.core.lowrank import SVD_ROUTES, ZERO_NOTE, RankPolicy, balanced_exact_factors, convert_module
+from bora_tools.core.lowrank import (
+    ZERO_NOTE,
+    RankPolicy,
+    balanced_exact_factors,
+    convert_module,
+    update_rank,
+    zero_factors,
+)
 from bora_tools.errors import UnsupportedError, raise_if_problems
 from bora_tools.gguf.architectures import family_for, qk_heads, qk_row_order
 from bora_tools.gguf.report import ExportReport
@@ -158,9 +165,8 @@ def _factors(mod: BoraModule, rank: int | str, device: torch.device) -> _Prepare
     m, n = mod.shape
     if rank == "full":
         # Singular values only (no vectors): whether the update is zero, by to-lora's own test.
-        A, B, sigma = (t.to(device) for t in (mod.A, mod.B, mod.sigma))
-        if SVD_ROUTES["gram"](A, B, sigma, mod.scaling, vectors=0).rank() == 0:
-            return _Prepared(1, 0.0, ZERO_NOTE, lambda: (torch.zeros(m, 1), torch.zeros(1, n)))
+        if update_rank(mod, device=device) == 0:
+            return _Prepared(1, 0.0, ZERO_NOTE, lambda: zero_factors(m, n, torch.float32))
 
         def exact() -> tuple[torch.Tensor, torch.Tensor]:
             b_full, a_full = balanced_exact_factors(*(t.to(device) for t in (mod.A, mod.B, mod.sigma)), mod.scaling)
