@@ -13,6 +13,8 @@ import pytest
 import torch
 from families import FAMILIES, SPM_HF_DIFFERS, build_family_dir, targets
 from gguf_support import (
+    BF16_RTOL,
+    F16_RTOL,
     F32_RTOL,
     IDS,
     Q8_MIN_CORR,
@@ -122,6 +124,13 @@ def test_q8_0(case, tmp_path):
     report = export_gguf(case["adapter"], out, base=case["base"], merge=True, outtype="q8_0").to_dict()
     assert report["fallbacks"] == [] and report["types"].get("Q8_0", 0) > 0
     assert correlation(gguf_logits(out, IDS), case["want"]) > Q8_MIN_CORR
+
+
+@pytest.mark.parametrize("outtype,rtol", [("f16", F16_RTOL), ("bf16", BF16_RTOL)])
+def test_half_precision(case, tmp_path, outtype, rtol):
+    out = tmp_path / f"{outtype}.gguf"
+    export_gguf(case["adapter"], out, base=case["base"], merge=True, outtype=outtype)
+    assert relative_error(gguf_logits(out, IDS), case["want"]) < rtol
 
 
 def test_gemma2_query_scale_llama_cpp_cannot_apply_is_refused(tmp_path):
