@@ -36,11 +36,12 @@ BPE_VOCAB = 320  # config vocab_size of BPE families (300 tokens: 20 padded rows
 SPM_HF_DIFFERS = {"  leading spaces, trailing spaces   "}
 
 
-def family_config(family: str, **overrides):
+def family_config(family: str, tokenizer: str | None = None, **overrides):
     """The transformers config of a tiny ``family`` model (hidden 64, 2 layers, 4 heads, 2 KV heads)."""
     import transformers
 
     cls_name, _, tok = FAMILIES[family]
+    tok = tokenizer or tok
     common = dict(vocab_size=SPM_VOCAB if tok == "spm" else BPE_VOCAB, hidden_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
                   rms_norm_eps=1e-5)
@@ -84,11 +85,16 @@ def spm_tokenizer(path: Path):
     return spm.SentencePieceProcessor(model_proto=buf.getvalue())
 
 
-def build_family_dir(path: Path, family: str, *, seed: int = 0, init_std: float = 0.05, **overrides) -> Path:
-    """A tiny ``family`` model directory with random weights (norms too) and its kind of tokenizer."""
+def build_family_dir(path: Path, family: str, *, seed: int = 0, init_std: float = 0.05, tokenizer: str | None = None,
+                     **overrides) -> Path:
+    """A tiny ``family`` model directory with random weights (norms too) and its kind of tokenizer.
+
+    ``tokenizer`` ("bpe" or "spm") overrides the family's kind (Phi-4 is a Phi3ForCausalLM with BPE).
+    """
     from transformers import AutoModelForCausalLM
 
-    config = family_config(family, **overrides)
+    tokenizer = tokenizer or FAMILIES[family][2]
+    config = family_config(family, tokenizer, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Norms too, so that the q/k norms and Gemma's 1 + w are visibly right: around 1 as applied
@@ -98,7 +104,7 @@ def build_family_dir(path: Path, family: str, *, seed: int = 0, init_std: float 
         for _, p in model.named_parameters():
             p.normal_(0.0, init_std) if p.ndim >= 2 else p.copy_(norm_center + 0.2 * torch.randn_like(p))
     path = Path(path)
-    if FAMILIES[family][2] == "spm":
+    if tokenizer == "spm":
         model.eval().save_pretrained(path)
         spm_tokenizer(path)
     else:

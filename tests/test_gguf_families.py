@@ -133,6 +133,19 @@ def test_half_precision(case, tmp_path, outtype, rtol):
     assert relative_error(gguf_logits(out, IDS), case["want"]) < rtol
 
 
+def test_phi3_with_a_bpe_tokenizer_as_phi_4_ships(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = build_family_dir(tmp_path / "phi4", "phi3", tokenizer="bpe")
+    out = tmp_path / "m.gguf"
+    report = export_gguf(path, out, outtype="f32").to_dict()
+    assert report["vocab"]["model"] == "gpt2" and report["vocab"]["padded"] == 20
+    assert relative_error(gguf_logits(out, IDS), hf_logits(path)) < F32_RTOL
+    hf = AutoTokenizer.from_pretrained(path)
+    for text in SAMPLES:
+        assert gguf_tokenize(out, text) == hf(text).input_ids, text
+
+
 def test_gemma2_query_scale_llama_cpp_cannot_apply_is_refused(tmp_path):
     path = build_family_dir(tmp_path / "g", "gemma2")
     set_config(path, query_pre_attn_scalar=24)
