@@ -221,3 +221,29 @@ def test_mixtral_adapter_on_experts_merges_and_refuses_a_lora(tmp_path):
     assert relative_error(gguf_logits(out, IDS), want) < F32_RTOL
     with pytest.raises(UnsupportedError, match=r"experts\.0\.w1.*no tensor.*`merge`"):
         export_gguf(adapter, tmp_path / "lora.gguf", base=base, outtype="f32")
+
+
+@pytest.mark.parametrize("case", ["gemma2"], indirect=True)  # one family is enough for the command line
+def test_cli_exports_a_family_and_refuses_in_one_line(case, tmp_path):
+    """The command line: a one-pass merge with --json, and an unsupported setting as one `Error:` line."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from bora_tools.cli import cli
+
+    out = tmp_path / "m.gguf"
+    result = CliRunner().invoke(cli, ["export-gguf", str(case["adapter"]), "--base", str(case["base"]), "--merge",
+                                      "--out", str(out), "--outtype", "f32", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["architecture"] == "gemma2"
+    assert relative_error(gguf_logits(out, IDS), case["want"]) < F32_RTOL
+    bad = tmp_path / "bad"
+    shutil.copytree(case["base"], bad)
+    set_config(bad, hidden_activation="relu")
+    result = CliRunner().invoke(cli, ["export-gguf", str(bad), "--out", str(tmp_path / "x.gguf")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "activation 'relu'" in errors[0] and "gemma2" in errors[0]
+    assert not (tmp_path / "x.gguf").exists()

@@ -64,8 +64,7 @@ class Family:
     activations: tuple[str, ...] | None = None  # None: not checked (the original three families)
     tokenizers: tuple[str, ...] = (BPE, SPM)
     warn_sliding_window: bool = False  # config's sliding_window is not applied by llama.cpp's graph
-    verified: str = ""  # what the tests prove, for the docs' table
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = field(default_factory=tuple)  # what the entry handles (documentation)
 
     @property
     def name(self) -> str:
@@ -288,7 +287,8 @@ FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family(M.LLAMA, permute_qk=True),
     "MistralForCausalLM": Family(M.LLAMA, permute_qk=True, warn_sliding_window=True),  # llama.cpp runs it as llama
     "Qwen2ForCausalLM": Family(M.QWEN2),  # Qwen2 uses the HF (NeoX) rotary layout
-    "Qwen3ForCausalLM": Family(M.QWEN3, activations=SILU, notes=(_QK_NORMS, "explicit head_dim", "tied embeddings")),
+    "Qwen3ForCausalLM": Family(M.QWEN3, activations=SILU, warn_sliding_window=True,  # when use_sliding_window
+                               notes=(_QK_NORMS, "explicit head_dim", "tied embeddings")),
     "Gemma2ForCausalLM": Family(M.GEMMA2, norm_shift=1.0, read=_read_gemma2, write=_write_gemma,
                                 activations=GELU_TANH, tokenizers=(SPM, BPE),
                                 notes=("norms 1 + w", "attention and final soft-capping", "sliding-window layers",

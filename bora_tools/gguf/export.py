@@ -31,7 +31,7 @@ import torch
 
 from bora_tools.core.adapter import BoraModule, load_adapter
 from bora_tools.core.config import CONFIG_NAME
-from bora_tools.core.devices import resolve_device
+from bora_tools.core.devices import one_cpu_thread, resolve_device
 from bora_tools.core.lowrank import parse_rank
 from bora_tools.core.row_merge import RowMerger, chunk_elements, merge_plan, row_chunks
 from bora_tools.errors import ConfigError, UnsupportedError, ValidationError, raise_if_problems
@@ -171,7 +171,9 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
         writer.add_tags(["bora", "merged"])
     family.write_hparams(writer, hp)
     vocab.add_to(writer)
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    # Blocks of about 1M values: torch's CPU thread pool gains little on them and, on a shared
+    # CPU, its barriers made this 4-7x slower (docs/benchmarks.md); Q8_0 has its own pool.
+    with one_cpu_thread(device), atomic_output(out, overwrite=overwrite) as tmp:
         write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF")
     return ExportReport(kind=kind, out=str(out), architecture=family.name, hf_architecture=model.architecture,
                         outtype=outtype, **tensor_report(plan), bytes=out.stat().st_size,
