@@ -72,14 +72,21 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/dev/shm/bench-layout"))
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.workdir
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "out").mkdir(parents=True)
-    try:
+    if args.build_only:  # in a child: building in the parent would inflate every forked child's peak RSS
         size = build_model(work / "base", args.layers)
         build_adapters(work / "base", work / "bora", work / "lora-exact", args.layers)
         _make_7b_adapter(work / "bora7b")
+        (work / "size").write_text(str(size))
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "out").mkdir(parents=True)
+    try:
+        subprocess.run([sys.executable, __file__, "--a", str(args.a), "--b", str(args.b), "--layers", str(args.layers),
+                        "--workdir", str(work), "--build-only"], check=True)
+        size = int((work / "size").read_text())
         results: dict[str, dict[str, list[dict]]] = {}
         for name, cli_args in workloads(work).items():
             runs = results.setdefault(name, {"a": [], "b": []})

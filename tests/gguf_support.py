@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +45,23 @@ def hf_logits(model_dir: Path, ids=IDS) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+_shared_base: Callable[..., Path] | None = None
+
+
+def use_shared_builds(base: Callable[..., Path] | None) -> None:
+    """Make ``tiny_dir`` copy what ``base(arch, **kwargs)`` built once (conftest's ``tiny.base``); None: build."""
+    global _shared_base
+    _shared_base = base
+
+
 def tiny_dir(root: Path, arch: str, **kwargs) -> Path:
-    return build_model_dir(root / arch, arch, **kwargs)
+    """A tiny ``arch`` model directory of one's own at ``root / arch`` (``kwargs`` as for ``build_model_dir``).
+
+    In a test session it is a copy of the session's shared build of the same arguments: write into it freely.
+    """
+    if _shared_base is None:
+        return build_model_dir(root / arch, arch, **kwargs)
+    return Path(shutil.copytree(_shared_base(arch, **kwargs), Path(root) / arch))
 
 
 def set_config(model_dir: Path, **changes) -> None:
@@ -55,4 +72,5 @@ def set_config(model_dir: Path, **changes) -> None:
 
 
 __all__ = ["SAMPLES", "IDS", "F32_RTOL", "F16_RTOL", "BF16_RTOL", "Q8_MIN_CORR", "hf_logits", "tiny_dir",
-           "set_config", "gguf_logits", "gguf_tokenize", "relative_error", "correlation", "needs_llama_cpp"]
+           "use_shared_builds", "set_config", "gguf_logits", "gguf_tokenize", "relative_error", "correlation",
+           "needs_llama_cpp"]

@@ -14,33 +14,23 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from bora_tools.cli import cli
-from bora_tools.core.config import BoraConfig
-from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
 from bora_tools.io.model_dir import INDEX_FILE
-from bora_tools.training import add_bora, randomize_bora, save_bora
 
 ST = "adapter_model.safetensors"
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pristine")
-    model = build_model("llama")
-    base = save_model_dir(model, root / "base", max_shard_size="40KB")
-    add_bora(model, BoraConfig(r=4, bora_blocks=2, lora_alpha=8, target_modules=default_targets("llama")))
-    randomize_bora(model)
-    adapter = save_bora(model, root / "adapter")
-    other = build_model("llama", hidden=32, intermediate=64)
-    add_bora(other, BoraConfig(r=4, bora_blocks=2, target_modules=default_targets("llama")))
-    other_adapter = save_bora(other, root / "other-adapter")
-    return {"base": base, "adapter": adapter, "other": other_adapter}
+def pristine(tiny, llama_sharded):
+    adapter = tiny.adapter("llama", r=4, bora_blocks=2, lora_alpha=8)
+    other = tiny.adapter("llama", model_kwargs=dict(hidden=32, intermediate=64), r=4, bora_blocks=2, randomize=None)
+    return {"base": llama_sharded, "adapter": adapter.path, "other": other.path}
 
 
 @pytest.fixture
-def work(tmp_path, pristine):
+def work(tmp_path, pristine, fresh_copy):
     """Fresh copies of the inputs, and an empty directory for outputs."""
-    paths = {k: shutil.copytree(v, tmp_path / k) for k, v in pristine.items()}
+    paths = {k: fresh_copy(v, k) for k, v in pristine.items()}
     paths["outdir"] = tmp_path / "outdir"
     paths["outdir"].mkdir()
     return paths

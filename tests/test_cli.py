@@ -9,20 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from bora_tools.cli import cli
-from bora_tools.core.config import BoraConfig
-from bora_tools.demo.tiny import build_model, default_targets
-from bora_tools.training import add_bora, randomize_bora, save_bora
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory):
-    model = build_model("llama")
-    cfg = BoraConfig(
-        r=4, bora_blocks=4, lora_alpha=8, target_modules=default_targets("llama"), rank_pattern={"o_proj": 2}
-    )
-    add_bora(model, cfg)
-    randomize_bora(model)
-    return save_bora(model, tmp_path_factory.mktemp("a") / "adapter")
+def adapter_dir(tiny):
+    return tiny.adapter("llama", r=4, bora_blocks=4, lora_alpha=8, rank_pattern={"o_proj": 2}).path
 
 
 def run(*args):
@@ -50,9 +41,9 @@ def test_inspect_table(adapter_dir):
     assert result.exit_code == 0 and "model.layers.1.mlp.down_proj" in result.stdout and "16/16" in result.stdout
 
 
-def test_inspect_rank_of_fresh_adapter_is_zero(tmp_path):
-    model = add_bora(build_model("llama"), BoraConfig(r=2, bora_blocks=2, target_modules=["q_proj"]))
-    result = run("inspect", save_bora(model, tmp_path / "a"), "--json")
+def test_inspect_rank_of_fresh_adapter_is_zero(tiny):
+    fresh = tiny.adapter("llama", r=2, bora_blocks=2, target_modules=["q_proj"], randomize=None)
+    result = run("inspect", fresh.path, "--json")
     assert all(m["rank"] == 0 for m in json.loads(result.stdout)["modules"])
 
 

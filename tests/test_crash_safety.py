@@ -10,23 +10,17 @@ import time
 
 import pytest
 
-from bora_tools.core.config import BoraConfig
-from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
-from bora_tools.training import add_bora, randomize_bora, save_bora
-
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses Linux signals and rlimits")
 
 
+LARGE = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1024)
+
+
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tiny):
     """A base of ~40 MB (float32) so that writing takes long enough to be interrupted."""
-    root = tmp_path_factory.mktemp("crash")
-    model = build_model("llama", hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1024)
-    base = save_model_dir(model, root / "base", max_shard_size="10MB")
-    add_bora(model, BoraConfig(r=4, bora_blocks=4, target_modules=default_targets("llama")))
-    randomize_bora(model)
-    adapter = save_bora(model, root / "adapter")
-    return base, adapter
+    base = tiny.base("llama", max_shard_size="10MB", **LARGE)
+    return base, tiny.adapter("llama", model_kwargs=LARGE, r=4, bora_blocks=4).path
 
 
 def argv(command, base, adapter, out):

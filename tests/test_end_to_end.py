@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ from test_to_lora import _dense_dw, _lora_layers, _peft_delta
 from bora_tools.core.adapter import load_adapter
 from bora_tools.core.config import BoraConfig
 from bora_tools.demo.llama_run import llama_cpp_available
-from bora_tools.demo.tiny import TEXT, build_model, default_targets, save_model_dir
+from bora_tools.demo.tiny import TEXT, build_model, default_targets
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
 # huggingface_hub itself passes file objects as `data=` to its HTTP client, which warns about it.
@@ -53,13 +54,13 @@ def _bora_logits(model) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory):
+def flow(tmp_path_factory, llama_base):
     """A tiny llama directory, a BoRA adapter trained on it and saved, the logits before and after."""
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("e2e")
-    model = build_model("llama", seed=0)
-    base = save_model_dir(model, root / "base")
+    base = shutil.copytree(llama_base, root / "base")  # the flow's directory: the commands run in it, by name
+    model = build_model("llama", seed=0)  # the base's weights, in memory, to train the adapter on
     base_logits = _bora_logits(model)
     config = BoraConfig(r=R, bora_blocks=BLOCKS, lora_alpha=ALPHA, target_modules=default_targets("llama"),
                         task_type="CAUSAL_LM", base_model_name_or_path=str(base))

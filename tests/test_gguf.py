@@ -30,12 +30,11 @@ pytestmark = needs_llama_cpp
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tiny):
     """Tiny llama / qwen2 / mistral directories (vocab 320 > tokenizer 300) and their HF logits."""
-    root = tmp_path_factory.mktemp("gguf-models")
     out = {}
     for arch in ("llama", "qwen2", "mistral"):
-        path = tiny_dir(root, arch)
+        path = tiny.base(arch)
         out[arch] = (path, hf_logits(path))
     return out
 
@@ -82,9 +81,9 @@ def test_q8_0_logits_correlate(models, tmp_path, arch):
     assert tensors["token_embd.weight"].tensor_type == Q.Q8_0
 
 
-def test_q8_0_falls_back_where_rows_are_not_multiples_of_32(tmp_path, caplog):
+def test_q8_0_falls_back_where_rows_are_not_multiples_of_32(tiny, tmp_path, caplog):
     # intermediate 80: ffn_down's rows (its input dimension) hold 80 values, not a multiple of 32
-    path = tiny_dir(tmp_path, "llama", intermediate=80)
+    path = tiny.base("llama", intermediate=80)
     want = hf_logits(path)
     out = tmp_path / "m.gguf"
     with caplog.at_level("WARNING", logger="bora_tools"):
@@ -198,9 +197,9 @@ def test_streams_a_block_of_rows_at_a_time(models, tmp_path, monkeypatch):
     assert (tmp_path / "blocks.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
 
 
-def test_sharded_model_exports_the_same_file(tmp_path):
-    single = tiny_dir(tmp_path / "a", "llama")
-    sharded = tiny_dir(tmp_path / "b", "llama", max_shard_size="40KB")
+def test_sharded_model_exports_the_same_file(tmp_path, llama_base, llama_sharded):
+    single = llama_base
+    sharded = llama_sharded
     assert (sharded / "model.safetensors.index.json").is_file()
     export_gguf(single, tmp_path / "a.gguf", outtype="f32")
     export_gguf(sharded, tmp_path / "b.gguf", outtype="f32")

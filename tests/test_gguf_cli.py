@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import gguf
 import pytest
 import torch
 from click.testing import CliRunner
-from gguf_support import set_config, tiny_dir
+from gguf_support import set_config
 from safetensors.torch import load_file, save_file
 
 from bora_tools.cli import cli
-from bora_tools.core.config import BoraConfig
-from bora_tools.training import add_bora, randomize_bora, save_bora
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
+def dirs(tmp_path_factory, tiny):
+    """A directory that holds a llama base and an adapter on it (copies: the tests aim outputs at all three)."""
     root = tmp_path_factory.mktemp("gguf-cli")
-    base = tiny_dir(root, "llama")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    add_bora(model, BoraConfig(r=2, bora_blocks=2, target_modules=["q_proj", "v_proj"]))
-    randomize_bora(model)
-    return root, base, save_bora(model, root / "adapter")
+    base = shutil.copytree(tiny.base("llama"), root / "llama")
+    adapter = tiny.adapter("llama", r=2, bora_blocks=2, target_modules=["q_proj", "v_proj"]).path
+    return root, base, shutil.copytree(adapter, root / "adapter")
 
 
 def run(*args):
@@ -98,17 +94,15 @@ def test_option_combinations_refused(dirs, tmp_path):
 
 
 def _copy(base, tmp_path):
-    import shutil
-
     path = tmp_path / "model"
     shutil.copytree(base, path)
     return path
 
 
-def test_bad_models_refused(dirs, tmp_path):
+def test_bad_models_refused(dirs, tmp_path, gpt2_base):
     _, base, _ = dirs
     out = tmp_path / "x.gguf"
-    gpt2 = tiny_dir(tmp_path, "gpt2")
+    gpt2 = gpt2_base
     assert_refused(run("export-gguf", gpt2, "--out", out), "GPT2LMHeadModel", "not supported")
 
     model = _copy(base, tmp_path)
@@ -135,9 +129,9 @@ def test_unknown_tensor_refused(dirs, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_adapter_for_another_base_refused(dirs, tmp_path):
+def test_adapter_for_another_base_refused(dirs, tmp_path, tiny):
     _, _, adapter = dirs
-    other = tiny_dir(tmp_path, "llama", hidden=32, heads=2, kv_heads=1)
+    other = tiny.base("llama", hidden=32, heads=2, kv_heads=1)
     for extra in ([], ["--merge"]):
         assert_refused(run("export-gguf", adapter, "--base", other, "--out", tmp_path / "x.gguf", *extra),
                        "q_proj", "another base model")

@@ -22,7 +22,6 @@ from bora_tools.core import row_merge
 from bora_tools.core.adapter import load_adapter
 from bora_tools.core.config import BoraConfig
 from bora_tools.core.factors import delta_weight
-from bora_tools.demo.tiny import default_targets
 from bora_tools.errors import UnsupportedError
 from bora_tools.gguf.export import export_gguf
 from bora_tools.training import add_bora, randomize_bora, save_bora
@@ -45,21 +44,26 @@ def _logits(model) -> np.ndarray:
         return model(torch.tensor([IDS])).logits[0].numpy()
 
 
+def _bora_logits(made) -> np.ndarray:
+    """The logits of the BoRA model a shared adapter was saved from."""
+    return made.logits(torch.tensor([IDS]))[0].numpy()
+
+
+def _base_logits(made) -> np.ndarray:
+    return made.base_logits(torch.tensor([IDS]))[0].numpy()
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
-def case(request, tmp_path_factory):
+def case(request, tmp_path_factory, tiny):
     """A base directory, its f32 GGUF, a randomised BoRA adapter and the BoRA model's logits."""
     arch = request.param
     root = tmp_path_factory.mktemp(f"lora-{arch}")
-    base = tiny_dir(root, arch)
-    model = _model(base)
-    base_logits = _logits(model)
-    add_bora(model, BoraConfig(**CONFIG, target_modules=default_targets(arch)))
-    randomize_bora(model, seed=3)
-    adapter = save_bora(model, root / "adapter")
+    base = tiny.base(arch)
+    made = tiny.adapter(arch, randomize=3, **CONFIG)
     base_gguf = root / "base.gguf"
     export_gguf(base, base_gguf, outtype="f32")
-    return dict(arch=arch, root=root, base=base, adapter=adapter, base_gguf=base_gguf, base_logits=base_logits,
-                bora_logits=_logits(model))
+    return dict(arch=arch, root=root, base=base, adapter=made.path, base_gguf=base_gguf,
+                base_logits=_base_logits(made), bora_logits=_bora_logits(made))
 
 
 def test_lora_gguf_on_base_gguf_gives_the_bora_logits(case, tmp_path):
@@ -138,15 +142,17 @@ def test_f16_lora_and_q8_0_merge(case, tmp_path):
     assert correlation(gguf_logits(merged8, IDS), case["bora_logits"]) > Q8_MIN_CORR
 
 
-def test_modules_to_save_merge_and_lora_refusal(tmp_path):
-    base = tiny_dir(tmp_path, "llama")
-    model = _model(base)
-    add_bora(model, BoraConfig(r=2, bora_blocks=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    randomize_bora(model, seed=5)
+def _scale_saved_lm_head(model):
     with torch.no_grad():
         model.lm_head.module.weight.mul_(1.5)  # the saved copy differs from the base
-    adapter = save_bora(model, tmp_path / "adapter")
-    want = _logits(model)
+
+
+def test_modules_to_save_merge_and_lora_refusal(tmp_path, tiny, llama_base):
+    base = llama_base
+    made = tiny.adapter("llama", r=2, bora_blocks=2, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                        randomize=5, edit=_scale_saved_lm_head)
+    adapter = made.path
+    want = _bora_logits(made)
     with pytest.raises(UnsupportedError, match=r"modules_to_save .*lm_head") as err:
         export_gguf(adapter, tmp_path / "lora.gguf", base=base)
     assert "`merge`" in err.value.one_line()  # the parameter; the CLI shows it as --merge
@@ -191,15 +197,14 @@ def test_exact_factors_built_once_per_module(case, tmp_path, monkeypatch):
     assert len(built) == len(report["modules"]) == 14
 
 
-def test_zero_update_is_rank_1_zeros_with_a_note(tmp_path):
+def test_zero_update_is_rank_1_zeros_with_a_note(tmp_path, tiny, llama_base):
     """A fresh adapter (B = 0): both modes write rank 1 zeros, say so, and llama.cpp runs the base unchanged."""
     from bora_tools.core.lowrank import ZERO_NOTE
 
-    base = tiny_dir(tmp_path, "llama")
-    model = _model(base)
-    base_logits = _logits(model)
-    add_bora(model, BoraConfig(r=2, bora_blocks=2, target_modules=["q_proj", "v_proj"]))
-    adapter = save_bora(model, tmp_path / "adapter")
+    base = llama_base
+    made = tiny.adapter("llama", r=2, bora_blocks=2, target_modules=["q_proj", "v_proj"], randomize=None)
+    base_logits = _base_logits(made)
+    adapter = made.path
     export_gguf(base, tmp_path / "base.gguf", outtype="f32")
     for rank in ("full", 2):
         lora = tmp_path / f"lora-{rank}.gguf"

@@ -19,12 +19,10 @@ from bora_tools.core.adapter import PREFIX, load_adapter
 from bora_tools.core.config import BoraConfig
 from bora_tools.core.factors import delta_weight
 from bora_tools.core.row_merge import merge_plan, merged_weight
-from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
 from bora_tools.errors import ShapeError
 from bora_tools.io.model_dir import INDEX_FILE, ModelDir
 from bora_tools.io.safetensors import SafetensorsWriter, TensorSpec
 from bora_tools.merge import merge_adapter
-from bora_tools.training import add_bora, randomize_bora, save_bora
 
 ATOL_LOGITS = 1e-4
 IDS = torch.tensor([[0, 17, 42, 99, 3, 250, 7, 64, 128, 5]])
@@ -35,22 +33,19 @@ def _logits(model) -> torch.Tensor:
         return model(IDS).logits.float()
 
 
-def _make(tmp: Path, arch: str, *, dtype=torch.float32, shard="40KB", model_kw=None, **cfg) -> dict:
-    """A sharded base directory, a randomised BoRA adapter on it, and the reference logits."""
-    model = build_model(arch, seed=0, **(model_kw or {}))
-    base_dir = save_model_dir(model.to(dtype), tmp / f"{arch}-base", max_shard_size=shard)
-    model = model.float()
-    base_logits = _logits(model)
-    cfg.setdefault("target_modules", default_targets(arch))
-    config = BoraConfig(**{"r": 4, "bora_blocks": 4, "lora_alpha": 8, **cfg})
-    add_bora(model, config)
-    randomize_bora(model, seed=1)
-    return {"model": model, "base": base_dir, "base_logits": base_logits, "config": config}
+def _adapter(tiny, arch: str, *, model_kw=None, edit=None, **cfg):
+    """A randomised BoRA adapter on the tiny ``arch`` model, saved (shared: read only)."""
+    return tiny.adapter(arch, model_kwargs=model_kw, randomize=1, edit=edit,
+                        **{"r": 4, "bora_blocks": 4, "lora_alpha": 8, **cfg})
 
 
-def _save(case: dict, tmp: Path) -> Path:
-    case["bora_logits"] = _logits(case["model"])
-    return save_bora(case["model"], tmp / "adapter")
+def _make(tiny, arch: str, *, dtype=torch.float32, shard="40KB", edit=None, **cfg) -> dict:
+    """A sharded base directory, a randomised BoRA adapter on it (both shared: read only), the reference logits."""
+    made = _adapter(tiny, arch, edit=edit, **cfg)
+    case = {"base": tiny.base(arch, max_shard_size=shard, dtype=dtype), "adapter": made.path, "config": made.config}
+    if dtype == torch.float32:  # the models in memory hold the base directory's weights
+        case |= {"base_logits": made.base_logits(IDS), "bora_logits": made.logits(IDS)}
+    return case
 
 
 def _no_leftovers(out: Path) -> bool:
@@ -69,11 +64,11 @@ def _dw64(adapter, name: str, scale: float = 1.0) -> torch.Tensor:
     ("qwen2", {}),
     ("gpt2", {"fan_in_fan_out": True}),
 ])
-def test_merged_model_gives_the_bora_logits(tmp_path, arch, cfg):
+def test_merged_model_gives_the_bora_logits(tiny, tmp_path, arch, cfg):
     from transformers import AutoModelForCausalLM
 
-    case = _make(tmp_path, arch, **cfg)
-    adapter = _save(case, tmp_path)
+    case = _make(tiny, arch, **cfg)
+    adapter = case["adapter"]
     assert (case["bora_logits"] - case["base_logits"]).abs().max() > 0.1  # the adapter visibly changes the output
     report = merge_adapter(adapter, case["base"], tmp_path / "out")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -86,39 +81,44 @@ def test_merged_model_gives_the_bora_logits(tmp_path, arch, cfg):
         assert (tmp_path / "out" / name).read_bytes() == (case["base"] / name).read_bytes()
 
 
-def test_modules_to_save_replace_the_base_tensor(tmp_path):
+def _shift_saved_lm_head(model):
+    with torch.no_grad():
+        model.lm_head.module.weight.add_(0.05)
+
+
+def test_modules_to_save_replace_the_base_tensor(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    case = _make(tmp_path, "llama", target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
-    with torch.no_grad():
-        case["model"].lm_head.module.weight.add_(0.05)
-    adapter = _save(case, tmp_path)
+    case = _make(tiny, "llama", target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                 edit=_shift_saved_lm_head)
+    adapter = case["adapter"]
     report = merge_adapter(adapter, case["base"], tmp_path / "out")
     assert report.replaced == 1
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert (_logits(merged) - case["bora_logits"]).abs().max() < ATOL_LOGITS
 
 
-def test_merges_a_base_in_the_hugging_face_cache(tmp_path):
+def test_merges_a_base_in_the_hugging_face_cache(tiny, tmp_path):
     # huggingface_hub's layout: every file of snapshots/<rev>/ is a symlink to ../../blobs/<hash>.
     from test_model_dir import hub_snapshot
     from transformers import AutoModelForCausalLM
 
-    case = _make(tmp_path, "llama")
+    case = _make(tiny, "llama")
     snap = hub_snapshot(case["base"], tmp_path / "hub")
-    merge_adapter(_save(case, tmp_path), snap, tmp_path / "out")
+    merge_adapter(case["adapter"], snap, tmp_path / "out")
     assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())  # real files, not links into the cache
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert (_logits(merged) - case["bora_logits"]).abs().max() < ATOL_LOGITS
 
 
-def test_stale_weight_files_stay_out_of_the_merged_model(tmp_path):
-    case = _make(tmp_path, "llama", target_modules=["v_proj"])
-    adapter = _save(case, tmp_path)
+def test_stale_weight_files_stay_out_of_the_merged_model(tiny, tmp_path, fresh_copy):
+    case = _make(tiny, "llama", target_modules=["v_proj"])
+    adapter = case["adapter"]
+    base = fresh_copy(case["base"])
     stale = ["consolidated.safetensors", "model.safetensors", "pytorch_model.bin", "original.pth", "model-q8.gguf"]
     for name in stale:
-        (case["base"] / name).write_bytes(b"stale weights")
-    result = _run(adapter, "--base", case["base"], "--out", tmp_path / "out")
+        (base / name).write_bytes(b"stale weights")
+    result = _run(adapter, "--base", base, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 1 and all(name in warnings[0] for name in stale)
@@ -135,9 +135,9 @@ def _base_tensors(base: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_float32_merge_within_1e6_of_float64(tmp_path):
-    case = _make(tmp_path, "llama")
-    adapter_dir = _save(case, tmp_path)
+def test_float32_merge_within_1e6_of_float64(tiny, tmp_path):
+    case = _make(tiny, "llama")
+    adapter_dir = case["adapter"]
     merge_adapter(adapter_dir, case["base"], tmp_path / "out", scale=0.5)
     adapter, base, merged = load_adapter(adapter_dir), _base_tensors(case["base"]), _base_tensors(tmp_path / "out")
     for name in adapter.modules:
@@ -148,9 +148,9 @@ def test_float32_merge_within_1e6_of_float64(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_merge_rounds_once_and_copies_the_rest_byte_for_byte(tmp_path, dtype):
-    case = _make(tmp_path, "qwen2", dtype=dtype)
-    adapter_dir = _save(case, tmp_path)
+def test_half_merge_rounds_once_and_copies_the_rest_byte_for_byte(tiny, tmp_path, dtype):
+    case = _make(tiny, "qwen2", dtype=dtype)
+    adapter_dir = case["adapter"]
     report = merge_adapter(adapter_dir, case["base"], tmp_path / "out")
     adapter, base, merged = load_adapter(adapter_dir), _base_tensors(case["base"]), _base_tensors(tmp_path / "out")
     for name in adapter.modules:
@@ -171,20 +171,20 @@ def _raw(entry) -> bytes:
         return f.read(entry.nbytes)
 
 
-def test_scale_zero_reproduces_the_base_files_byte_for_byte(tmp_path):
+def test_scale_zero_reproduces_the_base_files_byte_for_byte(tiny, tmp_path):
     # W + 0 * dW == W exactly: what is left to differ is the writer, whose
     # header and layout must be safetensors' own (the base was written by it).
-    case = _make(tmp_path, "gpt2", fan_in_fan_out=True)
-    merge_adapter(_save(case, tmp_path), case["base"], tmp_path / "out", scale=0.0)
+    case = _make(tiny, "gpt2", fan_in_fan_out=True)
+    merge_adapter(case["adapter"], case["base"], tmp_path / "out", scale=0.0)
     for f in case["base"].iterdir():
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def test_dtype_bfloat16_casts_a_float32_base(tmp_path):
+def test_dtype_bfloat16_casts_a_float32_base(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    case = _make(tmp_path, "llama")
-    adapter_dir = _save(case, tmp_path)
+    case = _make(tiny, "llama")
+    adapter_dir = case["adapter"]
     report = merge_adapter(adapter_dir, case["base"], tmp_path / "out", dtype="bfloat16")
     merged = _base_tensors(tmp_path / "out")
     assert {t.dtype for t in merged.values()} == {torch.bfloat16}
@@ -197,12 +197,12 @@ def test_dtype_bfloat16_casts_a_float32_base(tmp_path):
     assert (_logits(model) - case["bora_logits"]).abs().max() < 0.1  # bfloat16 weights: a looser, explicit bound
 
 
-def test_single_file_base(tmp_path):
+def test_single_file_base(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    case = _make(tmp_path, "llama", shard="10GB")
+    case = _make(tiny, "llama", shard="10GB")
     assert (case["base"] / "model.safetensors").is_file()
-    merge_adapter(_save(case, tmp_path), case["base"], tmp_path / "out")
+    merge_adapter(case["adapter"], case["base"], tmp_path / "out")
     assert not (tmp_path / "out" / INDEX_FILE).exists()
     with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
@@ -230,9 +230,9 @@ def test_merged_weight_in_small_chunks(monkeypatch, fan_in_fan_out):
         merged_weight(torch.zeros(m + 4, n), mod, fan_in_fan_out=fan_in_fan_out)
 
 
-def test_merge_plan_names_base_tensors(tmp_path):
-    case = _make(tmp_path, "llama", target_modules=["q_proj"], modules_to_save=["lm_head"])
-    plan = merge_plan(load_adapter(_save(case, tmp_path)), ModelDir.open(case["base"]))
+def test_merge_plan_names_base_tensors(tiny, tmp_path):
+    case = _make(tiny, "llama", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    plan = merge_plan(load_adapter(case["adapter"]), ModelDir.open(case["base"]))
     assert sorted(plan) == ["lm_head.weight", "model.layers.0.self_attn.q_proj.weight",
                             "model.layers.1.self_attn.q_proj.weight"]
     assert isinstance(plan["lm_head.weight"], torch.Tensor)
@@ -295,12 +295,8 @@ def _run(*args) -> object:
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("llama")
-    case = _make(tmp, "llama")
-    case["adapter"] = _save(case, tmp)
-    case["tmp"] = tmp
-    return case
+def llama(tiny) -> dict:
+    return _make(tiny, "llama")
 
 
 def test_cli_merges_and_reports_json(llama, tmp_path):
@@ -365,24 +361,28 @@ def _poke(base: Path, name: str, value: float) -> None:
     save_file(tensors, entry.shard, metadata={"format": "pt"})
 
 
-def test_refuses_float16_overflow_in_an_untouched_tensor(tmp_path):
-    case = _make(tmp_path, "llama", target_modules=["v_proj"])
-    adapter = _save(case, tmp_path)
-    _poke(case["base"], "model.layers.1.mlp.up_proj.weight", 1e6)  # fine in float32, not in float16
+def test_refuses_float16_overflow_in_an_untouched_tensor(tiny, tmp_path, fresh_copy):
+    case = _make(tiny, "llama", target_modules=["v_proj"])
+    adapter = case["adapter"]
+    base = fresh_copy(case["base"])
+    _poke(base, "model.layers.1.mlp.up_proj.weight", 1e6)  # fine in float32, not in float16
     _expect_refusal(
         tmp_path / "out",
-        _run(adapter, "--base", case["base"], "--out", tmp_path / "out", "--dtype", "float16"),
+        _run(adapter, "--base", base, "--out", tmp_path / "out", "--dtype", "float16"),
         "model.layers.1.mlp.up_proj.weight",
         "overflows float16",
     )
-    assert merge_adapter(adapter, case["base"], tmp_path / "out", dtype="bfloat16").converted > 0  # bfloat16 holds it
+    assert merge_adapter(adapter, base, tmp_path / "out", dtype="bfloat16").converted > 0  # bfloat16 holds it
 
 
-def test_refuses_float16_overflow_in_a_modules_to_save_tensor(tmp_path):
-    case = _make(tmp_path, "llama", target_modules=["v_proj"], modules_to_save=["lm_head"])
+def _overflow_saved_lm_head(model):
     with torch.no_grad():
-        case["model"].lm_head.module.weight[3, 5] = 1e6
-    adapter = _save(case, tmp_path)
+        model.lm_head.module.weight[3, 5] = 1e6
+
+
+def test_refuses_float16_overflow_in_a_modules_to_save_tensor(tiny, tmp_path):
+    case = _make(tiny, "llama", target_modules=["v_proj"], modules_to_save=["lm_head"], edit=_overflow_saved_lm_head)
+    adapter = case["adapter"]
     _expect_refusal(
         tmp_path / "out",
         _run(adapter, "--base", case["base"], "--out", tmp_path / "out", "--dtype", "float16"),
@@ -391,9 +391,8 @@ def test_refuses_float16_overflow_in_a_modules_to_save_tensor(tmp_path):
     )
 
 
-def test_refuses_module_absent_from_base(llama, tmp_path):
-    other = _make(tmp_path, "llama", model_kw={"layers": 3})  # layer 2 does not exist in the 2-layer base
-    adapter = _save(other, tmp_path)
+def test_refuses_module_absent_from_base(llama, tiny, tmp_path):
+    adapter = _adapter(tiny, "llama", model_kw={"layers": 3}).path  # layer 2 does not exist in the 2-layer base
     _expect_refusal(
         tmp_path / "out",
         _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
@@ -402,9 +401,8 @@ def test_refuses_module_absent_from_base(llama, tmp_path):
     )
 
 
-def test_refuses_mismatched_shapes(llama, tmp_path):
-    other = _make(tmp_path, "llama", model_kw={"intermediate": 96})
-    adapter = _save(other, tmp_path)
+def test_refuses_mismatched_shapes(llama, tiny, tmp_path):
+    adapter = _adapter(tiny, "llama", model_kw={"intermediate": 96}).path
     _expect_refusal(
         tmp_path / "out",
         _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
@@ -462,11 +460,8 @@ def test_refuses_non_finite_values(llama, tmp_path):
     )
 
 
-def test_refuses_shard_names_outside_the_base(llama, tmp_path):
-    import shutil
-
-    base = tmp_path / "base"
-    shutil.copytree(llama["base"], base)
+def test_refuses_shard_names_outside_the_base(llama, tmp_path, fresh_copy):
+    base = fresh_copy(llama["base"], "base")
     index = json.loads((base / INDEX_FILE).read_text())
     index["weight_map"]["lm_head.weight"] = "../evil.safetensors"
     (base / INDEX_FILE).write_text(json.dumps(index))
@@ -475,17 +470,17 @@ def test_refuses_shard_names_outside_the_base(llama, tmp_path):
     )
 
 
-def test_refuses_tied_lm_head(tmp_path):
-    case = _make(tmp_path, "qwen2", target_modules=["q_proj", "lm_head"])
-    adapter = _save(case, tmp_path)
+def test_refuses_tied_lm_head(tiny, tmp_path):
+    case = _make(tiny, "qwen2", target_modules=["q_proj", "lm_head"])
+    adapter = case["adapter"]
     _expect_refusal(
         tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out"), "lm_head", "tie"
     )
 
 
-def test_refuses_float16_overflow(tmp_path):
-    case = _make(tmp_path, "llama", dtype=torch.float16, target_modules=["v_proj"])
-    adapter = _save(case, tmp_path)
+def test_refuses_float16_overflow(tiny, tmp_path):
+    case = _make(tiny, "llama", dtype=torch.float16, target_modules=["v_proj"])
+    adapter = case["adapter"]
     _expect_refusal(
         tmp_path / "out",
         _run(adapter, "--base", case["base"], "--out", tmp_path / "out", "--scale", "1e9"),

@@ -9,33 +9,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bora_tools.demo.tiny import build_model_dir
 from bora_tools.errors import ModelDirError, UnsafePathError
 from bora_tools.io.model_dir import INDEX_FILE, ModelDir, read_header, read_tensor
 from bora_tools.progress import logger
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.mktemp("m") / "llama", "llama", max_shard_size="40KB")
-
-
-def copy_dir(src, dst):
-    import shutil
-    shutil.copytree(src, dst)
-    return dst
-
-
-def test_reads_every_tensor_like_safetensors(sharded):
-    md = ModelDir.open(sharded)
+def test_reads_every_tensor_like_safetensors(llama_sharded):
+    md = ModelDir.open(llama_sharded)
     assert len(md.shard_names) > 1 and md.architecture == "LlamaForCausalLM"
     seen = 0
     for shard in md.shard_names:
-        ref = load_file(sharded / shard)
+        ref = load_file(llama_sharded / shard)
         for entry in md.shard_entries(shard):
             assert torch.equal(read_tensor(entry), ref[entry.name])
             seen += 1
-    assert seen == len(md.entries) == len(json.loads((sharded / INDEX_FILE).read_text())["weight_map"])
+    assert seen == len(md.entries) == len(json.loads((llama_sharded / INDEX_FILE).read_text())["weight_map"])
     names = {p.name for p in md.other_files()}
     assert {"config.json", "tokenizer.json", "generation_config.json"} <= names and INDEX_FILE not in names
 
@@ -70,8 +58,8 @@ def test_header_length_beyond_file(tmp_path):
 
 
 @pytest.mark.parametrize("shard", ["../evil.safetensors", "/etc/passwd", "sub/x.safetensors", "..", ""])
-def test_index_naming_shards_outside_is_refused(tmp_path, sharded, shard):
-    d = copy_dir(sharded, tmp_path / "m")
+def test_index_naming_shards_outside_is_refused(llama_sharded, fresh_copy, shard):
+    d = fresh_copy(llama_sharded, "m")
     index = json.loads((d / INDEX_FILE).read_text())
     index["weight_map"]["lm_head.weight"] = shard
     (d / INDEX_FILE).write_text(json.dumps(index))
@@ -79,8 +67,8 @@ def test_index_naming_shards_outside_is_refused(tmp_path, sharded, shard):
         ModelDir.open(d)
 
 
-def test_symlinked_shard_leading_outside_is_refused(tmp_path, sharded):
-    d = copy_dir(sharded, tmp_path / "m")
+def test_symlinked_shard_leading_outside_is_refused(tmp_path, llama_sharded, fresh_copy):
+    d = fresh_copy(llama_sharded, "m")
     outside = tmp_path / "outside.safetensors"
     name = json.loads((d / INDEX_FILE).read_text())["weight_map"]["lm_head.weight"]
     os.replace(d / name, outside)
@@ -89,8 +77,8 @@ def test_symlinked_shard_leading_outside_is_refused(tmp_path, sharded):
         ModelDir.open(d)
 
 
-def test_missing_shard_and_missing_weights(tmp_path, sharded):
-    d = copy_dir(sharded, tmp_path / "m")
+def test_missing_shard_and_missing_weights(llama_sharded, fresh_copy):
+    d = fresh_copy(llama_sharded, "m")
     name = json.loads((d / INDEX_FILE).read_text())["weight_map"]["lm_head.weight"]
     os.remove(d / name)
     with pytest.raises(ModelDirError, match=f"shard {name} is missing"):
@@ -101,8 +89,8 @@ def test_missing_shard_and_missing_weights(tmp_path, sharded):
         ModelDir.open(d)
 
 
-def test_index_naming_a_tensor_its_shard_lacks(tmp_path, sharded):
-    d = copy_dir(sharded, tmp_path / "m")
+def test_index_naming_a_tensor_its_shard_lacks(llama_sharded, fresh_copy):
+    d = fresh_copy(llama_sharded, "m")
     index = json.loads((d / INDEX_FILE).read_text())
     first = sorted(set(index["weight_map"].values()))[0]
     index["weight_map"]["ghost.weight"] = first
@@ -111,8 +99,8 @@ def test_index_naming_a_tensor_its_shard_lacks(tmp_path, sharded):
         ModelDir.open(d)
 
 
-def test_bad_config(tmp_path, sharded):
-    d = copy_dir(sharded, tmp_path / "m")
+def test_bad_config(llama_sharded, fresh_copy):
+    d = fresh_copy(llama_sharded, "m")
     (d / "config.json").write_text("[1")
     with pytest.raises(ModelDirError, match="config.json: not valid JSON"):
         ModelDir.open(d)
@@ -142,8 +130,8 @@ class Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_other_files_leave_out_weights_that_are_not_shards(tmp_path, sharded):
-    d = copy_dir(sharded, tmp_path / "m")
+def test_other_files_leave_out_weights_that_are_not_shards(llama_sharded, fresh_copy):
+    d = fresh_copy(llama_sharded, "m")
     for name in STALE:
         (d / name).write_bytes(b"stale weights")
     collect = Collect()  # on the logger itself: the CLI stops it propagating to pytest's handler
@@ -152,7 +140,7 @@ def test_other_files_leave_out_weights_that_are_not_shards(tmp_path, sharded):
         names = {p.name for p in ModelDir.open(d).other_files()}
     finally:
         logger.removeHandler(collect)
-    assert names == {p.name for p in ModelDir.open(sharded).other_files()}
+    assert names == {p.name for p in ModelDir.open(llama_sharded).other_files()}
     assert {"config.json", "tokenizer.json"} <= names and not names & set(STALE)
     assert len(collect.messages) == 1 and all(name in collect.messages[0] for name in STALE)
 
@@ -172,17 +160,17 @@ def hub_snapshot(src, root):
     return snap
 
 
-def test_hub_cache_snapshot_opens(tmp_path, sharded):
-    snap = hub_snapshot(sharded, tmp_path / "hub")
+def test_hub_cache_snapshot_opens(tmp_path, llama_sharded):
+    snap = hub_snapshot(llama_sharded, tmp_path / "hub")
     md = ModelDir.open(snap)
     assert all((snap / n).is_symlink() for n in md.shard_names)
-    for name, entry in ModelDir.open(sharded).entries.items():
+    for name, entry in ModelDir.open(llama_sharded).entries.items():
         assert torch.equal(md.load(name), read_tensor(entry))
-    assert {p.name for p in md.other_files()} == {p.name for p in ModelDir.open(sharded).other_files()}
+    assert {p.name for p in md.other_files()} == {p.name for p in ModelDir.open(llama_sharded).other_files()}
 
 
-def test_hub_cache_symlink_outside_its_blobs_is_refused(tmp_path, sharded):
-    snap = hub_snapshot(sharded, tmp_path / "hub")
+def test_hub_cache_symlink_outside_its_blobs_is_refused(tmp_path, llama_sharded):
+    snap = hub_snapshot(llama_sharded, tmp_path / "hub")
     name = json.loads((snap / INDEX_FILE).read_text())["weight_map"]["lm_head.weight"]
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes((snap / name).read_bytes())

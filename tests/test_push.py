@@ -443,17 +443,12 @@ def test_cards_are_deterministic(tmp_path):
     assert str(build_model_card(src, repo_id="me/x")) == str(build_model_card(src, repo_id="me/x"))
 
 
-def test_exported_ggufs_carry_the_right_relation(tmp_path):
+def test_exported_ggufs_carry_the_right_relation(tmp_path, tiny, llama_base):
     """A real export: a merged GGUF is a fine-tune of its base, a plain conversion a quantized form."""
-    from bora_tools.core.config import BoraConfig
-    from bora_tools.demo.tiny import build_model, save_model_dir
     from bora_tools.gguf.export import export_gguf
-    from bora_tools.training import add_bora, randomize_bora, save_bora
 
-    model = build_model("llama")
-    base = save_model_dir(model, tmp_path / "base")
-    add_bora(model, BoraConfig(r=2, bora_blocks=2, target_modules=["q_proj"]))
-    adapter = save_bora(randomize_bora(model), tmp_path / "adapter")
+    base = llama_base
+    adapter = tiny.adapter("llama", r=2, bora_blocks=2, target_modules=["q_proj"]).path
     export_gguf(adapter, tmp_path / "merged.gguf", base=base, merge=True, outtype="f32")
     export_gguf(base, tmp_path / "base.gguf", outtype="f32")
     merged = build_model_card(tmp_path / "merged.gguf", repo_id="me/m", base_model="org/tiny-llama").data

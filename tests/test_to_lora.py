@@ -22,10 +22,9 @@ from bora_tools.core.adapter import PREFIX, WEIGHTS_NAME, load_adapter
 from bora_tools.core.config import BoraConfig
 from bora_tools.core.factors import factored_svd, gram_svd
 from bora_tools.core.lowrank import RankPolicy, balanced_exact_factors, energy_rank
-from bora_tools.demo.tiny import build_model, default_targets
+from bora_tools.demo.tiny import build_model
 from bora_tools.errors import OutputExistsError, OutputWriteError, ValidationError
 from bora_tools.to_lora import pattern_keys, to_lora
-from bora_tools.training import add_bora, randomize_bora, save_bora
 
 ATOL_LOGITS = 1e-4
 IDS = torch.tensor([[0, 17, 42, 99, 3, 250, 7, 64, 128, 5]])
@@ -45,37 +44,34 @@ def _logits(model) -> torch.Tensor:
         return model(IDS).logits.float()
 
 
-def _make(tmp: Path, arch: str, *, randomize: bool = True, **overrides) -> dict:
-    """A BoRA adapter on a tiny ``arch`` model, saved, with the BoRA and base logits."""
-    model = build_model(arch, seed=0)
-    base_logits = _logits(model)
-    config = BoraConfig(**{**CASES[arch], "target_modules": default_targets(arch), "task_type": "CAUSAL_LM",
-                           **overrides})
-    add_bora(model, config)
-    if randomize:
-        randomize_bora(model, seed=1)
-    if config.modules_to_save:  # make the saved copy differ from the base, so loading it matters
-        with torch.no_grad():
-            model.lm_head.module.weight.add_(0.05 * torch.randn_like(model.lm_head.module.weight))
-    model.eval()
-    path = save_bora(model, tmp / f"{arch}-bora")
-    return {"arch": arch, "path": path, "bora_logits": _logits(model), "base_logits": base_logits,
-            "adapter": load_adapter(path)}
+def _perturb_saved_lm_head(model):
+    with torch.no_grad():
+        model.lm_head.module.weight.add_(0.05 * torch.randn_like(model.lm_head.module.weight))
+
+
+def _make(tiny, arch: str, *, randomize: bool = True, **overrides) -> dict:
+    """A BoRA adapter on a tiny ``arch`` model, saved (shared: read only), with the BoRA and base logits."""
+    config = {**CASES[arch], "task_type": "CAUSAL_LM", **overrides}
+    # modules_to_save: make the saved copy differ from the base, so loading it matters
+    made = tiny.adapter(arch, randomize=1 if randomize else None,
+                        edit=_perturb_saved_lm_head if config.get("modules_to_save") else None, **config)
+    return {"arch": arch, "path": made.path, "bora_logits": made.logits(IDS), "base_logits": made.base_logits(IDS),
+            "adapter": load_adapter(made.path)}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory) -> dict:
-    return _make(tmp_path_factory.mktemp(request.param), request.param)
+def case(request, tiny) -> dict:
+    return _make(tiny, request.param)
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> dict:
-    return _make(tmp_path_factory.mktemp("llama"), "llama")
+def llama(tiny) -> dict:
+    return _make(tiny, "llama")
 
 
 @pytest.fixture(scope="module")
-def qwen2(tmp_path_factory) -> dict:
-    return _make(tmp_path_factory.mktemp("qwen2"), "qwen2")
+def qwen2(tiny) -> dict:
+    return _make(tiny, "qwen2")
 
 
 def _peft(arch: str, out: Path):
@@ -317,8 +313,8 @@ def test_gram_svd_can_assemble_only_the_leading_vectors(vectors):
 
 
 @pytest.mark.parametrize("rank", ["full", 2])
-def test_fresh_adapter_becomes_rank_one_zero_factors_that_peft_loads(tmp_path, rank):
-    fresh = _make(tmp_path, "gpt2", randomize=False)  # B = 0: every update is exactly zero
+def test_fresh_adapter_becomes_rank_one_zero_factors_that_peft_loads(tiny, tmp_path, rank):
+    fresh = _make(tiny, "gpt2", randomize=False)  # B = 0: every update is exactly zero
     report = to_lora(fresh["path"], tmp_path / "lora", rank=rank).to_dict()
     assert report["totals"]["zero_modules"] == len(report["modules"])
     assert all(m["rank"] == 1 and m["note"].startswith("zero update") for m in report["modules"])
@@ -328,13 +324,13 @@ def test_fresh_adapter_becomes_rank_one_zero_factors_that_peft_loads(tmp_path, r
     assert (_logits(peft_model) - fresh["base_logits"]).abs().max() == 0.0
 
 
-def test_one_zero_module_among_others(tmp_path):
-    case = _make(tmp_path, "llama")
-    tensors = load_file(case["path"] / WEIGHTS_NAME)
+def test_one_zero_module_among_others(tiny, tmp_path, fresh_copy):
+    path = fresh_copy(_make(tiny, "llama")["path"])
+    tensors = load_file(path / WEIGHTS_NAME)
     zeroed = "model.layers.1.self_attn.o_proj"
     tensors[f"{PREFIX}{zeroed}.lora_B.weight"].zero_()
-    save_file(tensors, case["path"] / WEIGHTS_NAME)
-    report = to_lora(case["path"], tmp_path / "lora", rank="full").to_dict()
+    save_file(tensors, path / WEIGHTS_NAME)
+    report = to_lora(path, tmp_path / "lora", rank="full").to_dict()
     assert [m["name"] for m in report["modules"] if m["update_rank"] == 0] == [zeroed]
     layers = _lora_layers(_peft("llama", tmp_path / "lora"))
     assert layers[zeroed].r["default"] == 1 and layers["model.layers.0.self_attn.o_proj"].r["default"] == 16
@@ -474,13 +470,13 @@ def test_refusals_are_one_line_and_leave_nothing(llama, tmp_path):
     assert (llama["path"] / WEIGHTS_NAME).is_file()  # the input is untouched
 
 
-def test_non_finite_adapter_is_refused_naming_the_key(tmp_path):
-    case = _make(tmp_path, "gpt2")
-    tensors = load_file(case["path"] / WEIGHTS_NAME)
+def test_non_finite_adapter_is_refused_naming_the_key(tiny, tmp_path, fresh_copy):
+    path = fresh_copy(_make(tiny, "gpt2")["path"])
+    tensors = load_file(path / WEIGHTS_NAME)
     key = f"{PREFIX}transformer.h.0.mlp.c_fc.bora_sigma"
     tensors[key][0, 0, 0] = float("nan")
-    save_file(tensors, case["path"] / WEIGHTS_NAME)
-    res = _run([str(case["path"]), "--out", str(tmp_path / "lora"), "--rank", "2"])
+    save_file(tensors, path / WEIGHTS_NAME)
+    res = _run([str(path), "--out", str(tmp_path / "lora"), "--rank", "2"])
     assert res.exit_code == 1 and key in res.stderr and "non-finite" in res.stderr
     assert _no_leftovers(tmp_path / "lora")
 
@@ -507,7 +503,6 @@ def test_out_inside_the_input_is_refused(llama):
 
 def test_adapter_with_only_modules_to_save_is_refused_cleanly(tmp_path):
     from bora_tools.core.adapter import BoraAdapter, save_adapter
-    from bora_tools.core.config import BoraConfig
 
     cfg = BoraConfig(r=2, bora_blocks=1, modules_to_save=["lm_head"])
     src = save_adapter(BoraAdapter(cfg, {}, saved={"lm_head.weight": torch.randn(4, 4)}), tmp_path / "a")
@@ -518,7 +513,6 @@ def test_adapter_with_only_modules_to_save_is_refused_cleanly(tmp_path):
 
 def test_output_inside_the_input_is_refused(tmp_path):
     from bora_tools.core.adapter import BoraAdapter, BoraModule, save_adapter
-    from bora_tools.core.config import BoraConfig
 
     mod = BoraModule("q", torch.randn(2, 4), torch.randn(4, 2), torch.ones(1, 1, 2), 1.0)
     src = save_adapter(BoraAdapter(BoraConfig(r=2, bora_blocks=1), {"q": mod}), tmp_path / "a")
@@ -528,7 +522,6 @@ def test_output_inside_the_input_is_refused(tmp_path):
 
 def test_float16_overflow_names_the_tensor(tmp_path):
     from bora_tools.core.adapter import BoraAdapter, BoraModule, save_adapter
-    from bora_tools.core.config import BoraConfig
 
     mod = BoraModule("q", torch.full((2, 4), 1e5), torch.full((4, 2), 1e5), torch.ones(1, 1, 2), 1.0)
     src = save_adapter(BoraAdapter(BoraConfig(r=2, bora_blocks=1), {"q": mod}), tmp_path / "a")

@@ -171,8 +171,8 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
         writer.add_tags(["bora", "merged"])
     family.write_hparams(writer, hp)
     vocab.add_to(writer)
-    # Blocks of about 1M values: torch's CPU thread pool gains little on them and, on a shared
-    # CPU, its barriers made this 4-7x slower (docs/benchmarks.md); Q8_0 has its own pool.
+    # One torch thread, as merge runs: the streamed blocks are small, and on a shared CPU the thread pool's
+    # barriers made an f16 export 3-5x slower (docs/benchmarks.md, "The redesign").
     with one_cpu_thread(device), atomic_output(out, overwrite=overwrite) as tmp:
         write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF")
     return ExportReport(kind=kind, out=str(out), architecture=family.name, hf_architecture=model.architecture,
