@@ -129,6 +129,24 @@ def test_q8_0(case, tmp_path):
     assert correlation(gguf_logits(out, IDS), case["want"]) > Q8_MIN_CORR
 
 
+#: Correlation with the merged model's logits of a q4_k_m one-pass merge, measured per family (rows of 64: llama.cpp
+#: falls back to Q5_0 / Q8_0 for most tensors): qwen3 0.994, gemma2 0.993, gemma3 0.984, phi3 0.997, olmo2 0.952,
+#: granite 0.997, mixtral 0.985; pinned at 1 - 1.5 x (1 - the lowest), as tests/test_gguf_quant.py pins its floors.
+Q4_K_M_MIN_CORR = 0.92
+
+
+def test_llama_cpp_quantization_of_the_one_pass_merge(case, tmp_path):
+    """llama.cpp's quantizer (issue 12) on every family's merged export, with a Hub-style name (issue 14)."""
+    out = tmp_path / "q4km.gguf"
+    report = export_gguf(case["adapter"], out, base=case["base"], merge=True, outtype="q4_k_m",
+                         name="org/tuned-model").to_dict()
+    assert report["architecture"] == LLAMA_CPP_ARCH[case["family"]] and report["merged_tensors"] > 0
+    assert report["intermediate"]["types"].get("F32", 0) > 0  # merged weights reach the quantizer unrounded
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field("general.name").contents() == "org/tuned-model"
+    assert correlation(gguf_logits(out, IDS), case["want"]) > Q4_K_M_MIN_CORR
+
+
 @pytest.mark.parametrize("outtype,rtol", [("f16", F16_RTOL), ("bf16", BF16_RTOL)])
 def test_half_precision(case, tmp_path, outtype, rtol):
     out = tmp_path / f"{outtype}.gguf"
