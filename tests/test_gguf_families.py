@@ -247,3 +247,25 @@ def test_cli_exports_a_family_and_refuses_in_one_line(case, tmp_path):
     assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
     assert "activation 'relu'" in errors[0] and "gemma2" in errors[0]
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_gemma3_transformers_4_config_gives_the_same_file(tmp_path):
+    """transformers 4 wrote Gemma 3's rope as top-level rope_theta and rope_local_base_freq: the same GGUF."""
+    import json
+    import shutil
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},  # neither is llama.cpp's default
+            "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}
+    v5 = build_family_dir(tmp_path / "v5" / "model", "gemma3", rope_parameters=rope)
+    v4 = tmp_path / "v4" / "model"
+    shutil.copytree(v5, v4)
+    config = json.loads((v4 / "config.json").read_text())
+    config.pop("rope_parameters")
+    config.update(rope_theta=500000.0, rope_local_base_freq=20000.0, rope_scaling=None)
+    (v4 / "config.json").write_text(json.dumps(config))
+    export_gguf(v5, tmp_path / "v5.gguf", outtype="f32")
+    export_gguf(v4, tmp_path / "v4.gguf", outtype="f32")
+    assert (tmp_path / "v4.gguf").read_bytes() == (tmp_path / "v5.gguf").read_bytes()
+    kv = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "v4.gguf").fields.items()}
+    assert (kv["gemma3.rope.freq_base"], kv["gemma3.rope.freq_base_swa"]) == (500000.0, 20000.0)
+    assert kv["gemma3.attention.sliding_window_pattern"] == [True, False]
