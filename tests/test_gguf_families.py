@@ -337,3 +337,25 @@ def test_family_settings_out_of_bounds_are_refused(name):
     with pytest.raises(ConfigError, match=culprit):
         family_for(config["architectures"][0] if config.get("architectures") else HF_ARCH[family],
                    source="config.json").read_hparams(config, source="config.json")
+
+
+def test_gemma3_transformers_4_config_gives_the_same_file(tmp_path):
+    """transformers 4 wrote Gemma 3's rope as top-level rope_theta and rope_local_base_freq: the same GGUF."""
+    import json
+    import shutil
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},  # neither is llama.cpp's default
+            "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}
+    v5 = build_family_dir(tmp_path / "v5" / "model", "gemma3", rope_parameters=rope)
+    v4 = tmp_path / "v4" / "model"
+    shutil.copytree(v5, v4)
+    config = json.loads((v4 / "config.json").read_text())
+    config.pop("rope_parameters")
+    config.update(rope_theta=500000.0, rope_local_base_freq=20000.0, rope_scaling=None)
+    (v4 / "config.json").write_text(json.dumps(config))
+    export_gguf(v5, tmp_path / "v5.gguf", outtype="f32")
+    export_gguf(v4, tmp_path / "v4.gguf", outtype="f32")
+    assert (tmp_path / "v4.gguf").read_bytes() == (tmp_path / "v5.gguf").read_bytes()
+    kv = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "v4.gguf").fields.items()}
+    assert (kv["gemma3.rope.freq_base"], kv["gemma3.rope.freq_base_swa"]) == (500000.0, 20000.0)
+    assert kv["gemma3.attention.sliding_window_pattern"] == [True, False]
