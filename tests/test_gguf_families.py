@@ -322,6 +322,11 @@ FAMILY_BOUND_CASES = {
         "long_factor"),
     "mixtral-experts-used": ("mixtral", {"num_experts_per_tok": 5}, "num_experts_per_tok 5"),
     "mixtral-experts-huge": ("mixtral", {"num_local_experts": 2**40}, "num_local_experts"),
+    "phi3-no-rotary-dims": ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                         "partial_rotary_factor": 0.01}}, "0 rotary dimensions"),
+    "llama3-without-factor": ("qwen3", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e6}},
+                              "'llama3' needs a factor"),
+    "gemma2-query-scalar-huge": ("gemma2", {"query_pre_attn_scalar": 10**400}, "query_pre_attn_scalar 1000"),
 }
 
 
@@ -334,7 +339,8 @@ def test_family_settings_out_of_bounds_are_refused(name):
     config.update(change)
     if config.get("rope_parameters") is None:
         config.pop("rope_parameters", None)
-    with pytest.raises(ConfigError, match=culprit):
+    # a setting llama.cpp cannot apply is unsupported; a value that is not one is a config error
+    with pytest.raises(UnsupportedError if "query_pre_attn_scalar" in change else ConfigError, match=culprit):
         family_for(config["architectures"][0] if config.get("architectures") else HF_ARCH[family],
                    source="config.json").read_hparams(config, source="config.json")
 

@@ -187,9 +187,13 @@ def _gemma_attention_scale(config: dict[str, Any], hp: Hparams, unsupported: lis
     # llama.cpp fixes the query scale: 1/sqrt(head_dim), or 1/sqrt(n_embd/n_head) for the 27B layer count.
     scalar = config.get("query_pre_attn_scalar", hp.head_dim)
     expected = hp.n_embd // hp.n_head if hp.n_layer == layers_27b else hp.head_dim
-    if not isinstance(scalar, (int, float)) or not math.isclose(float(scalar), float(expected)):
-        unsupported.append(f"query_pre_attn_scalar {scalar!r}: llama.cpp scales queries by 1/sqrt({expected}) "
-                           f"for this model")
+    try:
+        same = isinstance(scalar, (int, float)) and math.isclose(float(scalar), float(expected))
+    except OverflowError:  # an int beyond float's range
+        same = False
+    if not same:
+        unsupported.append(f"query_pre_attn_scalar {short_repr(scalar)}: llama.cpp scales queries by "
+                           f"1/sqrt({expected}) for this model")
 
 
 def _softcap(config: dict[str, Any], key: str, problems: list[str]) -> float | None:
@@ -243,6 +247,9 @@ def _read_phi3(config: dict[str, Any], hp: Hparams, problems: list[str], unsuppo
         problems.append(f"partial_rotary_factor: expected a number in (0, 1], found {short_repr(factor)}")
         factor = 1.0
     hp.n_rot = int(hp.head_dim * factor)
+    if hp.n_rot < 2 or hp.n_rot % 2:
+        problems.append(f"partial_rotary_factor {factor:g}: {hp.n_rot} rotary dimensions per head; rotary "
+                        f"embeddings need a positive even number")
     orig = hp.rope.get("original_max_position_embeddings", config.get("original_max_position_embeddings", hp.n_ctx))
     if orig is not None and (not isinstance(orig, int) or isinstance(orig, bool) or not 1 <= orig <= MAX_SIZE):
         problems.append(f"original_max_position_embeddings: expected a positive integer of at most {MAX_SIZE}, "

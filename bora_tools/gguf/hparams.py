@@ -151,6 +151,8 @@ def _rope_kind(params: dict[str, Any], problems: list[str], where: str) -> float
     theta = number(params, "rope_theta", DEFAULT_ROPE_THETA, problems, at_most=MAX_ROPE_THETA)
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind in ("linear", "llama3"):
+        if "factor" not in params:  # transformers requires it too
+            problems.append(f"{where}: rope_type {kind!r} needs a factor")
         number(params, "factor", 1.0, problems, at_most=MAX_ROPE_FACTOR)
     if kind == "llama3":
         low = number(params, "low_freq_factor", 1.0, problems, at_most=MAX_ROPE_FACTOR)
