@@ -19,6 +19,11 @@ Usage (about 6 minutes on a 2-core CPU):
     python scripts/bench_gguf.py --llama-cpp /tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp \\
         --layers 10 --repeats 2 --workdir /tmp/bench-gguf
 
+``--arch qwen3`` or ``--arch gemma2`` builds a model of that family instead
+(``FAMILY_SHAPES``: Qwen3-1.7B-like and Gemma-2-2B-like layers, vocabulary
+32000, tied embeddings as those models ship), its tensor names and shapes
+taken from transformers' own model class built on the meta device.
+
 Prints a markdown table of medians and ratios (and writes ``results.json`` in
 the workdir). Never imported by the package or the tests.
 """
@@ -38,14 +43,53 @@ from pathlib import Path
 
 from synthetic import HIDDEN, write_model  # noqa: E402  (scripts/ is on sys.path when run)
 
+#: Layer shapes of the other families (hidden, intermediate, heads, KV heads, head_dim).
+FAMILY_SHAPES = {
+    "qwen3": ("Qwen3Config", dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16,
+                                  num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", dict(hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+                                    num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                                    tie_word_embeddings=True)),
+}
 
-def build_model(path: Path, layers: int) -> int:
-    """Random bf16 weights in one ``model.safetensors``, a LlamaConfig and a SentencePiece tokenizer."""
+
+def write_family_model(path: Path, arch: str, layers: int) -> int:
+    """``config.json`` and random bf16 weights of ``arch`` (names and shapes from transformers' model class)."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    cls_name, shape = FAMILY_SHAPES[arch]
+    config = getattr(transformers, cls_name)(num_hidden_layers=layers, vocab_size=32000, bos_token_id=1,
+                                             eos_token_id=2, pad_token_id=0, dtype="bfloat16", **shape)
+    config.architectures = [transformers.AutoModelForCausalLM._model_mapping[type(config)].__name__]
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    path.mkdir(parents=True)
+    config.save_pretrained(path)
+    gen = torch.Generator().manual_seed(0)
+    pool = (torch.randn(1 << 24, generator=gen) * 0.02).to(torch.bfloat16)  # sliced, so building stays fast
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        start = int(torch.randint(0, pool.numel(), (1,), generator=gen))
+        n = t.numel()
+        tensors[name] = pool.roll(start).repeat(-(-n // pool.numel()))[:n].reshape(t.shape).clone()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return (path / "model.safetensors").stat().st_size
+
+
+def build_model(path: Path, layers: int, arch: str = "llama") -> int:
+    """Random bf16 weights in one ``model.safetensors``, a config of ``arch`` and a SentencePiece tokenizer."""
     import sentencepiece as spm
 
     from bora_tools.demo.tiny import TEXT
 
-    size = write_model(path, layers, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        size = write_model(path, layers, bos_token_id=1, eos_token_id=2)
+    else:
+        size = write_family_model(path, arch, layers)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 20), model_writer=buf, vocab_size=450,
                                    model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
@@ -87,6 +131,7 @@ def commands(tool: str, model: Path, out: Path, outtype: str, llama_cpp: Path) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp", type=Path, required=True, help="vendor/llama.cpp of the unpacked sdist")
+    ap.add_argument("--arch", choices=["llama", *FAMILY_SHAPES], default="llama")
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--outtypes", nargs="+", default=["f16", "q8_0"])
@@ -95,7 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     model = args.workdir / "model"
     if args.build_only:
-        build_model(model, args.layers)
+        build_model(model, args.layers, args.arch)
         return
     if not (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
         raise SystemExit(f"{args.llama_cpp}: no convert_hf_to_gguf.py (see the usage above)")
@@ -103,9 +148,10 @@ def main() -> None:
     # Built in a child: a child's ru_maxrss includes the parent memory it was forked
     # from, so this parent stays small (no torch) to keep every measurement its own.
     subprocess.run([sys.executable, __file__, "--build-only", "--llama-cpp", str(args.llama_cpp), "--layers",
-                    str(args.layers), "--workdir", str(args.workdir)], check=True)
+                    str(args.layers), "--workdir", str(args.workdir), "--arch", args.arch], check=True)
     size = (model / "model.safetensors").stat().st_size
-    print(f"model: {args.layers} layers, hidden {HIDDEN}, bf16, {size / 2**30:.2f} GiB", flush=True)
+    hidden = FAMILY_SHAPES[args.arch][1]["hidden_size"] if args.arch in FAMILY_SHAPES else HIDDEN
+    print(f"model: {args.arch}, {args.layers} layers, hidden {hidden}, bf16, {size / 2**30:.2f} GiB", flush=True)
     tools = ["bora-tools", "llama.cpp"]
     results: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.repeats):
@@ -153,7 +199,7 @@ def report(results: dict, size: int, args) -> None:
             f"peak RSS {ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f} of llama.cpp's"
         )
     (args.workdir / "results.json").write_text(
-        json.dumps({"model_bytes": size, "layers": args.layers, "rows": rows}, indent=2)
+        json.dumps({"arch": args.arch, "model_bytes": size, "layers": args.layers, "rows": rows}, indent=2)
     )
 
 

@@ -1,8 +1,10 @@
 """``export-gguf``: models, merged models and LoRA adapters as GGUF files for llama.cpp.
 
 - ``export``: the command (full model, one-pass ``--merge``), ``lora``: the LoRA adapter GGUF.
+- ``architectures``: one registry entry per Hugging Face architecture (llama.cpp arch, hooks, tensor transforms).
 - ``hparams``: ``config.json`` -> llama.cpp hyperparameters; ``vocab``: the tokenizer.
-- ``writer``: architectures, tensor names and types, the streaming tensor writer.
+- ``shapes``: every tensor's shape against what ``config.json`` implies (per family), before the first byte.
+- ``writer``: tensor types and the streaming tensor writer.
 - ``outtypes``: the ``--outtype`` table; ``quantize``: llama.cpp's quantizer (k-quants) on our intermediate GGUF.
 
 ``export_gguf`` is imported on first use, so that the CLI reads ``outtypes`` without loading torch.

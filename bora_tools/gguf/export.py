@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +36,27 @@ from bora_tools.core.devices import one_cpu_thread, resolve_device
 from bora_tools.core.lowrank import parse_rank
 from bora_tools.core.row_merge import RowMerger, chunk_elements, merge_plan, row_chunks
 from bora_tools.errors import ConfigError, UnsupportedError, ValidationError, raise_if_problems
-from bora_tools.gguf.hparams import Hparams, add_hparams, read_hparams, rope_freq_factors
+from bora_tools.gguf.architectures import Family, family_for, qk_heads, qk_row_order
+from bora_tools.gguf.hparams import Hparams
 from bora_tools.gguf.outtypes import OUTTYPES, QUANTIZER_OUTTYPES, WRITER_OUTTYPES
 from bora_tools.gguf.quantize import check_threads, require_llama_cpp, write_quantized
 from bora_tools.gguf.report import ExportReport
-from bora_tools.gguf.shapes import check_layer_count, embedding_rows, layout_problems, shape_problems
+from bora_tools.gguf.shapes import (
+    check_layer_count,
+    embedding_rows,
+    expert_index,
+    expert_problems,
+    layout_problems,
+    shape_problems,
+    stacked_label,
+    stacked_name,
+    stacked_shape,
+)
 from bora_tools.gguf.vocab import read_vocab
 from bora_tools.gguf.writer import (
-    ArchSpec,
     PlannedTensor,
     Q,
     add_general,
-    arch_spec,
-    qk_heads,
-    qk_row_order,
     tensor_report,
     tensor_type,
     whole,
@@ -185,14 +192,14 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
     threads = check_threads(threads)
     refuse_output_over_inputs(out, model.path)
     config_path = str(model.path / "config.json")
-    spec = arch_spec(model.architecture, source=config_path)
-    hp = read_hparams(model.config, source=config_path)
+    family = family_for(model.architecture, source=config_path)
+    hp = family.read_hparams(model.config, source=config_path)
     # The embedding's rows bound vocab_size before the vocabulary is padded to it.
-    vocab = read_vocab(model.path, vocab_size=hp.vocab_size, rows=embedding_rows(model, spec, hp))
-    plan = plan_model_tensors(model, spec, hp, outtype, replacements=replacements or {}, device=device)
+    vocab = read_vocab(model.path, vocab_size=hp.vocab_size, rows=embedding_rows(model, family, hp))
+    plan = plan_model_tensors(model, family, hp, outtype, replacements=replacements or {}, device=device)
     check_target(out, overwrite=overwrite)
-    warnings = _warnings(model, hp, plan, outtype) + vocab.notes
-    writer = gguf.GGUFWriter(None, spec.name)
+    warnings = _warnings(model, family, hp, plan, outtype) + vocab.notes
+    writer = gguf.GGUFWriter(None, family.name)
     add_general(writer, kind=gguf.GGUFType.MODEL, name=name or model.path.resolve().name, outtype=outtype)
     if replacements:
         # Provenance: a merged model is a fine-tune of its base, not a plain conversion of it
@@ -200,7 +207,7 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
         writer.add_base_model_count(1)
         writer.add_base_model_name(0, model.path.resolve().name)
         writer.add_tags(["bora", "merged"])
-    add_hparams(writer, hp)
+    family.write_hparams(writer, hp)
     vocab.add_to(writer)
     # One torch thread, as merge runs: the streamed blocks are small, and on a shared CPU the thread pool's
     # barriers made an f16 export 3-5x slower (docs/benchmarks.md, "The redesign").
@@ -211,7 +218,7 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
                 tmp, outtype=outtype, threads=threads, tensors=len(plan), progress=progress)
         else:
             write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF")
-    report = ExportReport(kind=kind, out=str(out), architecture=spec.name, hf_architecture=model.architecture,
+    report = ExportReport(kind=kind, out=str(out), architecture=family.name, hf_architecture=model.architecture,
                           outtype=outtype, **tensor_report(plan), bytes=out.stat().st_size,
                           merged_tensors=sum(1 for p in plan if p.source.endswith("(merged)")),
                           vocab=vocab.summary(), warnings=warnings)
@@ -231,12 +238,15 @@ def export_model(model: ModelDir, out: Path, *, outtype: str = "f16", overwrite:
     return report
 
 
-def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: str, *,
+def plan_model_tensors(model: ModelDir, family: Family, hp: Hparams, outtype: str, *,
                        replacements: dict[str, BoraModule | torch.Tensor], device: torch.device | str = "cpu"
                        ) -> list[PlannedTensor]:
     """Every tensor of the GGUF, in file order of the shards; every problem is reported at once.
 
-    Example: ``plan_model_tensors(model, arch_spec("LlamaForCausalLM", source="x"), hp, "q8_0", replacements={})``
+    Generated tensors (rotary factors) come first; the experts of a mixture-of-experts
+    layer are stacked into one 3-D tensor at the place of the first one.
+
+    Example: ``plan_model_tensors(model, family_for("LlamaForCausalLM", source="x"), hp, "q8_0", replacements={})``
     -> ``[PlannedTensor("token_embd.weight", (320, 64), Q8_0, ...), ...]``
 
     Raises:
@@ -244,78 +254,108 @@ def plan_model_tensors(model: ModelDir, spec: ArchSpec, hp: Hparams, outtype: st
         ConfigError: shapes that disagree with ``config.json``.
     """
     check_layer_count(model, hp)
-    tmap = gguf.get_tensor_name_map(spec.arch, hp.n_layer)
+    tmap = gguf.get_tensor_name_map(family.arch, hp.n_layer)
     unsupported: list[str] = []
     problems: list[str] = []
-    plan: list[PlannedTensor] = []
-    freqs = rope_freq_factors(hp)
-    if freqs is not None:
-        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        plan.append(PlannedTensor(name, tuple(freqs.shape), gguf.GGMLQuantizationType.F32, whole(freqs),
-                                  source="rope_parameters (llama3)"))
+    plan: list[PlannedTensor] = [PlannedTensor(name, tuple(t.shape), gguf.GGMLQuantizationType.F32, whole(t),
+                                               source=src)
+                                 for name, t, src in family.generated_tensors(hp)]
+    # A stored lm_head.weight is always written (output.weight), whatever config.json's
+    # tie_word_embeddings says: transformers unties embeddings whose two matrices are both
+    # stored and differ, and a merge may change lm_head. Tied means "lm_head.weight is not
+    # stored"; llama.cpp then reuses token_embd, as transformers does.
+    groups: dict[str, list[TensorEntry]] = {}
     for shard in model.shard_names:
         for entry in model.shard_entries(shard):
-            # A stored lm_head.weight is always written (output.weight), whatever config.json's
-            # tie_word_embeddings says: transformers unties embeddings whose two matrices are both
-            # stored and differ, and a merge may change lm_head. Tied means "lm_head.weight is not
-            # stored"; llama.cpp then reuses token_embd, as transformers does.
             if entry.name.endswith(_SKIPPED_SUFFIXES):
                 continue  # recomputed by llama.cpp
-            gname = tmap.get_name(entry.name, try_suffixes=(".weight", ".bias"))
+            stacked = stacked_name(entry.name)
+            hf_name = stacked or entry.name
+            if stacked and hf_name in groups:
+                groups[hf_name].append(entry)
+                continue
+            gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gname is None:
-                unsupported.append(f"{entry.name}: no llama.cpp {spec.name} tensor corresponds to it")
+                unsupported.append(f"{entry.name}: no llama.cpp {family.name} tensor corresponds to it")
                 continue
             if entry.dtype not in FLOAT_ST_DTYPES:
                 unsupported.append(f"{entry.name}: dtype {entry.dtype} is not a float type")
                 continue
-            problems.extend(shape_problems(entry, gname, hp))
-            plan.append(_planned(entry, gname, hp, outtype, spec, replacements.get(entry.name), device))
+            if stacked:
+                groups[hf_name] = [entry]
+                plan.append(PlannedTensor(gname, (), gguf.GGMLQuantizationType.F32, whole(torch.empty(0)),
+                                          source=hf_name))  # completed below, once all experts are known
+            else:
+                problems.extend(shape_problems(entry.name, tuple(entry.shape), gname, hp, family))
+                plan.append(_planned([entry], gname, hp, outtype, family, replacements, device))
+    for i, p in enumerate(plan):
+        if p.source in groups:
+            entries = sorted(groups[p.source], key=lambda e: expert_index(e.name))
+            problems.extend(expert_problems(entries))
+            problems.extend(shape_problems(stacked_label(entries), stacked_shape(entries), p.name, hp, family))
+            plan[i] = _planned(entries, p.name, hp, outtype, family, replacements, device)
     raise_if_problems(str(model.path), unsupported, cls=UnsupportedError)
     problems.extend(layout_problems({p.name for p in plan}, hp))
     raise_if_problems(str(model.path), problems, cls=ConfigError)
     return plan
 
 
-def _planned(entry: TensorEntry, gname: str, hp: Hparams, outtype: str, spec: ArchSpec,
-             replacement: BoraModule | torch.Tensor | None, device: torch.device | str) -> PlannedTensor:
+def _planned(entries: list[TensorEntry], gname: str, hp: Hparams, outtype: str, family: Family,
+             replacements: dict[str, BoraModule | torch.Tensor], device: torch.device | str) -> PlannedTensor:
+    """One GGUF tensor from one checkpoint tensor, or from the experts ``entries`` stacked in order."""
+    first = entries[0]
+    shape = stacked_shape(entries)
     # For llama.cpp's quantizer, the intermediate keeps the values exactly: the stored dtype,
     # or float32 for weights computed here (W + dW), so that only the quantizer rounds.
-    exact = Q.F32 if replacement is not None else _EXACT.get(entry.dtype, Q.F32)
-    qtype, fallback = tensor_type(gname, entry.shape, outtype, exact=exact)
-    heads = qk_heads(gname, hp) if spec.permute_qk else None
-    head_rows = entry.shape[0] // heads if heads else 1
+    computed = any(replacements.get(e.name) is not None for e in entries)
+    exact = Q.F32 if computed else _EXACT.get(first.dtype, Q.F32)
+    qtype, fallback = tensor_type(gname, shape, outtype, exact=exact)
+    heads = qk_heads(gname, hp) if family.permute_qk else None
+    head_rows = first.shape[0] // heads if heads else 1
+    shift = family.shifted(gname)
 
-    def permuted(block: torch.Tensor) -> torch.Tensor:
+    def transform(block: torch.Tensor) -> torch.Tensor:
         # Blocks hold whole heads, and the permutation never crosses a head.
-        if heads is None:
-            return block
-        return block[qk_row_order(block.shape[0], block.shape[0] // head_rows).to(block.device)]
+        if heads is not None:
+            block = block[qk_row_order(block.shape[0], block.shape[0] // head_rows).to(block.device)]
+        if shift:  # in float32, as transformers computes 1 + w
+            block = block.float() + shift
+        return block
 
     def chunks() -> Iterator[torch.Tensor]:
-        if isinstance(replacement, torch.Tensor):  # modules_to_save: the whole tensor, from the adapter
-            yield permuted(replacement)
-            return
-        merger = None
-        if isinstance(replacement, BoraModule):
-            # W + dW in float32, a block of rows at a time; rounded once when converted.
-            merger = RowMerger(replacement, fan_in_fan_out=False, device=device)
-        cols = math.prod(entry.shape[1:])
-        fd = os.open(entry.shard, os.O_RDONLY)
-        try:
-            rows = entry.shape[0] if entry.shape else 1
-            for start, stop in row_chunks(rows, cols, chunk=chunk_elements(device), align=head_rows):
-                block = read_rows(entry, start, stop, fd=fd)
-                yield permuted(merger.rows(block, start) if merger else block)
-        finally:
-            os.close(fd)
+        for entry in entries:  # experts one after the other: the 3-D tensor is their rows in order
+            yield from _entry_blocks(entry, replacements.get(entry.name), transform, device, align=head_rows)
 
-    how = "(merged)" if isinstance(replacement, BoraModule) else "(modules_to_save)" if replacement is not None else ""
-    return PlannedTensor(
-        gname, tuple(entry.shape), qtype, chunks, source=f"{entry.name} {how}".strip(), fallback=fallback
-    )
+    merged = [e for e in entries if isinstance(replacements.get(e.name), BoraModule)]
+    saved = [e for e in entries if isinstance(replacements.get(e.name), torch.Tensor)]
+    how = "(merged)" if merged else "(modules_to_save)" if saved else ""
+    return PlannedTensor(gname, shape, qtype, chunks, source=f"{stacked_label(entries)} {how}".strip(),
+                         fallback=fallback)
 
 
-def _warnings(model: ModelDir, hp: Hparams, plan: list[PlannedTensor], outtype: str) -> list[str]:
+def _entry_blocks(entry: TensorEntry, replacement: BoraModule | torch.Tensor | None,
+                  transform: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str, *,
+                  align: int) -> Iterator[torch.Tensor]:
+    """``entry``'s rows in blocks (merged with ``replacement`` when it is a BoRA module), transformed."""
+    if isinstance(replacement, torch.Tensor):  # modules_to_save: the whole tensor, from the adapter
+        yield transform(replacement)
+        return
+    merger = None
+    if isinstance(replacement, BoraModule):
+        # W + dW in float32, a block of rows at a time; rounded once when converted.
+        merger = RowMerger(replacement, fan_in_fan_out=False, device=device)
+    cols = math.prod(entry.shape[1:])
+    fd = os.open(entry.shard, os.O_RDONLY)
+    try:
+        rows = entry.shape[0] if entry.shape else 1
+        for start, stop in row_chunks(rows, cols, chunk=chunk_elements(device), align=align):
+            block = read_rows(entry, start, stop, fd=fd)
+            yield transform(merger.rows(block, start) if merger else block)
+    finally:
+        os.close(fd)
+
+
+def _warnings(model: ModelDir, family: Family, hp: Hparams, plan: list[PlannedTensor], outtype: str) -> list[str]:
     out = []
     fallbacks = [p.name for p in plan if p.fallback]
     if fallbacks:
@@ -325,7 +365,9 @@ def _warnings(model: ModelDir, hp: Hparams, plan: list[PlannedTensor], outtype: 
             f"multiple of 32 ({shown})"
         )
     window = model.config.get("sliding_window")
-    if model.architecture == "MistralForCausalLM" and isinstance(window, int) and window < hp.n_ctx:
+    if model.config.get("use_sliding_window") is False:
+        window = None
+    if family.warn_sliding_window and isinstance(window, int) and window < hp.n_ctx:
         out.append(
             f"sliding_window {window}: llama.cpp runs this model with full attention; sequences longer "
             f"than {window} tokens will differ"

@@ -1,8 +1,12 @@
 """The hyperparameters llama.cpp needs, read from ``config.json`` and checked before any work.
 
 transformers 5 stores the rotary settings in ``rope_parameters``
-(``{"rope_theta": ..., "rope_type": ...}``); older configs keep ``rope_theta``
-at the top level and the scaling in ``rope_scaling``. Both are read.
+(``{"rope_theta": ..., "rope_type": ...}``, or one such object per layer type
+for models that mix sliding and full attention, as Gemma 3 does); older
+configs keep ``rope_theta`` at the top level and the scaling in
+``rope_scaling``. All forms are read. What one architecture adds (soft-capping,
+multipliers, sliding-window patterns) is read by its entry in
+``bora_tools.gguf.architectures`` into ``Hparams.extra``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ MAX_SIZE = 2**31 - 1
 MAX_ROPE_THETA = 1e12
 #: Largest rotary scaling factor accepted.
 MAX_ROPE_FACTOR = 1e6
+#: Largest multiplier or soft-cap accepted (Granite's multipliers, Gemma's logit soft-capping).
+MAX_SCALE = 1e6
 #: rope_type values handled; anything else is refused rather than silently mis-rotated.
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -42,14 +48,17 @@ class Hparams:
     head_dim: int
     explicit_head_dim: bool
     rope_theta: float = DEFAULT_ROPE_THETA
-    rope: dict[str, Any] = field(default_factory=dict)  # rope_type and its parameters
+    rope: dict[str, Any] = field(default_factory=dict)  # rope_type and its parameters (full-attention layers)
+    rope_by_layer_type: dict[str, dict[str, Any]] = field(default_factory=dict)  # Gemma 3's per-layer-type form
+    n_rot: int = 0  # rotary dimensions per head (head_dim unless partially rotary)
+    extra: dict[str, Any] = field(default_factory=dict)  # what one architecture adds, read by its entry
 
     @property
     def rope_type(self) -> str:
         return str(self.rope.get("rope_type") or self.rope.get("type") or "default")
 
 
-def read_hparams(config: dict[str, Any], *, source: str) -> Hparams:
+def read_hparams(config: dict[str, Any], *, source: str, rope_types: tuple[str, ...] = ROPE_TYPES) -> Hparams:
     """Read and check the decoder hyperparameters of a llama-family ``config.json``.
 
     Example::
@@ -66,14 +75,14 @@ def read_hparams(config: dict[str, Any], *, source: str) -> Hparams:
     def need(key: str, default: Any = None) -> int:
         value = config.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE:
-            problems.append(f"{key}: expected a positive integer of at most {MAX_SIZE}, found {_short(value)}")
+            problems.append(f"{key}: expected a positive integer of at most {MAX_SIZE}, found {short_repr(value)}")
             return 1
         return value
 
     n_head = need("num_attention_heads")
     hp = Hparams(n_layer=need("num_hidden_layers"), n_embd=need("hidden_size"), n_ff=need("intermediate_size"),
                  n_head=n_head, n_head_kv=need("num_key_value_heads", n_head), vocab_size=need("vocab_size"),
-                 n_ctx=need("max_position_embeddings", 4096), rms_eps=_number(config, "rms_norm_eps", 1e-6, problems),
+                 n_ctx=need("max_position_embeddings", 4096), rms_eps=number(config, "rms_norm_eps", 1e-6, problems),
                  head_dim=1, explicit_head_dim=config.get("head_dim") is not None)
     hp.head_dim = need("head_dim") if hp.explicit_head_dim else hp.n_embd // max(hp.n_head, 1)
     if not hp.explicit_head_dim and hp.n_embd % hp.n_head:
@@ -82,21 +91,29 @@ def read_hparams(config: dict[str, Any], *, source: str) -> Hparams:
         problems.append(f"num_attention_heads {hp.n_head} is not a multiple of num_key_value_heads {hp.n_head_kv}")
     if hp.head_dim % 2:
         problems.append(f"head dimension {hp.head_dim} is odd; rotary embeddings need pairs")
-    hp.rope, hp.rope_theta = _rope(config, problems)
+    hp.rope, hp.rope_theta, hp.rope_by_layer_type = _rope(config, problems)
+    hp.n_rot = hp.head_dim
     raise_if_problems(source, problems, cls=ConfigError)
-    if hp.rope_type not in ROPE_TYPES:
+    if hp.rope_type not in rope_types:
         raise UnsupportedError(f"{source}: rope_type {hp.rope_type!r} is not supported for GGUF export "
-                               f"(supported: {', '.join(ROPE_TYPES)})")
+                               f"(supported: {', '.join(rope_types)})")
     return hp
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters for an error line."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _number(config: dict[str, Any], key: str, default: float, problems: list[str], *,
-            at_most: float = 3e38) -> float:
+def number(config: dict[str, Any], key: str, default: float, problems: list[str], *,
+           at_most: float = 3e38) -> float:
+    """``config[key]`` as a positive finite float of at most ``at_most`` (``default`` when absent).
+
+    A bad value is added to ``problems`` (and ``default`` returned).
+
+    Example: ``number({"rope_theta": 5e5}, "rope_theta", 1e4, problems, at_most=MAX_ROPE_THETA)`` -> ``500000.0``
+    """
     value = config.get(key, default)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     try:
@@ -104,12 +121,12 @@ def _number(config: dict[str, Any], key: str, default: float, problems: list[str
     except OverflowError:  # an int beyond float's range
         ok = False
     if not ok:
-        problems.append(f"{key}: expected a positive number of at most {at_most:g}, found {_short(value)}")
+        problems.append(f"{key}: expected a positive number of at most {at_most:g}, found {short_repr(value)}")
         return default
     return float(value)
 
 
-def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], float]:
+def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], float, dict[str, dict[str, Any]]]:
     params = config.get("rope_parameters")
     if params is None:  # transformers 4: top-level rope_theta, scaling apart
         params = dict(config.get("rope_scaling") or {})
@@ -117,22 +134,37 @@ def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], 
             params["rope_theta"] = config["rope_theta"]
     if not isinstance(params, dict):
         problems.append(f"rope_parameters: expected an object, found {params!r}")
-        return {}, DEFAULT_ROPE_THETA
-    theta = _number(params, "rope_theta", DEFAULT_ROPE_THETA, problems, at_most=MAX_ROPE_THETA)
+        return {}, DEFAULT_ROPE_THETA, {}
+    by_type: dict[str, dict[str, Any]] = {}
+    if isinstance(params.get("full_attention"), dict):  # one object per layer type (Gemma 3)
+        by_type = {k: dict(v) for k, v in params.items() if isinstance(v, dict)}
+        params = by_type["full_attention"]
+    theta = _rope_kind(params, problems, "rope_parameters")
+    for layer_type, other in by_type.items():
+        if layer_type != "full_attention":
+            _rope_kind(other, problems, f"rope_parameters.{layer_type}")
+    return dict(params), theta, by_type
+
+
+def _rope_kind(params: dict[str, Any], problems: list[str], where: str) -> float:
+    """Check one rope object's theta and its scaling parameters (bounded); returns its theta."""
+    theta = number(params, "rope_theta", DEFAULT_ROPE_THETA, problems, at_most=MAX_ROPE_THETA)
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind in ("linear", "llama3"):
-        _number(params, "factor", 1.0, problems, at_most=MAX_ROPE_FACTOR)
+        if "factor" not in params:  # transformers requires it too
+            problems.append(f"{where}: rope_type {kind!r} needs a factor")
+        number(params, "factor", 1.0, problems, at_most=MAX_ROPE_FACTOR)
     if kind == "llama3":
-        low = _number(params, "low_freq_factor", 1.0, problems, at_most=MAX_ROPE_FACTOR)
-        high = _number(params, "high_freq_factor", 4.0, problems, at_most=MAX_ROPE_FACTOR)
-        _number(params, "original_max_position_embeddings", 8192, problems, at_most=MAX_SIZE)
+        low = number(params, "low_freq_factor", 1.0, problems, at_most=MAX_ROPE_FACTOR)
+        high = number(params, "high_freq_factor", 4.0, problems, at_most=MAX_ROPE_FACTOR)
+        number(params, "original_max_position_embeddings", 8192, problems, at_most=MAX_SIZE)
         if high <= low:
-            problems.append(f"rope high_freq_factor {high:g} must exceed low_freq_factor {low:g}")
-    return dict(params), theta
+            problems.append(f"{where}: rope high_freq_factor {high:g} must exceed low_freq_factor {low:g}")
+    return theta
 
 
 def add_hparams(writer: gguf.GGUFWriter, hp: Hparams) -> None:
-    """Write the ``{arch}.*`` keys llama.cpp reads for this architecture.
+    """Write the ``{arch}.*`` keys every llama.cpp decoder reads (an architecture's entry adds its own).
 
     Example: ``add_hparams(gguf.GGUFWriter(None, "llama"), read_hparams(config, source="config.json"))``
     """
@@ -145,7 +177,7 @@ def add_hparams(writer: gguf.GGUFWriter, hp: Hparams) -> None:
     writer.add_head_count_kv(hp.n_head_kv)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_rope_freq_base(hp.rope_theta)
-    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_dimension_count(hp.n_rot)
     if hp.explicit_head_dim:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)

@@ -39,16 +39,13 @@ from bora_tools.core.lowrank import (
     zero_factors,
 )
 from bora_tools.errors import UnsupportedError, ValidationError, raise_if_problems
-from bora_tools.gguf.hparams import read_hparams
+from bora_tools.gguf.architectures import family_for, qk_heads, qk_row_order
 from bora_tools.gguf.outtypes import WRITER_OUTTYPES
 from bora_tools.gguf.report import ExportReport
 from bora_tools.gguf.shapes import check_base_tensors
 from bora_tools.gguf.writer import (
     PlannedTensor,
     add_general,
-    arch_spec,
-    qk_heads,
-    qk_row_order,
     tensor_report,
     tensor_type,
     write_streaming,
@@ -87,10 +84,10 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
     adapter = load_adapter(adapter_dir)
     base = ModelDir.open(base_dir)
     config_path = str(base.path / "config.json")
-    spec = arch_spec(base.architecture, source=config_path)
-    hp = read_hparams(base.config, source=config_path)
-    check_base_tensors(base, spec, hp)  # the base GGUF this LoRA applies to must load in llama.cpp too
-    names = _check(adapter, base, spec, n_layer=hp.n_layer)
+    family = family_for(base.architecture, source=config_path)
+    hp = family.read_hparams(base.config, source=config_path)
+    check_base_tensors(base, family, hp)  # the base GGUF this LoRA applies to must load in llama.cpp too
+    names = _check(adapter, base, family, n_layer=hp.n_layer)
     dev = resolve_device(device) if isinstance(device, str) else device
     with one_cpu_thread(dev):
         modules = list(adapter.modules.values())
@@ -98,15 +95,15 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
                                                                      label="converting to LoRA")}
         alpha = float(max(p.rank for p in prepared.values()))
         plan, rows = _plan(modules, prepared, names, alpha=alpha, outtype=outtype,
-                           heads_of=lambda g: qk_heads(g, hp) if spec.permute_qk else None)
-        writer = gguf.GGUFWriter(None, spec.name)
+                           heads_of=lambda g: qk_heads(g, hp) if family.permute_qk else None)
+        writer = gguf.GGUFWriter(None, family.name)
         add_general(writer, kind=gguf.GGUFType.ADAPTER, name=name or adapter_dir.resolve().name, outtype=outtype)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         with atomic_output(out, overwrite=overwrite) as tmp:
             write_streaming(writer, tmp, plan, progress=progress, label="writing GGUF LoRA")
     notes = [f"{r['module']}: {r['note']}" for r in rows if r["note"]]
-    return ExportReport(kind="lora", out=str(out), architecture=spec.name, hf_architecture=base.architecture,
+    return ExportReport(kind="lora", out=str(out), architecture=family.name, hf_architecture=base.architecture,
                         outtype=outtype, **tensor_report(plan), bytes=out.stat().st_size, alpha=alpha, rank=rank,
                         modules=rows, adapter=str(adapter_dir), notes=notes, warnings=[])
 
@@ -144,7 +141,7 @@ def _plan(modules, prepared: dict, names: dict[str, str], *, alpha: float, outty
     return plan, rows
 
 
-def _check(adapter, base: ModelDir, spec, *, n_layer: int) -> dict[str, str]:
+def _check(adapter, base: ModelDir, family, *, n_layer: int) -> dict[str, str]:
     """The GGUF base tensor of every module; refuses what a llama.cpp LoRA cannot express."""
     source = str(adapter.path or "adapter")
     if adapter.config.fan_in_fan_out:
@@ -154,12 +151,13 @@ def _check(adapter, base: ModelDir, spec, *, n_layer: int) -> dict[str, str]:
         raise UnsupportedError(f"{source}: modules_to_save tensors ({keys}) cannot be expressed in a llama.cpp LoRA",
                                hint="export the merged model instead with `merge`")
     check_against_base(adapter, base.shape_of, source=source)
-    tmap = gguf.get_tensor_name_map(spec.arch, n_layer)
+    tmap = gguf.get_tensor_name_map(family.arch, n_layer)
     names, problems = {}, []
     for name in adapter.modules:
         gname = tmap.get_name(name + ".weight", try_suffixes=(".weight",))
         if gname is None:
-            problems.append(f"{PREFIX + name}: llama.cpp's {spec.name} graph has no tensor for {name}.weight")
+            hint = " (export the merged model with `merge` instead)" if ".experts." in name else ""
+            problems.append(f"{PREFIX + name}: llama.cpp's {family.name} graph has no tensor for {name}.weight{hint}")
         else:
             names[name] = gname
     raise_if_problems(source, problems, cls=UnsupportedError)

@@ -1,4 +1,4 @@
-"""Shared pieces of the GGUF writers: architectures, output types, tensor layout, streaming.
+"""Shared pieces of the GGUF writers: output types, tensor layout, streaming.
 
 A GGUF file is written in one pass with gguf-py's ``GGUFWriter``: every tensor
 info (name, shape, type, byte size) is declared first, then the header, the
@@ -26,45 +26,10 @@ import torch
 
 from bora_tools.core.dtypes import cast_finite
 from bora_tools.errors import UnsupportedError
-from bora_tools.gguf.hparams import Hparams
 from bora_tools.gguf.outtypes import OUTTYPES
 from bora_tools.progress import Progress, no_progress
 
 Q = gguf.GGMLQuantizationType
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How one Hugging Face architecture maps onto a llama.cpp architecture."""
-
-    arch: gguf.MODEL_ARCH
-    permute_qk: bool  # llama.cpp's llama graph expects q/k rows in its own rotary layout
-
-    @property
-    def name(self) -> str:
-        return gguf.MODEL_ARCH_NAMES[self.arch]
-
-
-ARCHS: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, True),
-    "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, True),  # llama.cpp runs Mistral as llama
-    "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, False),  # Qwen2 uses the HF (NeoX) rotary layout
-}
-
-
-def arch_spec(architecture: str | None, *, source: str) -> ArchSpec:
-    """The llama.cpp mapping of ``architecture``.
-
-    Example: ``arch_spec("MistralForCausalLM", source="config.json").name`` -> ``"llama"``
-
-    Raises:
-        UnsupportedError: naming the architecture and the supported ones.
-    """
-    spec = ARCHS.get(architecture or "")
-    if spec is None:
-        raise UnsupportedError(f"{source}: architecture {architecture!r} is not supported for GGUF export "
-                               f"(supported: {', '.join(ARCHS)})")
-    return spec
 
 
 #: The torch dtype of the plain GGUF float types.
@@ -153,33 +118,6 @@ def quantize_pool() -> ThreadPoolExecutor:
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return ThreadPoolExecutor(max_workers=max(1, min(cpus, 8)), thread_name_prefix="bora-q8")
-
-
-def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
-    """Row order that turns HF q/k rows into llama.cpp's rotary layout.
-
-    HF stores each head's rotary pairs as two halves (all first components,
-    then all second ones); llama.cpp's llama graph rotates adjacent pairs, so
-    the halves of every head are interleaved. ``W_gguf = W_hf[order]``; it
-    applies to weights, biases and a LoRA's ``lora_b`` alike (they all index
-    output rows).
-
-    Example: ``qk_row_order(4, 1)`` -> ``tensor([0, 2, 1, 3])``
-    """
-    return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
-
-
-def qk_heads(gguf_name: str, hparams: Hparams) -> int | None:
-    """Heads whose rows ``qk_row_order`` permutes for this tensor, or None (no permutation).
-
-    Example: ``qk_heads("blk.3.attn_k.weight", hp)`` -> ``hp.n_head_kv``
-    """
-    part = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
-    if part == "attn_q":
-        return hparams.n_head
-    if part == "attn_k":
-        return hparams.n_head_kv
-    return None
 
 
 def whole(t: torch.Tensor) -> Callable[[], Iterator[torch.Tensor]]:
