@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 
 import gguf
 import pytest
+from families import spm_tokenizer
 from gguf_support import (
     F32_RTOL,
     IDS,
@@ -37,23 +37,14 @@ def _kv(path) -> dict:
 @pytest.fixture(scope="module")
 def spm_dir(tmp_path_factory):
     """A tiny llama with only a SentencePiece tokenizer.model (byte fallback, 450 pieces, vocab_size 512)."""
-    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("sentencepiece")
     root = tmp_path_factory.mktemp("spm")
     path = tiny_dir(root, "llama", vocab_size=512)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (path / name).unlink(missing_ok=True)
-    buf = io.BytesIO()
-    # Llama 2's settings: identity normalisation, whitespace kept as is.
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 20), model_writer=buf, vocab_size=450,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
-                                   eos_id=2, pad_id=-1, hard_vocab_limit=False, remove_extra_whitespaces=False,
-                                   normalization_rule_name="identity", minloglevel=2)
-    (path / "tokenizer.model").write_bytes(buf.getvalue())
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    processor = spm_tokenizer(path)  # Llama 2's settings: identity normalisation, whitespace kept as is
     set_config(path, bos_token_id=1, eos_token_id=2, pad_token_id=None)
-    return path, spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    return path, processor
 
 
 def test_sentencepiece_tokenizer(spm_dir, tmp_path):

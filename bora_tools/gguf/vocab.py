@@ -21,7 +21,6 @@ and a warning when the structure is not one llama.cpp implements.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,9 +237,9 @@ def _mark_config_added_tokens(path: Path, tokens: list, toktypes: list[int], sco
     file = path / "tokenizer_config.json"
     if not file.is_file():
         return
-    try:
-        decoder = json.loads(file.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
+    try:  # the checked reader (depth-limited); an unreadable file only means: no added tokens to mark
+        decoder = read_json(file).get("added_tokens_decoder") or {}
+    except (BoraError, AttributeError):
         return
     for tid_text, data in decoder.items():
         if not (str(tid_text).isdigit() and isinstance(data, dict) and isinstance(data.get("content"), str)):
