@@ -7,6 +7,8 @@ Library code raises these and never prints or exits.
 
 from __future__ import annotations
 
+import contextlib
+
 
 class BoraError(Exception):
     """Base class of every error bora-tools reports to a user.
@@ -94,7 +96,8 @@ def _clip(text: str) -> str:
 
 
 # -- secrets ----------------------------------------------------------------
-# Values (Hub tokens) that must never appear in any output, tracebacks under --debug included.
+# Values (Hub tokens) that must never appear in any output, tracebacks under --debug included. A value is
+# registered once where it enters (``io.hub_client.clean_token``); every printer masks what is registered.
 _SECRETS: set[str] = set()
 MIN_SECRET_CHARS = 8
 
@@ -115,3 +118,14 @@ def scrub(text: str) -> str:
     for secret in sorted(_SECRETS, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+def scrub_chain(error: BaseException | None) -> None:
+    """Mask the registered secrets in the string arguments of ``error`` and of every exception it was chained
+    from, in place (a caller that catches it, or prints its causes, never sees a secret)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        with contextlib.suppress(Exception):  # an exception class whose args cannot be set keeps them
+            error.args = tuple(scrub(a) if isinstance(a, str) else a for a in error.args)
+        error = error.__cause__ or error.__context__

@@ -24,7 +24,8 @@ from huggingface_hub import HfApi, ModelCard
 from safetensors.numpy import save_file
 
 from bora_tools.errors import BoraError, HubError, UnsafePathError
-from bora_tools.hub.push import build_model_card, hub_errors, push
+from bora_tools.hub.push import build_model_card, push
+from bora_tools.io.hub_client import upload_errors
 from bora_tools.progress import logger
 
 # huggingface_hub itself passes file objects as `data=` to its HTTP client, which warns about it.
@@ -358,7 +359,7 @@ def test_unreachable_endpoint_is_one_line_and_fast(tmp_path, run):
 def test_missing_repo_answer_maps_to_one_line(hub):
     api = HfApi(endpoint=hub.endpoint, token=WRITE)
     with pytest.raises(HubError, match=r"nobody/nothing: repository not found at http://127\.0\.0\.1") as info:
-        with hub_errors(endpoint=hub.endpoint, repo_id="nobody/nothing", revision=None, token=WRITE):
+        with upload_errors(endpoint=hub.endpoint, repo_id="nobody/nothing", revision=None, token=WRITE):
             api.repo_info("nobody/nothing")
     assert WRITE not in info.value.one_line()
 

@@ -9,22 +9,21 @@ sends only what is missing and a re-run with nothing changed makes no commit.
 
 The token is never read, printed or logged here: ``token=None`` lets
 ``huggingface_hub`` resolve it (``HF_TOKEN``, then the saved login). Known
-failures become one ``HubError`` line with a hint.
+failures become one ``HubError`` line with a hint (``io.hub_client``, the
+client that downloads use too).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bora_tools.errors import HubError, UnsafePathError, UnsupportedError
+from bora_tools.errors import UnsafePathError, UnsupportedError
 from bora_tools.hub.card import build_model_card, describe_source, render_card
-from bora_tools.io.hub_input import clean_token, hub_messages_silenced, scrub_chain, unauthorized
-from bora_tools.io.hub_input import scrub as _scrub
-from bora_tools.io.hub_input import transport_errors as _transport_errors
+from bora_tools.io.hub_client import clean_token, hub_messages_silenced, upload_errors
 from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, human_bytes
 
@@ -124,7 +123,7 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
     message = commit_message or f"Upload {source.label} with bora-tools"
 
     api = HfApi(endpoint=endpoint, token=token)
-    with hub_errors(endpoint=api.endpoint, repo_id=repo_id, revision=revision, token=token), \
+    with upload_errors(endpoint=api.endpoint, repo_id=repo_id, revision=revision, token=token), \
             hub_messages_silenced():
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         repo_id = repo_url.repo_id or repo_id  # a bare name resolves to the token owner's namespace
@@ -215,57 +214,3 @@ def _warn_if_public(api: Any, repo_id: str) -> None:
     if api.repo_info(repo_id).private is False:
         logger.warning(f"{repo_id} already exists and is public; private only applies when the repo is created "
                        "(change its visibility in the repo's settings on the Hub)")
-
-
-
-
-@contextlib.contextmanager
-def hub_errors(*, endpoint: str, repo_id: str, revision: str | None, token: str | None) -> Iterator[None]:
-    """Turn huggingface_hub's failures into one-line ``HubError``s that never contain the token."""
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        yield
-    except OfflineModeIsEnabled as e:
-        raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed", hint="unset HF_HUB_OFFLINE") from e
-    except HFValidationError as e:
-        raise HubError(f"invalid REPO_ID {repo_id!r}: {_scrub(e, token)}", hint="REPO_ID is owner/name") from e
-    except RevisionNotFoundError as e:
-        raise HubError(f"{repo_id}: revision {revision!r} not found", hint="check `revision`") from e
-    except HfHubHTTPError as e:
-        status = e.response.status_code if getattr(e, "response", None) is not None else None
-        if status == 401:
-            raise _unauthorized(endpoint, token) from e
-        if status == 403:
-            raise HubError(f"{repo_id}: the token may not write to this repo (403 Forbidden)",
-                           hint="use a token with write access to this namespace, or `create_pr`") from e
-        if status == 404 or isinstance(e, RepositoryNotFoundError):
-            raise HubError(f"{repo_id}: repository not found at {endpoint}",
-                           hint="check REPO_ID and that the token can see the repo") from e
-        detail = _scrub(getattr(e, "server_message", None) or e, token)
-        raise HubError(f"the Hub at {endpoint} answered HTTP {status}: {detail}",
-                       hint="run the same command again: files already uploaded are not sent twice") from e
-    except ValueError as e:
-        if "Invalid metadata in README.md" not in str(e):
-            raise
-        raise HubError(f"the Hub refused the README.md metadata: {_scrub(e, token)}") from e
-    except _transport_errors() as e:
-        scrub_chain(e)
-        if "header" in str(e).lower():  # the HTTP client refused a header value before sending anything
-            raise HubError(f"the HTTP client refused a request header ({type(e).__name__}: {_scrub(e, token)})",
-                           hint="check the token and HF_ENDPOINT") from e
-        raise HubError(f"cannot reach the Hub at {endpoint} ({type(e).__name__})",
-                       hint="check the network, or HF_ENDPOINT when you use another server") from e
-    except BaseException as e:
-        scrub_chain(e)
-        raise
-
-
-def _unauthorized(endpoint: str, token: str | None) -> HubError:
-    return unauthorized(endpoint, token, write=True)

@@ -1,4 +1,5 @@
-"""Files in and out: JSON, atomic outputs, safetensors headers and streaming writes, model directories.
+"""Files in and out: JSON, atomic outputs, safetensors headers and streaming writes, model directories,
+and the Hub (``hub_input`` turns Hub ids into cached snapshots; ``hub_client``: tokens and errors).
 
 Nothing here knows what BoRA is. ``core`` and the commands read and write through these modules.
 """
