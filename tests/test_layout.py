@@ -21,7 +21,7 @@ FLOORS = [
     ("drawing", ("bora_tools.plot",)),
     ("core", ("bora_tools.core",)),
     ("io", ("bora_tools.io",)),
-    ("base", ("bora_tools.errors", "bora_tools.progress", "bora_tools.report")),
+    ("base", ("bora_tools.errors", "bora_tools.progress", "bora_tools.report", "bora_tools.choices")),
 ]
 
 
