@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import click
@@ -177,3 +178,27 @@ def test_train_options_are_made_from_the_train_options_fields():
 def test_target_modules_are_names_or_one_regex(given, expected):
     param = next(p for p in cli.commands["train"].params if p.name == "target_modules")
     assert param.type.convert(given, param, None) == expected
+
+
+def test_one_field_makes_an_option_with_its_aliases_and_an_unknown_type_needs_a_kind():
+    from bora_tools.cli.train import _click_option
+    from bora_tools.training.options import FRACTION, option
+
+    @dataclasses.dataclass(frozen=True)
+    class More:
+        warmup_ratio: float | None = option(None, "--warmup-ratio", "--warmup_ratio", check=FRACTION,
+                                            help="Warmup as a fraction of the steps.")
+        sizes: tuple[int, ...] = option((), "--sizes", help="Sizes.")
+
+    hints = typing.get_type_hints(More)
+    ratio, sizes = dataclasses.fields(More)
+
+    @click.command()
+    @_click_option(ratio, hints["warmup_ratio"])
+    def command(warmup_ratio):
+        click.echo(repr(warmup_ratio))
+
+    assert CliRunner().invoke(command, ["--warmup_ratio", "0.25"]).output == "0.25\n"
+    assert "--warmup-ratio, --warmup_ratio FLOAT" in CliRunner().invoke(command, ["--help"]).output
+    with pytest.raises(TypeError, match="sizes: .* has no click type"):
+        _click_option(sizes, hints["sizes"])

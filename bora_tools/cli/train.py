@@ -51,7 +51,8 @@ KINDS: dict[str, click.ParamType] = {
 
 def _click_option(field: dataclasses.Field, hint: Any) -> Callable:
     """One ``TrainOptions`` field as a click option: its flags, help and default; the type from its kind, its
-    choices or its annotation (``bool``: an on/off flag); the default shown when it is a value."""
+    choices or its annotation (``bool``: an on/off flag; ``int``, ``float``; text); the default shown when it is
+    a value."""
     flag: Flag = field.metadata["flag"]
     kwargs: dict[str, Any] = {"default": field.default, "help": flag.help}
     if flag.kind is not None:
@@ -64,6 +65,8 @@ def _click_option(field: dataclasses.Field, hint: Any) -> Callable:
             kwargs["is_flag"] = True
         elif scalars in ([int], [float]):
             kwargs["type"] = scalars[0]
+        elif not set(scalars) <= {str, Path}:  # text is click's default; anything else needs a kind
+            raise TypeError(f"TrainOptions.{field.name}: {hint} has no click type; give its option a `kind`")
     if flag.flag_value is not None:
         kwargs.update(is_flag=False, flag_value=flag.flag_value)
     if flag.metavar is not None:
