@@ -1,9 +1,16 @@
 """The CLI frame, `inspect` and `demo`, driven as a user would."""
 
+import dataclasses
+import importlib
 import json
+import os
+import re
 import subprocess
 import sys
+import typing
+from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -102,3 +109,96 @@ def test_demo_json_prints_only_the_figures_on_stdout(tmp_path):
     figures = json.loads(result.stdout)
     assert list(figures)[:3] == ["train", "inspect", "merge"] and figures["train"]["steps"] == 5
     assert "[train]" in result.stderr
+
+
+# -- the package: entry points, registration, a light --help ------------------------------------
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_command_of_the_command_modules_is_registered():
+    from bora_tools.cli import adapters, demo, gguf, hub, train
+
+    defined = {obj.name: obj for module in (adapters, demo, gguf, hub, train) for obj in vars(module).values()
+               if isinstance(obj, click.Command)}
+    assert defined == cli.commands
+
+
+def test_the_console_script_is_the_apps_main():
+    from bora_tools.cli.app import main
+
+    module, attr = re.search(r'^bora-tools = "([\w.]+):(\w+)"$', (REPO_ROOT / "pyproject.toml").read_text(),
+                             re.M).groups()
+    assert getattr(importlib.import_module(module), attr) is main
+
+
+def test_help_loads_neither_torch_nor_transformers():
+    # Every --help in one fresh interpreter; after each, the heavy libraries it loaded (none may be).
+    helps = [["--help"]] + [[name, "--help"] for name in sorted(cli.commands)]
+    code = "\n".join([
+        "import contextlib, io, sys",
+        "from bora_tools.cli import cli",
+        f"for args in {helps!r}:",
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):",
+        "        cli(args, prog_name='bora-tools')",
+        "    print(' '.join(args), sorted(m for m in ('torch', 'transformers') if m in sys.modules))",
+    ])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(helps) and all(line.endswith(" []") for line in lines), proc.stdout
+
+
+def test_train_options_are_made_from_the_train_options_fields():
+    from bora_tools.cli.params import _DtypeType
+    from bora_tools.training.options import TrainOptions
+
+    params = {p.name: p for p in cli.commands["train"].params}
+    fields = dataclasses.fields(TrainOptions)
+    for f in fields:
+        flag, param = f.metadata["flag"], params[f.name]
+        assert (param.opts + param.secondary_opts, param.default, param.help) == (list(flag.names), f.default,
+                                                                                   flag.help), f.name
+    # Every other option of train is a path or a flag every command shares: no hyperparameter bypasses the fields.
+    others = [name for name in params if name not in {f.name for f in fields}]
+    assert others == ["base", "data", "out", "device", "token", "overwrite", "as_json", "debug", "quiet"]
+    assert isinstance(params["dtype"].type, _DtypeType) and params["rslora"].is_flag
+    assert list(params["scheduler"].type.choices) == ["linear", "cosine", "constant"]
+    assert (params["max_steps"].type, params["alpha"].type) == (click.INT, click.FLOAT)
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("q_proj,v_proj", ["q_proj", "v_proj"]),
+    ("q_proj", ["q_proj"]),
+    ("model.layers.0.mlp.up_proj", ["model.layers.0.mlp.up_proj"]),
+    (r".*\.(q|v)_proj", r".*\.(q|v)_proj"),
+])
+def test_target_modules_are_names_or_one_regex(given, expected):
+    param = next(p for p in cli.commands["train"].params if p.name == "target_modules")
+    assert param.type.convert(given, param, None) == expected
+
+
+def test_one_field_makes_an_option_with_its_aliases_and_an_unknown_type_needs_a_kind():
+    from bora_tools.cli.train import _click_option
+    from bora_tools.training.options import FRACTION, option
+
+    @dataclasses.dataclass(frozen=True)
+    class More:
+        warmup_ratio: float | None = option(None, "--warmup-ratio", "--warmup_ratio", check=FRACTION,
+                                            help="Warmup as a fraction of the steps.")
+        sizes: tuple[int, ...] = option((), "--sizes", help="Sizes.")
+
+    hints = typing.get_type_hints(More)
+    ratio, sizes = dataclasses.fields(More)
+
+    @click.command()
+    @_click_option(ratio, hints["warmup_ratio"])
+    def command(warmup_ratio):
+        click.echo(repr(warmup_ratio))
+
+    assert CliRunner().invoke(command, ["--warmup_ratio", "0.25"]).output == "0.25\n"
+    assert "--warmup-ratio, --warmup_ratio FLOAT" in CliRunner().invoke(command, ["--help"]).output
+    with pytest.raises(TypeError, match="sizes: .* has no click type"):
+        _click_option(sizes, hints["sizes"])

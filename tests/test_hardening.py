@@ -22,7 +22,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from bora_tools.cli import cli, emit_json
+from bora_tools.cli import cli
+from bora_tools.cli.frame import emit_json
 from bora_tools.core.config import BoraConfig
 from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
 from bora_tools.errors import BoraError, ConfigError, raise_if_problems

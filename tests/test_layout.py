@@ -1,5 +1,6 @@
 """The package's shape: arrows point one way (cli/demo -> commands -> core -> io), no import cycle,
-and no command module imports another command's module. Read with ``ast``; nothing is imported."""
+no command module imports another command's module, and inside the cli package the command modules
+import only its frame and params. Read with ``ast``; nothing is imported."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ FLOORS = [
     ("drawing", ("bora_tools.plot",)),
     ("core", ("bora_tools.core",)),
     ("io", ("bora_tools.io",)),
-    ("base", ("bora_tools.errors", "bora_tools.progress", "bora_tools.report")),
+    ("base", ("bora_tools.errors", "bora_tools.progress", "bora_tools.report", "bora_tools.choices")),
 ]
 
 
@@ -101,3 +102,39 @@ def test_the_public_api_resolves():
         assert getattr(bt, name) is not None, name
     assert bt.__version__ and bt.__version__ != "0+unknown"
     assert set(dir(bt)) >= set(bt.__all__)
+
+
+#: Inside ``bora_tools.cli``: what every command shares, and what each shared module may import of the package.
+CLI_SHARED = {"bora_tools.cli.frame": set(), "bora_tools.cli.params": {"bora_tools.cli.frame"}}
+CLI_APP = "bora_tools.cli.app"
+#: The entry points: the only modules that import the app (the group that registers every command).
+CLI_ENTRIES = {"bora_tools.cli", "bora_tools.cli.__main__"}
+CLI_COMMANDS = sorted(n for n in MODULES if n.startswith("bora_tools.cli.")
+                      and n not in {*CLI_SHARED, CLI_APP, *CLI_ENTRIES})
+
+
+def _cli_imports(name: str) -> set[str]:
+    return {dep for dep in GRAPH[name] if dep == "bora_tools.cli" or dep.startswith("bora_tools.cli.")}
+
+
+def test_the_cli_has_its_frame_params_app_and_command_modules():
+    assert {*CLI_SHARED, CLI_APP, *CLI_ENTRIES} <= set(MODULES)
+    assert {"bora_tools.cli.adapters", "bora_tools.cli.gguf", "bora_tools.cli.train"} <= set(CLI_COMMANDS)
+
+
+@pytest.mark.parametrize("name", CLI_COMMANDS)
+def test_a_cli_command_module_imports_only_the_frame_and_params(name):
+    inside = _cli_imports(name)
+    assert inside <= set(CLI_SHARED), f"{name} imports {sorted(inside - set(CLI_SHARED))}: a command module " \
+                                      f"imports the frame and params only, never the app or another command"
+
+
+@pytest.mark.parametrize("name", sorted(CLI_SHARED))
+def test_the_cli_frame_and_params_import_no_command(name):
+    extra = _cli_imports(name) - CLI_SHARED[name]
+    assert not extra, f"{name} imports {sorted(extra)}"
+
+
+def test_only_the_entry_points_import_the_cli_app():
+    importers = {name for name, deps in GRAPH.items() if CLI_APP in deps}
+    assert importers <= CLI_ENTRIES, f"{sorted(importers - CLI_ENTRIES)} import {CLI_APP}"

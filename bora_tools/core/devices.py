@@ -7,9 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
+from bora_tools.choices import DEVICE_CHOICES
 from bora_tools.errors import UnsupportedError, ValidationError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -6,22 +6,12 @@ import math
 
 import torch
 
+from bora_tools.choices import DTYPE_ALIASES
 from bora_tools.errors import UnsupportedError, ValidationError
 
 #: The float dtypes a user names (``dtype="bfloat16"``) -> torch dtypes. The one user-facing dtype table;
 #: the on-disk names (``F32``, ``BF16``, ...) are ``io.safetensors.ST_DTYPES``.
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-#: Every spelling users bring from torch, transformers, PEFT, mergekit and llama.cpp -> the name above.
-#: Matched case-insensitively (``FP16``, ``BF16`` and ``Float32`` are fine too).
-DTYPE_ALIASES = {
-    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-}
-
-#: The GGUF names (``--outtype``) of the three float dtypes.
-GGUF_FLOAT_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
 def dtype_name(name: str, *, allow_auto: bool = False) -> str:

@@ -40,9 +40,8 @@ from bora_tools.report import Report, human_seconds
 from bora_tools.training import data as sft_data
 from bora_tools.training.layers import is_conv1d
 from bora_tools.training.model import add_bora, linear_modules, save_bora
+from bora_tools.training.options import TrainOptions
 from bora_tools.training.trainer import trainable_parameters
-
-SCHEDULERS = ("linear", "cosine", "constant")
 
 
 @dataclass
@@ -107,177 +106,185 @@ def train(
     base: str | Path,
     data: str | Path,
     out: str | Path,
+    options: TrainOptions | None = None,
     *,
-    r: int = 8,
-    blocks: int = 4,
-    alpha: float | None = None,
-    rslora: bool = False,
-    target_modules: list[str] | str | None = None,
-    dropout: float = 0.0,
-    epochs: float = 1.0,
-    max_steps: int | None = None,
-    lr: float = 2e-4,
-    scheduler: str = "linear",
-    warmup_steps: int = 0,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    max_length: int = 1024,
-    dtype: str = "auto",
-    gradient_checkpointing: bool = False,
-    save_steps: int | None = None,
-    checkpoint_dir: str | Path | None = None,
-    resume: str | Path | None = None,
-    seed: int = 0,
-    logging_steps: int | None = None,
     device: str = "auto",
     overwrite: bool = False,
     base_name: str | None = None,
     log: Callable[[str], None] | None = None,
     progress: Progress = no_progress,
+    **hyperparameters: Any,
 ) -> TrainReport:
     """Fine-tune a BoRA adapter on ``base`` with the JSONL ``data``; write it to ``out``.
 
-    ``batch_size`` is per process: the global batch is ``batch_size * grad_accum * processes``.
-    ``save_steps`` writes adapter-only checkpoints every so many steps into ``checkpoint_dir``
-    (default ``OUT-checkpoints`` next to ``OUT``); ``resume`` is ``"last"`` (the latest there)
-    or one ``checkpoint-N`` directory. ``log`` receives one line per logging step (step, loss,
-    learning rate) on the main process; ``progress`` wraps the steps.
+    ``options`` holds the hyperparameters (``TrainOptions``: rank, blocks, learning rate, steps,
+    checkpoints, ...); any of its fields may also be given as a keyword, over ``options`` or the
+    defaults. ``device`` is where training runs (``auto``: CUDA when present); ``base_name`` is what
+    the adapter records as its base (default: the ``base`` path). ``log`` receives one line per
+    logging step (step, loss, learning rate) on the main process; ``progress`` wraps the steps.
 
     Example::
 
         report = train("Llama-3.2-1B", "chats.jsonl", "my-bora", r=8, blocks=4, epochs=2, lr=2e-4)
+        report = train("Llama-3.2-1B", "chats.jsonl", "my-bora", TrainOptions(r=8, epochs=2), device="cuda")
         print(report)
 
     Raises:
-        ValidationError: a bad parameter, an unreadable or empty data file, records of the wrong
-            shape (line numbers named), target modules that match nothing, ``blocks`` not dividing
-            a target's dimensions, a checkpoint that does not fit this run.
+        ValidationError: a bad or unknown option, an unreadable or empty data file, records of the
+            wrong shape (line numbers named), target modules that match nothing, ``blocks`` not
+            dividing a target's dimensions, a checkpoint that does not fit this run.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
         ModelDirError, UnsupportedError: the base cannot be read or trained here.
     """
     start = time.perf_counter()
-    base, data, out = Path(base), Path(data), Path(out)
-    _check_parameters(locals())
-    torch_dtype = parse_dtype(dtype, allow_auto=True)
+    if options is not None and not isinstance(options, TrainOptions):
+        raise ValidationError(f"`options`: expected a TrainOptions, found {type(options).__name__}")
+    run = _prepare(Path(base), Path(data), Path(out), TrainOptions.from_dict(hyperparameters, base=options),
+                   device=device, overwrite=overwrite, base_name=base_name)
+    trainer, losses, counts, run_dtype = _fit(run, log=log, progress=progress)
+    o, state, world = run.options, trainer.state, trainer.args.world_size
+    return TrainReport(
+        out=run.out, base=str(run.base), data=str(run.data), examples=len(run.examples), steps=state.global_step,
+        epochs=float(state.epoch or 0.0), tokens=int(state.num_input_tokens_seen),
+        loss_first=losses[0][1] if losses else float("nan"), loss_last=losses[-1][1] if losses else float("nan"),
+        seconds=time.perf_counter() - start, trainable_parameters=counts.trainable, total_parameters=counts.total,
+        r=o.r, blocks=o.blocks, target_modules=list(run.targets) if isinstance(run.targets, list) else [run.targets],
+        modules=run.modules, processes=world, global_batch=o.batch_size * o.grad_accum * world,
+        dtype=str(run_dtype).replace("torch.", ""), device=str(trainer.args.device),
+        checkpoints=run.checkpoint_dir if o.save_steps else None,
+        resumed_from=str(run.resume) if run.resume else None, losses=losses,
+    )
+
+
+@dataclass
+class _Run:
+    """A training run with everything checked: what ``_fit`` needs, and nothing left to refuse."""
+
+    base: Path
+    data: Path
+    out: Path
+    options: TrainOptions
+    overwrite: bool
+    device: torch.device
+    dtype: torch.dtype | None  # None: as stored
+    checkpoint_dir: Path
+    config: BoraConfig
+    targets: list[str] | str
+    modules: int
+    resume: Path | None
+    examples: list
+    pad: int
+
+
+def _prepare(base: Path, data: Path, out: Path, o: TrainOptions, *, device: str, overwrite: bool,
+             base_name: str | None) -> _Run:
+    """Every check ``train`` can make before any work: options, paths, data, targets, dtype, checkpoints."""
+    problems = o.problems()
+    if o.resume is not None and overwrite:
+        problems.append("`resume` and `overwrite` together: resuming keeps the checkpoints that overwrite would clear")
+    raise_if_problems("train", problems)
+    if not base.is_dir():
+        raise ModelDirError(f"`base` {base}: not a model directory")
+    if not data.is_file():
+        raise ValidationError(f"`data` {data}: no such file")
+    torch_dtype = parse_dtype(o.dtype, allow_auto=True)
     dev = resolve_device(device)
     check_target(out, overwrite=overwrite)
     refuse_output_over_inputs(out, base, data)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.name}-checkpoints"
-    if save_steps is not None or resume is not None:
+    ckpt_dir = Path(o.checkpoint_dir) if o.checkpoint_dir is not None else out.parent / f"{out.name}-checkpoints"
+    if o.save_steps is not None or o.resume is not None:
         refuse_output_over_inputs(ckpt_dir, base, data)
         if ckpt_dir.resolve().is_relative_to(out.resolve()) or out.resolve().is_relative_to(ckpt_dir.resolve()):
             raise ValidationError(f"`checkpoint_dir` {ckpt_dir} and `out` {out} overlap; OUT appears only when "
                                   f"training is done", hint="give the checkpoints a directory of their own")
     records = sft_data.read_records(data)
     config_hf = _read_config(base)
-    targets, n_modules = _check_targets(config_hf, target_modules, blocks, base)
-    config = BoraConfig(r=r, bora_blocks=blocks, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
+    targets, n_modules = _check_targets(config_hf, o.target_modules, o.blocks, base)
+    config = BoraConfig(r=o.r, bora_blocks=o.blocks, lora_alpha=o.alpha, use_rslora=o.rslora, target_modules=targets,
                         task_type="CAUSAL_LM", base_model_name_or_path=base_name or str(base))
     stored = getattr(config_hf, "dtype", None) or getattr(config_hf, "torch_dtype", None)
     if (torch_dtype or stored) in (torch.float16, "float16") and dev.type != "cuda":
         raise UnsupportedError(f"`dtype` float16 training needs a CUDA device ({base} would train in float16 on "
                                f"{dev.type})", hint="pass `dtype` float32 or bfloat16")
-    resume_path = _check_resume(resume, ckpt_dir, config, save_steps=save_steps, overwrite=overwrite)
+    resume_path = _check_resume(o.resume, ckpt_dir, config, save_steps=o.save_steps, overwrite=overwrite)
     tokenizer = _load_tokenizer(base)
     sft_data.check_chat_template(records, tokenizer, source=str(base))
-    examples, stats = sft_data.tokenize(records, tokenizer, max_length=max_length)
+    examples, stats = sft_data.tokenize(records, tokenizer, max_length=o.max_length)
     if not examples:
-        raise ValidationError(f"`data` {data}: no record keeps a token to learn within `max_length` {max_length}")
+        raise ValidationError(f"`data` {data}: no record keeps a token to learn within `max_length` {o.max_length}")
     if stats.dropped:
         logger.warning(f"`data` {data}: {len(stats.dropped)} record(s) left without a completion token within "
-                       f"`max_length` {max_length} are skipped (first: line {stats.dropped[0]})")
-
-    # Everything is checked: the work starts here.
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype if torch_dtype is not None else "auto")
-    run_dtype = next(model.parameters()).dtype
-    torch.manual_seed(seed)  # the same initial A on every process (DDP also broadcasts rank 0's)
-    add_bora(model, config, dropout=dropout)
-    counts = trainable_parameters(model)
+                       f"`max_length` {o.max_length} are skipped (first: line {stats.dropped[0]})")
     if tokenizer.pad_token_id is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     else:
         pad = tokenizer.pad_token_id
-    total_steps_hint = max_steps or max(1, math.ceil(len(examples) / batch_size / grad_accum * epochs))
+    return _Run(base=base, data=data, out=out, options=o, overwrite=overwrite, device=dev, dtype=torch_dtype,
+                checkpoint_dir=ckpt_dir, config=config, targets=targets, modules=n_modules, resume=resume_path,
+                examples=examples, pad=pad)
+
+
+def _fit(run: _Run, *, log: Callable[[str], None] | None, progress: Progress):
+    """Load the base, add BoRA, train with a plain ``transformers.Trainer``, save the adapter (main process).
+
+    Returns the trainer (its state and arguments), the logged ``(step, loss)`` pairs, the parameter counts
+    and the dtype the base trained in.
+    """
+    from transformers import AutoModelForCausalLM, Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    o, ckpt_dir = run.options, run.checkpoint_dir
+    model = AutoModelForCausalLM.from_pretrained(run.base, dtype=run.dtype if run.dtype is not None else "auto")
+    run_dtype = next(model.parameters()).dtype
+    torch.manual_seed(o.seed)  # the same initial A on every process (DDP also broadcasts rank 0's)
+    add_bora(model, run.config, dropout=o.dropout)
+    counts = trainable_parameters(model)
     # Without checkpoints the trainer still wants a directory of its own: a temporary one, removed afterwards.
-    scratch = None if save_steps else tempfile.TemporaryDirectory(prefix="bora-train-")
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir) if scratch is None else scratch.name,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum,
-        num_train_epochs=epochs,
-        max_steps=max_steps if max_steps is not None else -1,
-        learning_rate=lr,
-        lr_scheduler_type=scheduler,
-        warmup_steps=warmup_steps,
-        weight_decay=0.0,
-        logging_steps=logging_steps or max(1, total_steps_hint // 20),
-        logging_first_step=True,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        seed=seed,
-        data_seed=seed,
-        bf16=run_dtype == torch.bfloat16,
-        fp16=run_dtype == torch.float16,
-        use_cpu=dev.type == "cpu",
-        **{_checkpointing_argument(TrainingArguments): gradient_checkpointing},
-        report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
-        save_only_model=False,
-    )
+    scratch = None if o.save_steps else tempfile.TemporaryDirectory(prefix="bora-train-")
+    args = _training_arguments(run, str(ckpt_dir) if scratch is None else scratch.name, run_dtype=run_dtype)
     losses: list[tuple[int, float]] = []
     reporter = _reporter(losses, log, progress)
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=sft_data.Collator(pad),
+    trainer = Trainer(model=model, args=args, train_dataset=run.examples, data_collator=sft_data.Collator(run.pad),
                       callbacks=[reporter])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     main = trainer.accelerator.is_main_process
-    if save_steps and resume_path is None and overwrite and main and ckpt_dir.is_dir():
+    if o.save_steps and run.resume is None and run.overwrite and main and ckpt_dir.is_dir():
         # An earlier run's checkpoint-N directories, and nothing else of the directory: only the main
         # process writes checkpoints, so only it clears them.
         for old in ckpt_dir.glob("checkpoint-*"):
             if old.is_dir() and not old.is_symlink() and old.name.split("-", 1)[1].isdigit():
                 shutil.rmtree(old)
     try:
-        trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
+        trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
         reporter.close()
         if main:
-            save_bora(model, out, overwrite=overwrite)
+            save_bora(model, run.out, overwrite=run.overwrite)
         trainer.accelerator.wait_for_everyone()
     finally:
         if scratch is not None:
             scratch.cleanup()
-    state = trainer.state
-    return TrainReport(
-        out=out,
-        base=str(base),
-        data=str(data),
-        examples=len(examples),
-        steps=state.global_step,
-        epochs=float(state.epoch or 0.0),
-        tokens=int(state.num_input_tokens_seen),
-        loss_first=losses[0][1] if losses else float("nan"),
-        loss_last=losses[-1][1] if losses else float("nan"),
-        seconds=time.perf_counter() - start,
-        trainable_parameters=counts.trainable,
-        total_parameters=counts.total,
-        r=r,
-        blocks=blocks,
-        target_modules=list(targets) if isinstance(targets, list) else [targets],
-        modules=n_modules,
-        processes=trainer.args.world_size,
-        global_batch=batch_size * grad_accum * trainer.args.world_size,
-        dtype=str(run_dtype).replace("torch.", ""),
-        device=str(trainer.args.device),
-        checkpoints=ckpt_dir if save_steps else None,
-        resumed_from=str(resume_path) if resume_path else None,
-        losses=losses,
+    return trainer, losses, counts, run_dtype
+
+
+def _training_arguments(run: _Run, output_dir: str, *, run_dtype: torch.dtype):
+    """``transformers.TrainingArguments`` for the run: its options, and what a BoRA adapter run always sets."""
+    from transformers import TrainingArguments
+
+    o = run.options
+    total_steps_hint = o.max_steps or max(1, math.ceil(len(run.examples) / o.batch_size / o.grad_accum * o.epochs))
+    return TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=o.batch_size, gradient_accumulation_steps=o.grad_accum,
+        num_train_epochs=o.epochs, max_steps=o.max_steps if o.max_steps is not None else -1,
+        learning_rate=o.lr, lr_scheduler_type=o.scheduler, warmup_steps=o.warmup_steps, weight_decay=0.0,
+        logging_steps=o.logging_steps or max(1, total_steps_hint // 20), logging_first_step=True,
+        save_strategy="steps" if o.save_steps else "no", save_steps=o.save_steps or 500,
+        seed=o.seed, data_seed=o.seed,
+        bf16=run_dtype == torch.bfloat16, fp16=run_dtype == torch.float16, use_cpu=run.device.type == "cpu",
+        **{_checkpointing_argument(TrainingArguments): o.gradient_checkpointing},
+        report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        save_only_model=False,
     )
 
 
@@ -321,45 +328,6 @@ def _reporter(losses: list, log: Callable[[str], None] | None, progress: Progres
                 self.bar = None
 
     return Reporter()
-
-
-def _check_parameters(p: dict[str, Any]) -> None:
-    problems = []
-
-    def need(ok: bool, name: str, want: str) -> None:
-        if not ok:
-            problems.append(f"`{name}`: expected {want}, found {p[name]!r}")
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    need(is_int(p["r"]) and p["r"] >= 1, "r", "an integer >= 1")
-    need(is_int(p["blocks"]) and p["blocks"] >= 1, "blocks", "an integer >= 1")
-    need(p["alpha"] is None or is_num(p["alpha"]), "alpha", "a finite number")
-    need(is_num(p["dropout"]) and 0 <= p["dropout"] < 1, "dropout", "a number in [0, 1)")
-    need(is_num(p["epochs"]) and p["epochs"] > 0, "epochs", "a number > 0")
-    need(p["max_steps"] is None or (is_int(p["max_steps"]) and p["max_steps"] >= 1), "max_steps", "an integer >= 1")
-    need(is_num(p["lr"]) and p["lr"] > 0, "lr", "a number > 0")
-    need(p["scheduler"] in SCHEDULERS, "scheduler", f"one of {', '.join(SCHEDULERS)}")
-    need(is_int(p["warmup_steps"]) and p["warmup_steps"] >= 0, "warmup_steps", "an integer >= 0")
-    need(is_int(p["batch_size"]) and p["batch_size"] >= 1, "batch_size", "an integer >= 1")
-    need(is_int(p["grad_accum"]) and p["grad_accum"] >= 1, "grad_accum", "an integer >= 1")
-    need(is_int(p["max_length"]) and p["max_length"] >= 2, "max_length", "an integer >= 2")
-    need(p["save_steps"] is None or (is_int(p["save_steps"]) and p["save_steps"] >= 1), "save_steps",
-         "an integer >= 1")
-    need(p["logging_steps"] is None or (is_int(p["logging_steps"]) and p["logging_steps"] >= 1), "logging_steps",
-         "an integer >= 1")
-    need(is_int(p["seed"]), "seed", "an integer")
-    if p["resume"] is not None and p["overwrite"]:
-        problems.append("`resume` and `overwrite` together: resuming keeps the checkpoints that overwrite would clear")
-    raise_if_problems("train", problems)
-    if not p["base"].is_dir():
-        raise ModelDirError(f"`base` {p['base']}: not a model directory")
-    if not p["data"].is_file():
-        raise ValidationError(f"`data` {p['data']}: no such file")
 
 
 def _read_config(base: Path):

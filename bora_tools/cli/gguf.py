@@ -1,0 +1,99 @@
+"""``export-gguf``: a model, a merged model or a LoRA adapter as GGUF, and where the file goes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bora_tools.cli.frame import _state, make_progress, print_report
+from bora_tools.cli.params import (
+    _InputType,
+    _OuttypeChoice,
+    _RankType,
+    _resolve,
+    common_options,
+    device_option,
+    json_option,
+    overwrite_option,
+    token_option,
+)
+from bora_tools.gguf.outtypes import OUTTYPES
+
+
+@click.command("export-gguf", short_help="Export a model or a BoRA adapter as GGUF for llama.cpp.")
+@click.argument("source", type=_InputType("any"))
+@click.option("--out", required=True, type=click.Path(),
+              help="The .gguf file to write, or an existing folder (or one ending in /) to write "
+                   "<name>-<outtype>.gguf into.")
+@click.option("--base", type=_InputType("model"), default=None,
+              help="The base model (a folder or a Hub id), when SOURCE is an adapter.")
+@click.option("--merge", is_flag=True, help="With an adapter: write the merged model as a full GGUF, in one pass.")
+@click.option("--rank", type=_RankType(), default=None,
+              help="LoRA export: 'full' (the default) is the exact form (rank b*r); K keeps the best rank-K "
+                   "truncation.")
+@click.option("--outtype", type=_OuttypeChoice(list(OUTTYPES)), default="f16", show_default=True, metavar="TYPE",
+              help="Type of the weight matrices, case-insensitive: f32, f16, bf16, q8_0 (norms and 1-D tensors stay "
+                   "f32; q8_0 falls back to f16 where a row is not a multiple of 32). Full and merged models also "
+                   "take llama.cpp's quantizations, made by its own quantizer (the 'llama' extra): q4_0, q4_1, q5_0, "
+                   "q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads of llama.cpp's quantizer  [default: all cores]")
+@device_option
+@token_option
+@overwrite_option
+@json_option
+@common_options
+def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: int | str | None, outtype: str,
+                    threads: int | None, device: str, token: str | None, overwrite: bool, as_json: bool) -> None:
+    """Export a model directory, or a BoRA adapter (with --base), as GGUF for llama.cpp.
+
+    \b
+    Examples:
+      bora-tools export-gguf ./Llama-3.2-1B --out model.gguf --outtype q8_0
+      bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --out lora.gguf
+      bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged.gguf
+      bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged-q4.gguf --outtype q4_k_m
+    """
+    if merge and base is None:
+        raise click.UsageError("--merge needs --base: the base model the adapter was trained on")
+    if rank is not None and base is None:
+        raise click.UsageError("--rank applies only to a LoRA adapter export (an adapter with --base)")
+    if rank is not None and merge:
+        raise click.UsageError("--rank applies only to a LoRA adapter export, not with --merge")
+    from bora_tools.gguf.export import export_gguf
+
+    found = _resolve(source, "any" if base is None else "adapter", token=token)
+    found_base = _resolve(base, "model", token=token) if base is not None else None
+    out = _gguf_target(out, source, found.path, base=base, merge=merge, outtype=outtype)
+    report = export_gguf(found.path, out, base=found_base.path if found_base else None, merge=merge,
+                         rank=rank or "full", outtype=outtype, overwrite=overwrite, device=device,
+                         threads=threads, progress=make_progress(), name=_gguf_name(found_base if merge else found))
+    print_report(report, as_json=as_json)
+
+
+def _gguf_name(found: Any) -> str | None:
+    """The name a GGUF records (general.name): the repo's name for a Hub input (its cache folder is a commit)."""
+    return found.repo_id.split("/")[-1] if found is not None and found.from_hub else None
+
+
+def _gguf_target(out: str, source: str, local: Path, *, base: str | None, merge: bool, outtype: str) -> Path:
+    """``--out``: a file, or a folder (existing, or written with a trailing /) that gets a default name.
+
+    The default name follows llama.cpp's converters: ``<name>-<outtype>.gguf``, where ``<name>`` is the
+    source's folder or repo name (``-merged`` or ``-lora`` added for adapters).
+    """
+    from bora_tools.io.hub_input import parse_hub_id
+
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        parsed = parse_hub_id(source) if not Path(source).exists() else None
+        name = parsed[0].split("/")[-1] if parsed else local.resolve().name
+        kind = "" if base is None else ("-merged" if merge else "-lora")
+        return path / f"{name}{kind}-{outtype}.gguf"
+    if path.suffix.lower() != ".gguf" and not _state().quiet:
+        click.echo(f"Warning: {out} does not end in .gguf; llama.cpp does not mind, but people and tools look for "
+                   "the suffix", err=True)
+    return path
