@@ -22,7 +22,7 @@ from bora_tools.training.inmemory import disable_bora, merge_bora, unload_bora
 from bora_tools.training.layers import BoraLinear, bora_adapter, bora_modules
 from bora_tools.training.model import add_bora, linear_modules, load_bora, randomize_bora, save_bora
 from bora_tools.training.sft import TrainReport, default_target_modules, train
-from bora_tools.training.trainer import TrainableParameters, trainable_parameters
+from bora_tools.training.checkpoints import TrainableParameters, trainable_parameters
 
 __all__ = [
     "BoraLinear", "add_bora", "save_bora", "load_bora", "randomize_bora", "bora_modules", "bora_adapter",

@@ -18,7 +18,7 @@ from torch import nn
 from bora_tools.core.adapter import BoraModule
 from bora_tools.core.row_merge import MERGEABLE_DTYPES, merged_weight
 from bora_tools.errors import ConfigError, UnsupportedError
-from bora_tools.training import trainer
+from bora_tools.training import checkpoints
 from bora_tools.training.layers import BoraLinear, bora_modules, saved_modules
 
 
@@ -116,7 +116,7 @@ def _unwrap(model: nn.Module, *, keep_trained: bool) -> nn.Module:
         _replace(model, name, layer.base_layer)
     for name, saved in saved_modules(model).items():
         _replace(model, name, saved.module if keep_trained else saved.original_module)
-    trainer.detach(model)
+    checkpoints.detach(model)
     flags = model.__dict__.pop("_bora_requires_grad", {})
     for name, p in model.named_parameters():
         p.requires_grad_(flags.get(name, p.requires_grad))

@@ -12,7 +12,7 @@ from bora_tools.core.adapter import check_against_base, load_adapter, save_adapt
 from bora_tools.core.config import BoraConfig, matches_target
 from bora_tools.errors import ConfigError
 from bora_tools.progress import logger
-from bora_tools.training import trainer
+from bora_tools.training import checkpoints
 from bora_tools.training.layers import BoraLinear, SavedModule, bora_adapter, bora_modules, is_conv1d
 
 
@@ -74,7 +74,7 @@ def add_bora(model: nn.Module, config: BoraConfig, *, dropout: float = 0.0) -> n
     for name in saved:
         _replace(model, name, SavedModule(model.get_submodule(name)))
     model.bora_config = config
-    trainer.attach(model)
+    checkpoints.attach(model)
     return model
 
 

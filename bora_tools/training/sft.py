@@ -40,7 +40,7 @@ from bora_tools.report import Report, human_seconds
 from bora_tools.training import data as sft_data
 from bora_tools.training.layers import is_conv1d
 from bora_tools.training.model import add_bora, linear_modules, save_bora
-from bora_tools.training.trainer import trainable_parameters
+from bora_tools.training.checkpoints import trainable_parameters
 
 SCHEDULERS = ("linear", "cosine", "constant")
 
