@@ -1,4 +1,4 @@
-"""BoRA for training: layers on ``transformers`` models, the Trainer, in-memory merge, ``bora-tools train``.
+"""BoRA for training: layers on ``transformers`` models, Trainer checkpoints, in-memory merge, ``bora-tools train``.
 
 Example::
 
@@ -11,18 +11,28 @@ Example::
     ...                                     # train as usual, or hand the model to transformers.Trainer
     save_bora(model, "out/my-adapter")      # the adapter format of docs/format.md
 
-Modules: ``layers`` (BoraLinear), ``model`` (add, save, load), ``trainer`` (adapter-only
-Trainer checkpoints), ``inmemory`` (merge, unload, disable), ``data`` (JSONL datasets),
-``sft`` (``train``, what ``bora-tools train`` runs).
+Modules, as ``peft/tuners/lora/`` lays out a tuner: ``layers`` (BoraLinear), ``model``
+(the life of an adapted model: add, load, save, merge, unload, disable, count),
+``checkpoints`` (the hooks that make ``transformers.Trainer`` checkpoints adapter-only
+and resumable), ``data`` (JSONL datasets), ``sft`` (``train``, what ``bora-tools train`` runs).
 """
 
 from __future__ import annotations
 
-from bora_tools.training.inmemory import disable_bora, merge_bora, unload_bora
 from bora_tools.training.layers import BoraLinear, bora_adapter, bora_modules
-from bora_tools.training.model import add_bora, linear_modules, load_bora, randomize_bora, save_bora
+from bora_tools.training.model import (
+    TrainableParameters,
+    add_bora,
+    disable_bora,
+    linear_modules,
+    load_bora,
+    merge_bora,
+    randomize_bora,
+    save_bora,
+    trainable_parameters,
+    unload_bora,
+)
 from bora_tools.training.sft import TrainReport, default_target_modules, train
-from bora_tools.training.checkpoints import TrainableParameters, trainable_parameters
 
 __all__ = [
     "BoraLinear", "add_bora", "save_bora", "load_bora", "randomize_bora", "bora_modules", "bora_adapter",

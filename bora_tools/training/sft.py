@@ -39,8 +39,7 @@ from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, human_seconds
 from bora_tools.training import data as sft_data
 from bora_tools.training.layers import is_conv1d
-from bora_tools.training.model import add_bora, linear_modules, save_bora
-from bora_tools.training.checkpoints import trainable_parameters
+from bora_tools.training.model import add_bora, linear_modules, save_bora, trainable_parameters
 
 SCHEDULERS = ("linear", "cosine", "constant")
 
