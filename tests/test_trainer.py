@@ -107,10 +107,10 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
 
 
 @pytest.mark.parametrize("arch, b, saved", [
-    ("llama", 1, None),          # b = 1: BoRA is LoRA plus one sigma entry per rank per module
-    ("llama", 2, None),
-    ("gpt2", 2, None),           # Conv1D layers (fan_in_fan_out)
-    pytest.param("qwen2", 2, ["lm_head"],  # a tied lm_head saved whole: a trainable copy next to the frozen original
+    pytest.param("llama", 1, None, id="llama-b1"),  # BoRA is LoRA plus one sigma entry per rank per module
+    pytest.param("llama", 2, None, id="llama-b2"),
+    pytest.param("gpt2", 2, None, id="gpt2-conv1d"),  # fan_in_fan_out
+    pytest.param("qwen2", 2, ["lm_head"], id="qwen2-saved-tied-lm_head",  # a trainable copy next to the frozen one
                  marks=pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")),
 ])
 def test_trainable_parameters_counts_like_peft(capsys, arch, b, saved):
