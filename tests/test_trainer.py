@@ -113,6 +113,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
     pytest.param("qwen2", 2, ["lm_head"], id="qwen2-saved-tied-lm_head",  # a trainable copy next to the frozen one
                  marks=pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")),
 ])
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
 def test_trainable_parameters_counts_like_peft(capsys, arch, b, saved):
     """PEFT's own count on the same tiny model: a LoRA of the same r, targets and modules_to_save.
 
