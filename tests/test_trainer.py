@@ -106,12 +106,41 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_trainable_parameters_counts_like_peft():
-    model = prepared()
-    summary = trainable_parameters(model)
-    expected = sum(layer.r * sum(layer.lora_B.shape[:1] + layer.lora_A.shape[1:]) + layer.blocks ** 2 * layer.r
-                   for layer in bora_modules(model).values())
-    assert summary.trainable == expected
-    assert summary.total == sum(p.numel() for p in model.parameters())
-    assert str(summary) == (f"trainable params: {expected:,d} || all params: {summary.total:,d} || "
-                            f"trainable%: {100 * expected / summary.total:.4f}")
+@pytest.mark.parametrize("arch, b, saved", [
+    pytest.param("llama", 1, None, id="llama-b1"),  # BoRA is LoRA plus one sigma entry per rank per module
+    pytest.param("llama", 2, None, id="llama-b2"),
+    pytest.param("gpt2", 2, None, id="gpt2-conv1d"),  # fan_in_fan_out
+    pytest.param("qwen2", 2, ["lm_head"], id="qwen2-saved-tied-lm_head",  # a trainable copy next to the frozen one
+                 marks=pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")),
+])
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
+def test_trainable_parameters_counts_like_peft(capsys, arch, b, saved):
+    """PEFT's own count on the same tiny model: a LoRA of the same r, targets and modules_to_save.
+
+    On the PEFT model itself, ``trainable_parameters`` gives PEFT's ``get_nb_trainable_parameters()``
+    and prints the line ``print_trainable_parameters()`` prints. The BoRA model adapts the same modules
+    and counts PEFT's numbers plus its ``b*b*r`` sigma entries per module, in trainable and in total.
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    r, targets = 4, default_targets(arch)
+    lora = get_peft_model(build_model(arch), LoraConfig(r=r, lora_alpha=8, target_modules=targets,
+                                                        modules_to_save=saved, fan_in_fan_out=arch == "gpt2"))
+    peft_trainable, peft_total = lora.get_nb_trainable_parameters()
+    capsys.readouterr()
+    lora.print_trainable_parameters()
+    peft_line = capsys.readouterr().out.strip()
+    ours = trainable_parameters(lora)
+    assert (ours.trainable, ours.total) == (peft_trainable, peft_total)
+    assert str(ours) == peft_line
+
+    bora = add_bora(build_model(arch), BoraConfig(r=r, bora_blocks=b, lora_alpha=8, target_modules=targets,
+                                                  modules_to_save=saved))
+    adapted = {n.removeprefix("base_model.model.") for n, m in lora.named_modules() if isinstance(m, LoraLayer)}
+    assert set(bora_modules(bora)) == adapted and adapted
+    sigma = len(adapted) * b * b * r
+    summary = trainable_parameters(bora)
+    assert (summary.trainable, summary.total) == (peft_trainable + sigma, peft_total + sigma)
+    assert str(summary) == (f"trainable params: {peft_trainable + sigma:,d} || all params: {peft_total + sigma:,d} "
+                            f"|| trainable%: {100 * (peft_trainable + sigma) / (peft_total + sigma):.4f}")

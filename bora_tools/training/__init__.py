@@ -1,4 +1,4 @@
-"""BoRA for training: layers on ``transformers`` models, the Trainer, in-memory merge, ``bora-tools train``.
+"""BoRA for training: layers on ``transformers`` models, Trainer checkpoints, in-memory merge, ``bora-tools train``.
 
 Example::
 
@@ -11,10 +11,11 @@ Example::
     ...                                     # train as usual, or hand the model to transformers.Trainer
     save_bora(model, "out/my-adapter")      # the adapter format of docs/format.md
 
-Modules: ``layers`` (BoraLinear), ``model`` (add, save, load), ``trainer`` (adapter-only
-Trainer checkpoints), ``inmemory`` (merge, unload, disable), ``data`` (JSONL datasets),
-``options`` (``TrainOptions``: every hyperparameter of ``train``, light to import),
-``sft`` (``train``, what ``bora-tools train`` runs).
+Modules, as ``peft/tuners/lora/`` lays out a tuner: ``layers`` (BoraLinear), ``model``
+(the life of an adapted model: add, load, save, merge, unload, disable, count),
+``checkpoints`` (the hooks that make ``transformers.Trainer`` checkpoints adapter-only
+and resumable), ``data`` (JSONL datasets), ``options`` (``TrainOptions``: every
+hyperparameter of ``train``, light to import), ``sft`` (``train``, what ``bora-tools train`` runs).
 
 Names are imported on first use, so that the command line reads ``options`` without loading torch.
 """
@@ -29,8 +30,8 @@ _EXPORTS = {
     "BoraLinear": "layers", "bora_adapter": "layers", "bora_modules": "layers",
     "add_bora": "model", "linear_modules": "model", "load_bora": "model", "randomize_bora": "model",
     "save_bora": "model",
-    "disable_bora": "inmemory", "merge_bora": "inmemory", "unload_bora": "inmemory",
-    "TrainableParameters": "trainer", "trainable_parameters": "trainer",
+    "disable_bora": "model", "merge_bora": "model", "unload_bora": "model",
+    "TrainableParameters": "model", "trainable_parameters": "model",
     "TrainOptions": "options",
     "TrainReport": "sft", "default_target_modules": "sft", "train": "sft",
 }
@@ -56,9 +57,18 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from bora_tools.training.inmemory import disable_bora, merge_bora, unload_bora
     from bora_tools.training.layers import BoraLinear, bora_adapter, bora_modules
-    from bora_tools.training.model import add_bora, linear_modules, load_bora, randomize_bora, save_bora
+    from bora_tools.training.model import (
+        TrainableParameters,
+        add_bora,
+        disable_bora,
+        linear_modules,
+        load_bora,
+        merge_bora,
+        randomize_bora,
+        save_bora,
+        trainable_parameters,
+        unload_bora,
+    )
     from bora_tools.training.options import TrainOptions
     from bora_tools.training.sft import TrainReport, default_target_modules, train
-    from bora_tools.training.trainer import TrainableParameters, trainable_parameters

@@ -39,9 +39,8 @@ from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, human_seconds
 from bora_tools.training import data as sft_data
 from bora_tools.training.layers import is_conv1d
-from bora_tools.training.model import add_bora, linear_modules, save_bora
+from bora_tools.training.model import add_bora, linear_modules, save_bora, trainable_parameters
 from bora_tools.training.options import TrainOptions
-from bora_tools.training.trainer import trainable_parameters
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ from bora_tools.core.adapter import PREFIX, WEIGHTS_NAME, adapter_from_tensors
 from bora_tools.core.config import CONFIG_NAME
 from bora_tools.errors import UnsupportedError
 from bora_tools.io.atomic import atomic_output
-from bora_tools.report import Report
 from bora_tools.training.layers import adapter_keys, bora_adapter, model_key
 
 #: the file ``Trainer`` reads to resume from a checkpoint without full weights
@@ -119,35 +117,3 @@ def _adapter_keys_to_model_keys(module, state_dict, prefix, *_args) -> None:
         name = model_key(key[len(prefix):])
         if name is not None:
             state_dict[prefix + name] = state_dict.pop(key)
-
-
-@dataclass
-class TrainableParameters(Report):
-    """How many parameters train, PEFT's ``print_trainable_parameters`` line as text."""
-
-    trainable: int
-    total: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"trainable": self.trainable, "total": self.total, "percent": self.percent}
-
-    def to_text(self) -> str:
-        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
-
-
-def trainable_parameters(model: nn.Module) -> TrainableParameters:
-    """Trainable and total parameter counts (``print(trainable_parameters(model))`` prints PEFT's line).
-
-    Shared (tied) tensors count once.
-    """
-    seen: dict[int, nn.Parameter] = {}
-    for p in model.parameters():
-        seen.setdefault(id(p), p)
-    return TrainableParameters(
-        trainable=sum(p.numel() for p in seen.values() if p.requires_grad),
-        total=sum(p.numel() for p in seen.values()),
-    )
