@@ -5,9 +5,7 @@ then stream every shard tensor by tensor into an incrementally written
 safetensors file. Adapted tensors become ``W + scale * dW``, accumulated in
 float32 on the chosen device a few rows at a time and rounded once; untouched
 tensors are copied as raw bytes. Peak memory is a few row chunks, not the
-model, the shard or even the largest tensor. Two threads share the work: this
-one reads and merges a block of rows while the writer's thread rounds and
-writes the one before (on the CPU, torch runs one thread in each).
+model, the shard or even the largest tensor.
 
 The per-tensor pieces live in ``bora_tools.core.row_merge``, shared with the
 one-pass GGUF ``--merge``: ``merge_plan`` (what replaces each base tensor) and
@@ -18,7 +16,6 @@ merges one weight in memory.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -203,40 +200,30 @@ def _write_shard(
     fd = os.open(src, os.O_RDONLY) if src else -1
     try:
         with SafetensorsWriter(path, [j.spec for j in jobs], metadata=metadata, background=True) as writer:
-            try:
-                _write_jobs(writer, fd, jobs, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device, ticks=ticks)
-            except Exception:
-                writer.flush()  # an earlier block's error, raised on the writer thread, comes first
-                raise
+            for job in jobs:
+                if job.kind == "copied":
+                    writer.copy_range(job.spec.name, fd, job.entry.start, job.entry.nbytes)
+                elif job.kind == "merged":
+                    _write_merged(writer, job, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device)
+                elif job.kind == "replaced":
+                    new = cast_finite(job.replacement, job.spec_torch_dtype, job.spec.name)
+                    writer.write(job.spec.name, new.reshape(job.spec.shape))
+                else:
+                    _write_converted(writer, fd, job)
+                next(ticks, None)
     finally:
         if fd >= 0:
             os.close(fd)
-
-
-def _write_jobs(writer: SafetensorsWriter, fd: int, jobs: list[_Job], *, fan_in_fan_out: bool, scale: float,
-                device: torch.device, ticks: Iterator) -> None:
-    for job in jobs:
-        if job.kind == "copied":
-            writer.copy_range(job.spec.name, fd, job.entry.start, job.entry.nbytes)
-        elif job.kind == "merged":
-            _write_merged(writer, job, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device)
-        elif job.kind == "replaced":
-            new = cast_finite(job.replacement, job.spec_torch_dtype, job.spec.name)
-            writer.write(job.spec.name, new.reshape(job.spec.shape))
-        else:
-            _write_converted(writer, fd, job)
-        next(ticks, None)
 
 
 def _write_merged(writer: SafetensorsWriter, job: _Job, *, fan_in_fan_out: bool, scale: float,
                   device: torch.device) -> None:
     # float32 work, float64 for a float64 base: never rounded below the base's own precision.
     acc = torch.float64 if job.entry.torch_dtype == torch.float64 else torch.float32
-    # Two blocks in flight: while the writer thread rounds block n and writes it, this thread reads
-    # and merges block n + 1 (into the stream's other buffers). Pinned host memory lets the GPU
-    # copies run at full speed.
     blocks = stream_rows(job.entry, job.replacement, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device,
-                         dtype=acc, in_flight=2)
+                         dtype=acc)
+    # Two rounded outputs reused in turn, so that the writer thread saves one while the next is merged.
+    # Pinned host memory lets the GPU copies run at full speed.
     ring: list[torch.Tensor] = []
     busy: list[Future | None] = [None, None]
     with contextlib.closing(blocks):
@@ -245,15 +232,17 @@ def _write_merged(writer: SafetensorsWriter, job: _Job, *, fan_in_fan_out: bool,
                 ring = [torch.empty(merged.shape, dtype=job.spec_torch_dtype, pin_memory=device.type == "cuda")
                         for _ in range(2)]
             slot = n % 2
-            out = ring[slot][:merged.shape[0]]
-            busy[slot] = writer.write_from(job.spec.name, out.nbytes, functools.partial(_round, merged, out,
-                                                                                     job.spec.name))
-            if busy[1 - slot] is not None:
-                busy[1 - slot].result()  # block n - 1 is written: the stream may refill its buffers
+            if busy[slot] is not None:
+                busy[slot].result()  # the writer is done with this buffer
+            busy[slot] = writer.write(job.spec.name, _round(merged, ring[slot][:merged.shape[0]], job.spec.name))
 
 
 def _round(merged: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
-    """The one rounding of merged rows, into ``out``; on a GPU it happens there, so half the bytes come back."""
+    """The one rounding of merged rows, into ``out``.
+
+    On the CPU straight into it (no temporary, no second copy); on a GPU it happens there, so half
+    the bytes come back.
+    """
     if merged.device.type == "cpu":
         return cast_finite(merged, out.dtype, name, out=out)
     return out.copy_(cast_finite(merged, out.dtype, name))

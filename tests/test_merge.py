@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -259,11 +257,6 @@ def test_stream_rows_gives_the_merged_and_the_stored_rows(tiny, monkeypatch):
     assert torch.equal(torch.cat(merged), merged_weight(weight, module, fan_in_fan_out=False, scale=2.0))
     assert not torch.equal(torch.cat(merged), weight)  # the update is there
     assert torch.equal(torch.cat([b.clone() for b in row_merge.stream_rows(entry)]), weight)  # without a module
-    # in_flight=2: a block stays valid while the next one is made
-    blocks = row_merge.stream_rows(entry, module, scale=2.0, in_flight=2)
-    first, second = next(blocks), next(blocks)
-    assert torch.equal(first, merged[0]) and torch.equal(second, merged[1])
-    blocks.close()
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
@@ -343,28 +336,6 @@ def test_writer_enforces_order_and_completeness(tmp_path):
             w.write("a", torch.ones(2))
 
 
-def test_writer_makes_bytes_on_its_thread_in_order(tmp_path):
-    specs = [TensorSpec("a", "F32", (2, 3)), TensorSpec("b", "BF16", (4,))]
-    a, b = torch.randn(2, 3), torch.randn(4, dtype=torch.bfloat16)
-    made_on = []
-
-    def produce(t):
-        made_on.append(threading.current_thread().name)
-        return t
-
-    with SafetensorsWriter(tmp_path / "ours", specs, background=True) as w:
-        w.write_from("a", 12, lambda: produce(a[:1]))
-        w.write("a", a[1:])
-        w.write_from("b", 8, lambda: produce(b))
-    save_file({"a": a, "b": b}, tmp_path / "ref")
-    assert (tmp_path / "ours").read_bytes() == (tmp_path / "ref").read_bytes()
-    assert made_on and all(name.startswith("st-writer") for name in made_on)
-    with pytest.raises(RuntimeError, match="12 bytes were announced, 24 produced"):
-        with SafetensorsWriter(tmp_path / "x", specs, background=True) as w:
-            w.write_from("a", 12, lambda: a)
-            w.flush()
-
-
 def test_cast_finite_into_a_buffer_rounds_as_to():
     from bora_tools.core.dtypes import cast_finite
 
@@ -376,28 +347,6 @@ def test_cast_finite_into_a_buffer_rounds_as_to():
     x[3, 4] = 7e4
     with pytest.raises(UnsupportedError, match=r"^w: a value \(7e\+04\) overflows float16"):
         cast_finite(x, torch.float16, "w", out=torch.empty(64, 32, dtype=torch.float16))
-
-
-def test_an_error_on_the_writer_thread_comes_before_a_later_one(tiny, tmp_path, monkeypatch):
-    """Merged rows are rounded on the writer thread: its error for an earlier tensor is the one reported,
-    even when this thread already failed on a later tensor (as when everything ran on one thread)."""
-    import bora_tools.merge as merge_module
-
-    case = _make(tiny, "llama", shard=None, target_modules=["q_proj"])
-    cast = merge_module.cast_finite
-
-    def failing(t, dtype, name, **kw):
-        if threading.current_thread() is not threading.main_thread():  # rounding q_proj, late
-            time.sleep(0.3)
-            raise UnsupportedError(f"{name}: first")
-        if name == "model.layers.0.self_attn.v_proj.weight":  # the next tensor, converted here at once
-            raise UnsupportedError(f"{name}: second")
-        return cast(t, dtype, name, **kw)
-
-    monkeypatch.setattr(merge_module, "cast_finite", failing)
-    with pytest.raises(UnsupportedError, match=r"^model\.layers\.0\.self_attn\.q_proj\.weight: first"):
-        merge_adapter(case["adapter"], case["base"], tmp_path / "out", dtype="float16")
-    assert _no_leftovers(tmp_path / "out")
 
 
 def test_writer_closes_its_file_when_the_header_cannot_be_written():

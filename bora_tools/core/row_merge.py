@@ -160,7 +160,7 @@ def row_chunks(rows: int, cols: int, *, chunk: int | None = None, align: int = 1
 
 def stream_rows(entry: TensorEntry, module: BoraModule | None = None, *, fan_in_fan_out: bool = False,
                 scale: float = 1.0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                align: int = 1, in_flight: int = 1) -> Iterator[Tensor]:
+                align: int = 1) -> Iterator[Tensor]:
     """``entry``'s stored rows, a block at a time, read from its shard; merged with ``module`` when given.
 
     The one row streamer of every streaming writer (``merge`` and the GGUF ``--merge``): positional
@@ -169,9 +169,9 @@ def stream_rows(entry: TensorEntry, module: BoraModule | None = None, *, fan_in_
     are (``entry``'s dtype, on the CPU); with it, ``W + scale * dW`` in ``dtype`` (float32, or float64
     for a float64 base) on ``device``, checked finite.
 
-    Blocks live in ``in_flight`` buffers reused in turn: a block stays valid until ``in_flight`` more
-    have been asked for. The generator owns its file descriptor: opened at the first block, closed
-    in ``finally`` when the rows end, a read fails, or the consumer stops early (``close()``).
+    Every block lives in the same reused buffers: it stays valid until the next one is asked for.
+    The generator owns its file descriptor: opened at the first block, closed in ``finally`` when
+    the rows end, a read fails, or the consumer stops early (``close()``).
 
     Example::
 
@@ -194,15 +194,13 @@ def stream_rows(entry: TensorEntry, module: BoraModule | None = None, *, fan_in_
     # Buffers reused for every block (no allocation and page faults per block); pinned
     # host memory lets the copies to a GPU run at full speed.
     pin = device.type == "cuda"
-    reads = [torch.empty(height * (entry.nbytes // rows), dtype=torch.uint8, pin_memory=pin) for _ in range(in_flight)]
-    works = [torch.empty((height, *entry.shape[1:]), dtype=dtype, device=device)
-             for _ in range(in_flight if merger else 0)]
+    read = torch.empty(height * (entry.nbytes // rows), dtype=torch.uint8, pin_memory=pin)
+    work = torch.empty((height, *entry.shape[1:]), dtype=dtype, device=device) if merger else None
     fd = os.open(entry.shard, os.O_RDONLY)
     try:
-        for n, (start, stop) in enumerate(ranges):
-            slot = n % in_flight
-            block = read_rows(entry, start, stop, fd=fd, buf=reads[slot])
-            yield block if merger is None else merger.rows(block, start, work=works[slot][:stop - start])
+        for start, stop in ranges:
+            block = read_rows(entry, start, stop, fd=fd, buf=read)
+            yield block if merger is None else merger.rows(block, start, work=work[:stop - start])
     finally:
         os.close(fd)
 

@@ -22,7 +22,7 @@ import math
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,21 +187,6 @@ class SafetensorsWriter:
         self._take(name, view.nbytes)
         return self._run(_write_all, self._fd, view)
 
-    def write_from(self, name: str, nbytes: int, produce: Callable[[], torch.Tensor]) -> Future | None:
-        """Append the ``nbytes`` bytes of the tensor ``produce()`` returns to tensor ``name``.
-
-        In the background mode ``produce`` runs on the I/O thread, in order with every other write,
-        so that the caller's next work overlaps the making of these bytes as well as their writing.
-        """
-        self._take(name, nbytes)
-        return self._run(self._produce, nbytes, produce)
-
-    def _produce(self, nbytes: int, produce: Callable[[], torch.Tensor]) -> None:
-        view = tensor_bytes(produce())
-        if view.nbytes != nbytes:
-            raise RuntimeError(f"{self.path}: {nbytes} bytes were announced, {view.nbytes} produced")
-        _write_all(self._fd, view)
-
     def copy_range(self, name: str, src_fd: int, offset: int, nbytes: int) -> Future | None:
         """Append ``nbytes`` raw bytes read from ``src_fd`` at ``offset`` to tensor ``name``.
 
@@ -211,14 +196,10 @@ class SafetensorsWriter:
         self._take(name, nbytes)
         return self._run(_copy, src_fd, self._fd, offset, nbytes)
 
-    def flush(self) -> None:
-        """Wait for every pending write, re-raising the first error (in the order of the writes)."""
-        while self._pending:
-            self._pending.popleft().result()
-
     def close(self) -> None:
         """Wait for every write; refuse to finish a file whose tensors did not all receive their bytes."""
-        self.flush()
+        while self._pending:
+            self._pending.popleft().result()
         if self._index < len(self.specs):
             spec = self.specs[self._index]
             raise RuntimeError(f"{self.path}: incomplete: tensor {spec.name!r} is missing {self._left} bytes")
