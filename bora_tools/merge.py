@@ -7,12 +7,15 @@ float32 on the chosen device a few rows at a time and rounded once; untouched
 tensors are copied as raw bytes. Peak memory is a few row chunks, not the
 model, the shard or even the largest tensor.
 
-The two per-tensor pieces, ``merge_plan`` and ``merged_weight``, are public
-so that other one-pass writers (GGUF export with ``--merge``) reuse them.
+The per-tensor pieces live in ``bora_tools.core.row_merge``, shared with the
+one-pass GGUF ``--merge``: ``merge_plan`` (what replaces each base tensor) and
+``stream_rows`` (a tensor's merged rows, a block at a time); ``merged_weight``
+merges one weight in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,10 +31,10 @@ import torch
 from bora_tools.core.adapter import BoraModule, load_adapter
 from bora_tools.core.devices import one_cpu_thread, resolve_device
 from bora_tools.core.dtypes import cast_finite, dtype_name, parse_dtype
-from bora_tools.core.row_merge import MERGEABLE_DTYPES, Replacement, RowMerger, chunk_elements, merge_plan, row_chunks
+from bora_tools.core.row_merge import MERGEABLE_DTYPES, Replacement, chunk_elements, merge_plan, stream_rows
 from bora_tools.errors import ModelDirError, ValidationError
 from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
-from bora_tools.io.model_dir import INDEX_FILE, ModelDir, TensorEntry, read_rows
+from bora_tools.io.model_dir import INDEX_FILE, ModelDir, TensorEntry
 from bora_tools.io.safetensors import ST_DTYPES, SafetensorsWriter, TensorSpec, st_dtype
 from bora_tools.progress import Progress, no_progress
 from bora_tools.report import Report, human_bytes, human_seconds
@@ -201,7 +204,7 @@ def _write_shard(
                 if job.kind == "copied":
                     writer.copy_range(job.spec.name, fd, job.entry.start, job.entry.nbytes)
                 elif job.kind == "merged":
-                    _write_merged(writer, fd, job, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device)
+                    _write_merged(writer, job, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device)
                 elif job.kind == "replaced":
                     new = cast_finite(job.replacement, job.spec_torch_dtype, job.spec.name)
                     writer.write(job.spec.name, new.reshape(job.spec.shape))
@@ -213,32 +216,36 @@ def _write_shard(
             os.close(fd)
 
 
-def _write_merged(
-    writer: SafetensorsWriter, fd: int, job: _Job, *, fan_in_fan_out: bool, scale: float, device: torch.device
-) -> None:
+def _write_merged(writer: SafetensorsWriter, job: _Job, *, fan_in_fan_out: bool, scale: float,
+                  device: torch.device) -> None:
     # float32 work, float64 for a float64 base: never rounded below the base's own precision.
     acc = torch.float64 if job.entry.torch_dtype == torch.float64 else torch.float32
-    merger = RowMerger(job.replacement, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device, dtype=acc)
-    rows, cols = job.entry.shape
-    chunk = chunk_elements(device)
-    height = min(rows, max(1, chunk // cols))
-    # Buffers reused for every chunk: read bytes, float32 work, and two rounded
-    # outputs, so that the writer thread saves one while the next is merged.
+    blocks = stream_rows(job.entry, job.replacement, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device,
+                         dtype=acc)
+    # Two rounded outputs reused in turn, so that the writer thread saves one while the next is merged.
     # Pinned host memory lets the GPU copies run at full speed.
-    pin = device.type == "cuda"
-    buf = torch.empty(height * cols * ST_DTYPES[job.entry.dtype][0], dtype=torch.uint8, pin_memory=pin)
-    work = torch.empty((height, cols), dtype=acc, device=device)
-    ring = [torch.empty((height, cols), dtype=job.spec_torch_dtype, pin_memory=pin) for _ in range(2)]
+    ring: list[torch.Tensor] = []
     busy: list[Future | None] = [None, None]
-    for n, (start, stop) in enumerate(row_chunks(rows, cols, chunk=chunk)):
-        k, slot = stop - start, n % 2
-        if busy[slot] is not None:
-            busy[slot].result()  # the writer is done with this buffer
-        merged = merger.rows(read_rows(job.entry, start, stop, fd=fd, buf=buf), start, work=work[:k])
-        out = ring[slot][:k]
-        # The one rounding; on a GPU it happens there, so half the bytes come back.
-        out.copy_(cast_finite(merged, out.dtype, job.spec.name))
-        busy[slot] = writer.write(job.spec.name, out)
+    with contextlib.closing(blocks):
+        for n, merged in enumerate(blocks):
+            if not ring:  # the first block is the largest
+                ring = [torch.empty(merged.shape, dtype=job.spec_torch_dtype, pin_memory=device.type == "cuda")
+                        for _ in range(2)]
+            slot = n % 2
+            if busy[slot] is not None:
+                busy[slot].result()  # the writer is done with this buffer
+            busy[slot] = writer.write(job.spec.name, _round(merged, ring[slot][:merged.shape[0]], job.spec.name))
+
+
+def _round(merged: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
+    """The one rounding of merged rows, into ``out``.
+
+    On the CPU straight into it (no temporary, no second copy); on a GPU it happens there, so half
+    the bytes come back.
+    """
+    if merged.device.type == "cpu":
+        return cast_finite(merged, out.dtype, name, out=out)
+    return out.copy_(cast_finite(merged, out.dtype, name))
 
 
 def _write_converted(writer: SafetensorsWriter, fd: int, job: _Job) -> None:

@@ -47,7 +47,8 @@ def build_base(path: Path, layers: int) -> int:
     return write_model(path, layers)
 
 
-def build_adapters(base: Path, bora_dir: Path, lora_dir: Path, layers: int) -> None:
+def build_adapters(base: Path, bora_dir: Path, lora_dir: Path, layers: int, *, rank: int = RANK,
+                   blocks: int = BLOCKS) -> None:
     """A BoRA adapter on every linear layer and the PEFT LoRA that equals it exactly (rank b*r)."""
     import torch
     from peft import LoraConfig
@@ -57,7 +58,7 @@ def build_adapters(base: Path, bora_dir: Path, lora_dir: Path, layers: int) -> N
     from bora_tools.core.config import BoraConfig
     from bora_tools.core.factors import exact_lora_factors
 
-    config = BoraConfig(r=RANK, bora_blocks=BLOCKS, lora_alpha=ALPHA, target_modules=TARGETS, task_type="CAUSAL_LM",
+    config = BoraConfig(r=rank, bora_blocks=blocks, lora_alpha=ALPHA, target_modules=TARGETS, task_type="CAUSAL_LM",
                         base_model_name_or_path=str(base))
     gen = torch.Generator().manual_seed(1)
     modules, lora = {}, {}
@@ -67,9 +68,9 @@ def build_adapters(base: Path, bora_dir: Path, lora_dir: Path, layers: int) -> N
         mod_name, (m, n) = name[: -len(".weight")], shape
         mod = BoraModule(
             mod_name,
-            torch.randn(RANK, n, generator=gen) / n**0.5,
-            torch.randn(m, RANK, generator=gen) * 0.01,
-            1 + 0.3 * torch.randn(BLOCKS, BLOCKS, RANK, generator=gen),
+            torch.randn(rank, n, generator=gen) / n**0.5,
+            torch.randn(m, rank, generator=gen) * 0.01,
+            1 + 0.3 * torch.randn(blocks, blocks, rank, generator=gen),
             config.scaling_for(mod_name),
         )
         modules[mod_name] = mod
@@ -79,8 +80,8 @@ def build_adapters(base: Path, bora_dir: Path, lora_dir: Path, layers: int) -> N
     save_adapter(BoraAdapter(config=config, modules=modules), bora_dir)
     lora_dir.mkdir()
     LoraConfig(
-        r=BLOCKS * RANK,
-        lora_alpha=BLOCKS * RANK,
+        r=blocks * rank,
+        lora_alpha=blocks * rank,
         target_modules=TARGETS,
         task_type="CAUSAL_LM",
         base_model_name_or_path=str(base),

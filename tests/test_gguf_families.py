@@ -32,7 +32,8 @@ from bora_tools.core.config import BoraConfig
 from bora_tools.errors import ConfigError, UnsupportedError
 from bora_tools.gguf.architectures import FAMILIES as REGISTRY
 from bora_tools.gguf.architectures import family_for
-from bora_tools.gguf.export import export_gguf, plan_model_tensors
+from bora_tools.gguf.export import export_gguf
+from bora_tools.gguf.plan import plan_model_tensors
 from bora_tools.gguf.shapes import expected_shape
 from bora_tools.io.model_dir import ModelDir
 from bora_tools.merge import merge_adapter

@@ -19,7 +19,7 @@ from bora_tools.core.adapter import PREFIX, load_adapter
 from bora_tools.core.config import BoraConfig
 from bora_tools.core.factors import delta_weight
 from bora_tools.core.row_merge import merge_plan, merged_weight
-from bora_tools.errors import ShapeError
+from bora_tools.errors import ModelDirError, ShapeError, UnsupportedError
 from bora_tools.io.model_dir import INDEX_FILE, ModelDir
 from bora_tools.io.safetensors import SafetensorsWriter, TensorSpec
 from bora_tools.merge import merge_adapter
@@ -230,6 +230,64 @@ def test_merged_weight_in_small_chunks(monkeypatch, fan_in_fan_out):
         merged_weight(torch.zeros(m + 4, n), mod, fan_in_fan_out=fan_in_fan_out)
 
 
+def _descriptors_on(path: Path) -> int:
+    """How many descriptors of this process are open on ``path`` (from Linux's /proc)."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += Path(os.readlink(fd)) == path.resolve()
+        except OSError:  # the descriptor of the listing itself, gone by now
+            pass
+    return count
+
+
+def _q_proj(tiny) -> tuple:
+    """The first q_proj's entry in the tiny llama base (one float32 file) and its BoRA module."""
+    case = _make(tiny, "llama", shard=None)
+    base, name = ModelDir.open(case["base"]), "model.layers.0.self_attn.q_proj.weight"
+    return base, base.entries[name], merge_plan(load_adapter(case["adapter"]), base)[name]
+
+
+def test_stream_rows_gives_the_merged_and_the_stored_rows(tiny, monkeypatch):
+    monkeypatch.setattr(row_merge, "CPU_CHUNK_ELEMENTS", 64 * 5)  # blocks of 5 rows: several per block of B
+    base, entry, module = _q_proj(tiny)
+    weight = base.load(entry.name)
+    merged = [b.clone() for b in row_merge.stream_rows(entry, module, scale=2.0)]
+    assert [len(b) for b in merged] == [5] * 12 + [4]
+    assert torch.equal(torch.cat(merged), merged_weight(weight, module, fan_in_fan_out=False, scale=2.0))
+    assert not torch.equal(torch.cat(merged), weight)  # the update is there
+    assert torch.equal(torch.cat([b.clone() for b in row_merge.stream_rows(entry)]), weight)  # without a module
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_stream_rows_owns_its_descriptor(tiny, monkeypatch, fresh_copy):
+    monkeypatch.setattr(row_merge, "CPU_CHUNK_ELEMENTS", 64 * 5)
+    _, entry, module = _q_proj(tiny)
+    blocks = row_merge.stream_rows(entry, module)
+    assert _descriptors_on(entry.shard) == 0  # nothing is opened before the first block is asked for
+    next(blocks)
+    assert _descriptors_on(entry.shard) == 1
+    blocks.close()  # the consumer stops early
+    assert _descriptors_on(entry.shard) == 0
+    # A read that fails closes it too.
+    copy = ModelDir.open(fresh_copy(entry.shard.parent))
+    cut = copy.entries[entry.name]
+    os.truncate(cut.shard, cut.start + cut.nbytes // 2)
+    with pytest.raises(ModelDirError, match="truncated"):
+        list(row_merge.stream_rows(cut, module))
+    assert _descriptors_on(cut.shard) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_a_refused_merge_leaves_no_descriptor_open(tiny, tmp_path):
+    case = _make(tiny, "llama", dtype=torch.float16, shard=None, target_modules=["v_proj"])
+    with pytest.raises(UnsupportedError, match="overflows float16") as refused:
+        merge_adapter(case["adapter"], case["base"], tmp_path / "out", scale=1e9)
+    assert refused.traceback  # the frames of the merge are still alive, and yet:
+    assert _descriptors_on(Path(case["base"]) / "model.safetensors") == 0
+    assert _no_leftovers(tmp_path / "out")
+
+
 def test_merge_plan_names_base_tensors(tiny, tmp_path):
     case = _make(tiny, "llama", target_modules=["q_proj"], modules_to_save=["lm_head"])
     plan = merge_plan(load_adapter(case["adapter"]), ModelDir.open(case["base"]))
@@ -276,6 +334,19 @@ def test_writer_enforces_order_and_completeness(tmp_path):
     with pytest.raises(RuntimeError, match="incomplete: tensor 'b'"):
         with SafetensorsWriter(tmp_path / "x", specs) as w:
             w.write("a", torch.ones(2))
+
+
+def test_cast_finite_into_a_buffer_rounds_as_to():
+    from bora_tools.core.dtypes import cast_finite
+
+    x = torch.randn(64, 32) * 1e3
+    for dtype in (torch.bfloat16, torch.float16):
+        buf = torch.empty(64, 32, dtype=dtype)
+        assert cast_finite(x, dtype, "w", out=buf) is buf
+        assert torch.equal(buf.view(torch.int16), x.to(dtype).view(torch.int16))
+    x[3, 4] = 7e4
+    with pytest.raises(UnsupportedError, match=r"^w: a value \(7e\+04\) overflows float16"):
+        cast_finite(x, torch.float16, "w", out=torch.empty(64, 32, dtype=torch.float16))
 
 
 def test_writer_closes_its_file_when_the_header_cannot_be_written():

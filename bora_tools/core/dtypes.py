@@ -46,8 +46,11 @@ def parse_dtype(name: str, *, allow_auto: bool = False) -> torch.dtype | None:
 
 
 def cast_finite(t: torch.Tensor, dtype: torch.dtype, name: str, *, strict: bool = False,
-                hint: str | None = None) -> torch.Tensor:
+                hint: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``t`` rounded to ``dtype``, refusing values that the cast turns into ``inf`` (float16 overflow).
+
+    ``out``, a tensor of ``t``'s shape and of ``dtype``, receives the result (a buffer reused across
+    chunks); by default a new tensor does.
 
     A finite input that becomes infinite is refused, naming the tensor, the largest magnitude and the
     dtype. With ``strict`` every non-finite value is refused, including those ``t`` already held (a
@@ -57,7 +60,7 @@ def cast_finite(t: torch.Tensor, dtype: torch.dtype, name: str, *, strict: bool 
     Example: ``cast_finite(torch.tensor([7e4]), torch.float16, "lm_head.weight")`` raises
     ``UnsupportedError("lm_head.weight: a value (7e+04) overflows float16 ...")``.
     """
-    out = t.to(dtype)
+    out = t.to(dtype) if out is None else out.copy_(t)
     # The sum is a cheap gate (an infinite element makes it inf or NaN; isfinite().all() costs
     # 10x more on the CPU): the exact check below runs only when it trips.
     if out.is_floating_point() and t.is_floating_point() and not math.isfinite(float(out.sum())):

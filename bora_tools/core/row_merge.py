@@ -2,13 +2,16 @@
 
 ``merge_plan`` maps each base tensor an adapter changes to what replaces it;
 ``RowMerger`` computes ``W + scale * dW`` for a row range in float32 without
-forming ``dW``; ``row_chunks`` is the one row chunker (and ``chunk_elements``
-the one chunk size) used by every streaming writer: ``merge`` and the
-one-pass GGUF ``--merge``.
+forming ``dW``; ``stream_rows`` is the one row streamer (positional reads of a
+shard, ``row_chunks`` ranges of ``chunk_elements`` each, merged by a
+``RowMerger``) used by every streaming writer: ``merge`` and the one-pass GGUF
+``--merge``.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterator
 from typing import Union
 
@@ -18,7 +21,7 @@ from bora_tools.core.adapter import PREFIX, BoraAdapter, BoraModule, check_again
 from bora_tools.core.dtypes import cast_finite, check_finite_update
 from bora_tools.core.factors import mixed_row_blocks
 from bora_tools.errors import ShapeError, UnsupportedError, raise_if_problems
-from bora_tools.io.model_dir import ModelDir
+from bora_tools.io.model_dir import ModelDir, TensorEntry, read_rows
 
 Tensor = torch.Tensor
 #: What replaces a base tensor: an adapted module (``W + dW``) or a whole
@@ -153,6 +156,53 @@ def row_chunks(rows: int, cols: int, *, chunk: int | None = None, align: int = 1
     step = max(align, chunk // max(cols, 1) // align * align)
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
+
+
+def stream_rows(entry: TensorEntry, module: BoraModule | None = None, *, fan_in_fan_out: bool = False,
+                scale: float = 1.0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                align: int = 1) -> Iterator[Tensor]:
+    """``entry``'s stored rows, a block at a time, read from its shard; merged with ``module`` when given.
+
+    The one row streamer of every streaming writer (``merge`` and the GGUF ``--merge``): positional
+    reads of ``row_chunks`` ranges (``chunk_elements(device)`` elements, whole multiples of ``align``
+    rows), each block merged by a ``RowMerger``. Without ``module`` a block is the stored rows as they
+    are (``entry``'s dtype, on the CPU); with it, ``W + scale * dW`` in ``dtype`` (float32, or float64
+    for a float64 base) on ``device``, checked finite.
+
+    Every block lives in the same reused buffers: it stays valid until the next one is asked for.
+    The generator owns its file descriptor: opened at the first block, closed in ``finally`` when
+    the rows end, a read fails, or the consumer stops early (``close()``).
+
+    Example::
+
+        with contextlib.closing(stream_rows(base.entries[name], plan[name])) as blocks:
+            for block in blocks:
+                writer.write(name, block.to(torch.bfloat16))
+
+    Raises:
+        ModelDirError: the shard ends before the tensor does.
+        UnsupportedError: the update is not finite where the base was (``RowMerger.rows``).
+    """
+    device = torch.device(device)
+    rows, cols = (entry.shape[0] if entry.shape else 1), math.prod(entry.shape[1:])
+    ranges = list(row_chunks(rows, cols, chunk=chunk_elements(device), align=align))
+    if not ranges:
+        return
+    height = ranges[0][1] - ranges[0][0]  # the largest block
+    merger = None if module is None else RowMerger(module, fan_in_fan_out=fan_in_fan_out, scale=scale,
+                                                   device=device, dtype=dtype)
+    # Buffers reused for every block (no allocation and page faults per block); pinned
+    # host memory lets the copies to a GPU run at full speed.
+    pin = device.type == "cuda"
+    read = torch.empty(height * (entry.nbytes // rows), dtype=torch.uint8, pin_memory=pin)
+    work = torch.empty((height, *entry.shape[1:]), dtype=dtype, device=device) if merger else None
+    fd = os.open(entry.shard, os.O_RDONLY)
+    try:
+        for start, stop in ranges:
+            block = read_rows(entry, start, stop, fd=fd, buf=read)
+            yield block if merger is None else merger.rows(block, start, work=work[:stop - start])
+    finally:
+        os.close(fd)
 
 
 def merged_weight(weight: Tensor, module: BoraModule, *, fan_in_fan_out: bool, scale: float = 1.0,

@@ -1,6 +1,7 @@
 """``export-gguf``: models, merged models and LoRA adapters as GGUF files for llama.cpp.
 
-- ``export``: the command (full model, one-pass ``--merge``), ``lora``: the LoRA adapter GGUF.
+- ``export``: the command (its checks, once; full model, one-pass ``--merge``), ``lora``: the LoRA adapter GGUF.
+- ``plan``: a full GGUF's tensors: named (checkpoint -> llama.cpp), checked, typed, and how their rows are made.
 - ``architectures``: one registry entry per Hugging Face architecture (llama.cpp arch, hooks, tensor transforms).
 - ``hparams``: ``config.json`` -> llama.cpp hyperparameters; ``vocab``: the tokenizer.
 - ``shapes``: every tensor's shape against what ``config.json`` implies (per family), before the first byte.

@@ -50,24 +50,25 @@ from bora_tools.gguf.writer import (
     tensor_type,
     write_streaming,
 )
-from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
+from bora_tools.io.atomic import atomic_output, check_target
 from bora_tools.io.model_dir import ModelDir
 from bora_tools.progress import Progress, no_progress
 
 Factors = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> (B_k (m, k), A_k (k, n)), scaling included
 
 
-def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, *, rank: int | str = "full",
-                outtype: str = "f16", overwrite: bool = False, device: str | torch.device = "auto",
-                progress: Progress = no_progress, name: str | None = None) -> ExportReport:
+def write_lora(adapter_dir: Path, base_dir: Path, out: Path, *, rank: int | str = "full", outtype: str = "f16",
+               overwrite: bool = False, device: str | torch.device = "auto", progress: Progress = no_progress,
+               name: str | None = None) -> ExportReport:
     """Write the adapter at ``adapter_dir`` as a llama.cpp LoRA GGUF for the model at ``base_dir``.
 
-    ``device`` runs the per-module work (truncated SVD, exact factors) there;
-    on the CPU it runs on one thread, which is faster for these small operations.
+    The writer of ``export_gguf(adapter, out, base=...)``, which has checked the common options and
+    that ``out`` is none of the inputs. ``device`` runs the per-module work (truncated SVD, exact
+    factors) there; on the CPU it runs on one thread, which is faster for these small operations.
 
     Example::
 
-        export_lora("my-adapter", "models/tiny-llama", Path("lora.gguf"), rank="full")
+        write_lora(Path("my-adapter"), Path("models/tiny-llama"), Path("lora.gguf"), rank="full")
         # llama.cpp: Llama("base.gguf", lora_path="lora.gguf") gives the merged model's logits
 
     Raises:
@@ -75,11 +76,8 @@ def export_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, 
         UnsupportedError: ``modules_to_save`` or ``fan_in_fan_out`` (no LoRA form
             in llama.cpp), a module llama.cpp has no tensor for, or an unsupported base.
         ShapeError: the adapter does not fit the base model.
-        OutputWriteError: ``out`` is, holds or lies inside the adapter or the base.
     """
-    adapter_dir, out = Path(adapter_dir), Path(out)
     _check_outtype(outtype)
-    refuse_output_over_inputs(out, adapter_dir, base_dir)
     check_target(out, overwrite=overwrite)
     adapter = load_adapter(adapter_dir)
     base = ModelDir.open(base_dir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import gguf
 
@@ -55,16 +56,6 @@ def check_layer_count(model: ModelDir, hp: Hparams) -> None:
     if hp.n_layer > len(stored):
         raise ConfigError(f"{model.path / 'config.json'}: num_hidden_layers is {hp.n_layer} but the weights hold "
                           f"{len(stored)} layer(s)")
-
-
-def embedding_rows(model: ModelDir, family: Family, hp: Hparams) -> int | None:
-    """Rows of the stored token embedding (what bounds the vocabulary before it is padded), or None when absent."""
-    check_layer_count(model, hp)
-    tmap = gguf.get_tensor_name_map(family.arch, hp.n_layer)
-    for entry in model.entries.values():
-        if entry.shape and tmap.get_name(entry.name, try_suffixes=(".weight",)) == "token_embd.weight":
-            return entry.shape[0]
-    return None
 
 
 def _kind(gname: str) -> tuple[str, str]:
@@ -161,25 +152,42 @@ def stacked_shape(entries: list[TensorEntry]) -> tuple[int, ...]:
     return first if len(entries) == 1 and stacked_name(entries[0].name) is None else (len(entries), *first)
 
 
+def check_shapes(path: str | Path, tensors: list[tuple[str, list[TensorEntry]]], hp: Hparams,
+                 family: Family) -> None:
+    """Every GGUF tensor of ``tensors`` (its name, its checkpoint tensor or experts in order) has the
+    shape ``config.json`` implies, the experts of a stacked tensor are 0..n-1 and alike, and no layer
+    or token embedding is missing.
+
+    Raises:
+        ConfigError: every disagreement at once, each naming the tensor, in the shards' order.
+    """
+    problems = []
+    for gname, entries in tensors:
+        if stacked_name(entries[0].name) is not None:
+            problems.extend(expert_problems(entries))
+        problems.extend(shape_problems(stacked_label(entries), stacked_shape(entries), gname, hp, family))
+    problems.extend(layout_problems({gname for gname, _ in tensors}, hp))
+    raise_if_problems(str(path), problems, cls=ConfigError)
+
+
 def check_base_tensors(model: ModelDir, family: Family, hp: Hparams) -> None:
     """Every tensor llama.cpp would read from ``model`` has the shape config.json implies (LoRA exports' base).
+
+    Unlike a full export (``bora_tools.gguf.plan.name_tensors``), tensors llama.cpp has no name for
+    are left alone: the LoRA GGUF does not carry them.
 
     Raises:
         ConfigError: every disagreement at once, each naming the tensor.
     """
     check_layer_count(model, hp)
     tmap = gguf.get_tensor_name_map(family.arch, hp.n_layer)
-    problems, names = [], set()
     groups: dict[str, list[TensorEntry]] = defaultdict(list)
     for entry in model.entries.values():
         groups[stacked_name(entry.name) or entry.name].append(entry)
+    tensors = []
     for hf_name, entries in groups.items():
         gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            continue
-        names.add(gname)
-        if stacked_name(entries[0].name) is not None:
-            entries.sort(key=lambda e: expert_index(e.name))
-            problems.extend(expert_problems(entries))
-        problems.extend(shape_problems(stacked_label(entries), stacked_shape(entries), gname, hp, family))
-    raise_if_problems(str(model.path), problems + layout_problems(names, hp), cls=ConfigError)
+        if gname is not None:
+            tensors.append((gname, sorted(entries, key=lambda e: expert_index(e.name))
+                            if stacked_name(entries[0].name) is not None else entries))
+    check_shapes(model.path, tensors, hp, family)

@@ -159,10 +159,17 @@ class _Streamed:
     def tofile(self, fout: BinaryIO) -> None:
         written = 0
         name = f"{self.plan.name} ({self.plan.source})" if self.plan.source else self.plan.name
-        for block in self.plan.chunks():
-            data = to_gguf_array(block, self.plan.qtype, name=name, pool=self.pool)
-            data.tofile(fout)
-            written += data.nbytes
+        chunks = iter(self.plan.chunks())
+        try:
+            for block in chunks:
+                data = to_gguf_array(block, self.plan.qtype, name=name, pool=self.pool)
+                data.tofile(fout)
+                written += data.nbytes
+        finally:
+            # A block refused half-way (an f16 overflow) stops the producer now: the file it
+            # streams from is closed at once, not when the error's traceback is dropped.
+            if hasattr(chunks, "close"):
+                chunks.close()
         if written != self.nbytes:
             raise AssertionError(f"{self.plan.name}: produced {written} bytes, declared {self.nbytes}")
 
