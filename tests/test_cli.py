@@ -6,18 +6,12 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
-
-from bora_tools.cli import cli
+from cli_support import run
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny):
     return tiny.adapter("llama", r=4, bora_blocks=4, lora_alpha=8, rank_pattern={"o_proj": 2}).path
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_inspect_json_counts_parameters_and_ranks(adapter_dir):

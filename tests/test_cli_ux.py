@@ -20,7 +20,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_support import run
 from hub_server import FakeHub
 from safetensors import safe_open
 
@@ -47,10 +47,6 @@ def dirs(tmp_path_factory):
     randomize_bora(model, seed=3)
     adapter = save_bora(model, root / "my-bora")
     return {"base": base, "adapter": adapter, "root": root}
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def one_error(result, code: int = 1) -> str:

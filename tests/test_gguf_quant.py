@@ -19,6 +19,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from cli_support import run
 
 from bora_tools.core.config import BoraConfig
 from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
@@ -201,14 +202,6 @@ def test_push_card_names_the_quantization(models, tmp_path):
 
 
 # ---- the command line: one line on errors, nothing left behind ----------------------------------------------
-
-def run(*args: object):
-    from click.testing import CliRunner
-
-    from bora_tools.cli import cli
-
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
 
 def one_error_line(result) -> str:
     assert result.exit_code == 1, result.output

@@ -17,10 +17,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_support import run
 from hub_server import FakeHub
 
-from bora_tools.cli import cli
 from bora_tools.core.config import BoraConfig
 from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
 from bora_tools.errors import HubError
@@ -197,8 +196,7 @@ def test_commands_from_hub_ids_match_local_copies(hub, local, tmp_path):
     for name, result in zip(commands, results, strict=True):
         assert result["code"] == 0, (name, result)
         assert "from the Hub" in result["stderr"], (name, result["stderr"])
-    runner = CliRunner()
-    local_results = [runner.invoke(cli, [str(x) for x in c[1]]) for c in commands.values()]
+    local_results = [run(*c[1]) for c in commands.values()]
     assert all(r.exit_code == 0 for r in local_results), [r.output for r in local_results]
     inspected_hub, inspected_local = json.loads(results[0]["stdout"]), json.loads(local_results[0].stdout)
     assert inspected_hub.pop("path") != inspected_local.pop("path")

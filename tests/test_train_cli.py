@@ -6,9 +6,8 @@ import re
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_support import run
 
-from bora_tools.cli import cli
 from bora_tools.core.adapter import load_adapter
 from bora_tools.demo.tiny import TEXT, build_model, build_tokenizer, save_model_dir
 from bora_tools.training import load_bora
@@ -38,10 +37,6 @@ def inputs(tmp_path_factory):
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     return base, data
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def train_args(inputs, out, *extra):
