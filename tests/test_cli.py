@@ -70,6 +70,7 @@ def test_cuda_refused_cleanly_without_gpu(adapter_dir):
     assert result.exit_code == 1 and result.stderr.startswith("Error: --device cuda: no CUDA device")
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bora_tools.cli", "demo", "--workdir", str(tmp_path / "d"), "--quiet"],
@@ -90,6 +91,7 @@ def test_demo_refuses_non_empty_workdir(tmp_path):
     assert result.exit_code == 1 and "is not empty" in result.stderr and (tmp_path / "x").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_demo_json_prints_only_the_figures_on_stdout(tmp_path):
     result = run("demo", "--workdir", tmp_path / "d", "--steps", "5", "--json", "--quiet")
     assert result.exit_code == 0, result.output

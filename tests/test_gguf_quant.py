@@ -268,6 +268,7 @@ _PAUSE_MID_QUANTIZE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses Linux signals")
+@pytest.mark.slow
 def test_sigkill_mid_quantize_leaves_nothing_and_the_next_run_cleans_up(models, tmp_path):
     out = tmp_path / "q.gguf"
     args = ["export-gguf", models["adapter"], "--base", models["llama"], "--merge", "--out", out, "--outtype",

@@ -192,6 +192,7 @@ def _push(hub, tmp_path, *args, token=TOKEN):
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_pasted_token_with_crlf_pushes(hub, tmp_path, pristine):
     result = _push(hub, tmp_path, pristine["adapter"], "me/bora", token=TOKEN + "\r\n")
     assert result.returncode == 0, result.stderr
@@ -200,6 +201,7 @@ def test_pasted_token_with_crlf_pushes(hub, tmp_path, pristine):
 
 @pytest.mark.parametrize("bad", [TOKEN[:8] + " " + TOKEN[8:], TOKEN + "ü", TOKEN[:8] + "\r" + TOKEN[8:]])
 @pytest.mark.parametrize("debug", [[], ["--debug"]])
+@pytest.mark.slow
 def test_bad_token_is_one_line_and_never_printed(hub, tmp_path, pristine, bad, debug):
     result = _push(hub, tmp_path, pristine["adapter"], "me/bora", *debug, token=bad)
     assert result.returncode == 1, result.stderr
@@ -239,6 +241,7 @@ def test_error_lines_are_capped():
     assert "5000 problems" in line and "and 4990 more" in line and len(line) < 6000
 
 
+@pytest.mark.slow
 def test_many_unexpected_keys_give_one_short_line(work):
     edit_tensors(work["adapter"] / ST, lambda t: t.update({f"junk.{i}" + "x" * 200: torch.zeros(1)
                                                            for i in range(3000)}))
@@ -387,6 +390,7 @@ def _fsize_limit():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses rlimits")
+@pytest.mark.slow
 def test_demo_on_a_full_disk_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bora_tools.cli", "demo", "--workdir", str(tmp_path / "d"),
                            "--steps", "1", "--quiet"], capture_output=True, text=True, preexec_fn=_fsize_limit,
@@ -436,6 +440,7 @@ def leftovers(directory):
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
 @pytest.mark.parametrize("command", ["merge", "gguf-full"])
+@pytest.mark.slow
 def test_signal_before_the_rename_removes_the_temporary(work, sig, code, word, command):
     proc = _held("before", COMMANDS[command](work))
     proc.send_signal(sig)
@@ -446,6 +451,7 @@ def test_signal_before_the_rename_removes_the_temporary(work, sig, code, word, c
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_signal_after_the_rename_says_the_output_is_complete(work, sig, code):
     proc = _held("after", COMMANDS["merge"](work))
     proc.send_signal(sig)
@@ -456,6 +462,7 @@ def test_signal_after_the_rename_says_the_output_is_complete(work, sig, code):
     assert (work["outdir"] / "merged" / "config.json").is_file() and not leftovers(work["outdir"])
 
 
+@pytest.mark.slow
 def test_interrupt_during_an_overwrite_leaves_no_temporary(work):
     out = work["outdir"] / "merged"
     out.mkdir()
@@ -468,6 +475,7 @@ def test_interrupt_during_an_overwrite_leaves_no_temporary(work):
     assert not leftovers(work["outdir"])
 
 
+@pytest.mark.slow
 def test_interrupt_during_shutdown_prints_no_traceback(work):
     script = textwrap.dedent("""
         import atexit, sys, time

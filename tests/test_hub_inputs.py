@@ -178,6 +178,7 @@ def test_unreachable_endpoint_is_one_line(tmp_path):
 
 
 # ----- the CLI: outputs from Hub ids are the outputs from local copies -----------------------------
+@pytest.mark.slow
 def test_commands_from_hub_ids_match_local_copies(hub, local, tmp_path):
     a, b = local["adapter"], local["base"]
     hub_out, loc = tmp_path / "hub", tmp_path / "local"
@@ -212,6 +213,7 @@ def test_commands_from_hub_ids_match_local_copies(hub, local, tmp_path):
     assert not any(f.endswith((".bin", ".gguf")) for f in hub.downloaded())
 
 
+@pytest.mark.slow
 def test_cli_offline_and_errors(hub, local, tmp_path):
     home = tmp_path / "home"
     first = cli_batch(hub, home, [["inspect", "org/bora", "--json"]])

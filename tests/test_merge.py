@@ -85,6 +85,7 @@ def _shift_saved_lm_head(model):
         model.lm_head.module.weight.add_(0.05)
 
 
+@pytest.mark.slow
 def test_modules_to_save_replace_the_base_tensor(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -179,6 +180,7 @@ def test_scale_zero_reproduces_the_base_files_byte_for_byte(tiny, tmp_path):
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+@pytest.mark.slow
 def test_dtype_bfloat16_casts_a_float32_base(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -375,6 +377,7 @@ def _overflow_saved_lm_head(model):
         model.lm_head.module.weight[3, 5] = 1e6
 
 
+@pytest.mark.slow
 def test_refuses_float16_overflow_in_a_modules_to_save_tensor(tiny, tmp_path):
     case = _make(tiny, "llama", target_modules=["v_proj"], modules_to_save=["lm_head"], edit=_overflow_saved_lm_head)
     adapter = case["adapter"]

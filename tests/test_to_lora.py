@@ -107,6 +107,7 @@ def _no_leftovers(path: Path) -> bool:
 
 # -- the exact form -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_exact_form_in_peft_gives_the_bora_logits(case, tmp_path):
     out = tmp_path / "lora"
     report = to_lora(case["path"], out, rank="full").to_dict()
@@ -204,6 +205,7 @@ def test_rank_above_the_update_rank_is_capped_and_lossless(llama, tmp_path, capl
 
 
 @pytest.mark.parametrize("fraction", [0.6, 0.9, 0.99])
+@pytest.mark.slow
 def test_energy_rank_is_minimal_against_a_dense_svd_and_loads_in_peft(qwen2, tmp_path, fraction):
     out = tmp_path / "lora"
     report = to_lora(qwen2["path"], out, energy=fraction).to_dict()
@@ -356,6 +358,7 @@ def test_cli_json_report_file_and_table(llama, tmp_path):
     assert "relative Frobenius error: worst" in table.stdout
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(qwen2, tmp_path):
     png = tmp_path / "spectra.png"
     res = run("to-lora", qwen2["path"], "--out", tmp_path / "lora", "--energy", "0.9", "--plot", png, "--quiet")

@@ -45,6 +45,7 @@ def train_args(inputs, out, *extra):
             "--batch-size", 4, "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_train_lowers_the_loss_and_writes_an_adapter_that_inspect_and_load_read(tmp_path, inputs):
     out = tmp_path / "adapter"
     result = run(*train_args(inputs, out, "--max-steps", 15, "--logging-steps", 1, "--json"))
@@ -96,6 +97,7 @@ def test_the_loss_is_taken_on_completions_and_assistant_turns_only():
     assert stats.dropped == [1]
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path, inputs):
     first = run(*train_args(inputs, tmp_path / "a", "--max-steps", 6, "--save-steps", 3))
     assert first.exit_code == 0, first.output

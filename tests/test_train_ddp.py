@@ -22,6 +22,7 @@ from bora_tools.core.adapter import load_adapter
 from bora_tools.demo.tiny import TEXT, build_model, save_model_dir
 
 pytest.importorskip("accelerate")
+pytestmark = pytest.mark.slow  # torchrun starts two processes
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 
