@@ -1,5 +1,8 @@
 """Hostile inputs across every command: one `Error:` line naming the culprit, a
-non-zero exit, no traceback, and nothing left behind."""
+non-zero exit, no traceback, and nothing left behind.
+
+The harness is cli_support.py (``work``, ``COMMANDS``, ``clean_failure``); a new case is one entry in a
+table below: a function that spoils the copy of the adapter (or base), and the words the error names."""
 
 import json
 import math

@@ -1,8 +1,9 @@
 """Hardening (issue 15): no silent inf, no dropped update, no shape llama.cpp refuses, no token in any
 output, every hostile input one clean line, signals handled, float64 kept, strict JSON.
 
-Conventions of the bad-input suite: one ``Error:`` line naming the culprit, the exit code, no
-traceback, inputs untouched and nothing written (no temporary left behind either).
+Conventions of the bad-input suite (checked by ``cli_support.clean_failure``): one ``Error:`` line
+naming the culprit, the exit code, no traceback, inputs untouched and nothing written (no temporary
+left behind either).
 """
 
 import json
