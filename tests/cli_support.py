@@ -6,9 +6,9 @@ numbers may be passed as they are); keyword arguments go to ``invoke`` (``input=
 The bad-input harness (test_bad_inputs.py, test_hardening.py): the ``work`` fixture of conftest.py gives
 a test its own copies of the pristine inputs (``work["adapter"]``, ``work["base"]``) and an empty
 ``work["outdir"]``; ``COMMANDS[name](work)`` is a command line on them, and ``clean_failure(work, argv,
-*culprits)`` runs it and checks the refusal: exit code 1 (or ``code``), one ``Error:`` line on stderr
-naming every culprit, no traceback, and every input untouched with nothing written (no temporary left
-behind either). A new bad input is one entry in a cases table: a function that spoils the copy and the
+*culprits)`` runs it and checks the refusal: exit code 1 (or ``code``), stderr exactly one ``Error:``
+line naming every culprit, no traceback, and every input untouched with nothing written (no temporary
+left behind either). A new bad input is one entry in a cases table: a function that spoils the copy and the
 words its error line must hold::
 
     ADAPTER_CASES = {..., "nan": (tensors(lambda t: t[Q + ".lora_B.weight"].fill_(math.nan)), "lora_B")}
