@@ -15,12 +15,17 @@ test's own copy of a shared directory) or ``gguf_support.tiny_dir`` (a writable 
 copied from the shared build). After each test module every shared directory is compared with what was
 built; a change fails that module, and the store forgets the directory, so later modules get a new one
 (the named fixtures are module-scoped for that reason).
+
+The bad-input harness (``cli_support``) takes its inputs from here: ``pristine`` (a sharded llama base,
+an adapter on it, an adapter on another base; shared) and ``work`` (this test's copies of the base and the
+adapter, and an empty ``outdir``).
 """
 
 from __future__ import annotations
 
 import itertools
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +175,14 @@ class TinyStore:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _sigint_not_ignored():
+    """A shell starts a background job (``pytest ... &``, ``nohup``) with SIGINT ignored, and every command the
+    signal tests interrupt would inherit that and ignore their Ctrl-C: give SIGINT its default handler back."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def tiny(tmp_path_factory) -> TinyStore:
     """The session's store of tiny bases and adapters (also behind ``gguf_support.tiny_dir``)."""
     store = TinyStore(tmp_path_factory)
@@ -221,3 +234,24 @@ def fresh_copy(tmp_path) -> Callable[..., Path]:
         return Path(shutil.copytree(src, tmp_path / (name or Path(src).name)))
 
     return copy
+
+
+# -- the bad-input harness (tests/cli_support.py): pristine inputs, built once, and each test's own copies --
+
+
+@pytest.fixture(scope="module")
+def pristine(tiny, llama_sharded) -> dict[str, Path]:
+    """Shared (read only): ``base``, a llama in shards of 40KB; ``adapter``, a BoRA adapter on it (r=4, b=2,
+    lora_alpha=8, every linear module); ``other``, an adapter on a llama of another size."""
+    adapter = tiny.adapter("llama", r=4, bora_blocks=2, lora_alpha=8)
+    other = tiny.adapter("llama", model_kwargs=dict(hidden=32, intermediate=64), r=4, bora_blocks=2, randomize=None)
+    return {"base": llama_sharded, "adapter": adapter.path, "other": other.path}
+
+
+@pytest.fixture
+def work(tmp_path, pristine, fresh_copy) -> dict[str, Path]:
+    """This test's own copies of the pristine ``base`` and ``adapter``, and an empty ``outdir`` for outputs."""
+    paths = {k: fresh_copy(pristine[k], k) for k in ("base", "adapter")}
+    paths["outdir"] = tmp_path / "outdir"
+    paths["outdir"].mkdir()
+    return paths

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import pytest
 import torch
+from cli_support import run
 from click.testing import CliRunner
 
 from bora_tools.cli import cli
@@ -21,10 +22,6 @@ from bora_tools.cli import cli
 @pytest.fixture(scope="module")
 def adapter_dir(tiny):
     return tiny.adapter("llama", r=4, bora_blocks=4, lora_alpha=8, rank_pattern={"o_proj": 2}).path
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_inspect_json_counts_parameters_and_ranks(adapter_dir):
@@ -83,6 +80,7 @@ def test_cuda_refused_cleanly_without_gpu(adapter_dir):
     assert result.exit_code == 1 and result.stderr.startswith("Error: --device cuda: no CUDA device")
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bora_tools.cli", "demo", "--workdir", str(tmp_path / "d"), "--quiet"],
@@ -103,6 +101,7 @@ def test_demo_refuses_non_empty_workdir(tmp_path):
     assert result.exit_code == 1 and "is not empty" in result.stderr and (tmp_path / "x").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_demo_json_prints_only_the_figures_on_stdout(tmp_path):
     result = run("demo", "--workdir", tmp_path / "d", "--steps", "5", "--json", "--quiet")
     assert result.exit_code == 0, result.output

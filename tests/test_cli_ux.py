@@ -20,7 +20,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_support import run
 from hub_server import FakeHub
 from safetensors import safe_open
 
@@ -47,10 +47,6 @@ def dirs(tmp_path_factory):
     randomize_bora(model, seed=3)
     adapter = save_bora(model, root / "my-bora")
     return {"base": base, "adapter": adapter, "root": root}
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def one_error(result, code: int = 1) -> str:
@@ -88,6 +84,7 @@ def test_push_reports_what_the_commit_carried_and_nothing_when_unchanged(dirs, t
         assert "adapter_config.json" in changed.to_text() and changed.commit["url"] in changed.to_text()
 
 
+@pytest.mark.slow
 def test_push_output_has_no_huggingface_hub_bars_or_messages(dirs, tmp_path):
     with FakeHub(tokens={WRITE: "write"}) as hub:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
@@ -244,6 +241,7 @@ def test_export_summary_comes_after_the_module_rows(dirs, tmp_path):
     assert "largest relative error" not in result.stdout  # the full-rank export is exact: no "worst" module
 
 
+@pytest.mark.slow
 def test_to_lora_report_names_every_file_and_explains_its_columns(dirs, tmp_path, monkeypatch):
     import bora_tools.plot as plot
 
@@ -280,6 +278,7 @@ def test_inspect_summary_is_last(dirs):
 
 
 # ----- 7. demo ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_prints_runnable_commands(tmp_path):
     workdir = tmp_path / "w"
     result = run("demo", "--workdir", workdir, "--steps", "2")
@@ -302,6 +301,7 @@ def test_demo_shows_no_deleted_paths():
     assert "--workdir" in DemoReport(results={}, seconds=1.0).to_text()
 
 
+@pytest.mark.slow
 def test_demo_ctrl_c_removes_what_it_wrote(tmp_path):
     workdir = tmp_path / "w"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -335,6 +335,7 @@ def test_usage_conflicts_exit_2_with_the_usage_line(dirs, tmp_path, args):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_help_version_completion():
     top = run("--help").stdout
     for name, command in cli.commands.items():

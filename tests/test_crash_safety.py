@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses Linux signals and rlimits")
+pytestmark = [pytest.mark.slow,  # every test runs and kills a command in a subprocess
+              pytest.mark.skipif(sys.platform != "linux", reason="uses Linux signals and rlimits")]
 
 
 LARGE = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1024)

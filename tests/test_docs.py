@@ -245,6 +245,7 @@ def test_no_public_name_is_also_a_submodule():
     assert not clashes, f"public names shadowed by submodules of the same name: {clashes}"
 
 
+@pytest.mark.slow
 def test_python_api_examples_run(tmp_path, monkeypatch):
     blocks = _python_blocks(API_MD)
     assert sum(runs for _, _, runs in blocks) >= 5, "docs/python-api.md lost its examples"

@@ -38,7 +38,8 @@ from bora_tools.training import add_bora, randomize_bora, save_bora
 
 # huggingface_hub itself passes file objects as `data=` to its HTTP client, which warns about it.
 # PEFT 0.21 calls a transformers 5 API that warns of its own deprecation.
-pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
+pytestmark = [pytest.mark.slow,  # every test runs the CLI in subprocesses
+              pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
 
 R, BLOCKS, ALPHA, TRUNCATED_RANK = 4, 4, 8, 4  # b*r = 16; the truncated LoRA keeps r = 4

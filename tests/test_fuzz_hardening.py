@@ -68,6 +68,7 @@ json_values = st.recursive(
 
 @FUZZ
 @given(name=text_with_surrogates, metadata=json_values, extra=json_values)
+@pytest.mark.slow
 def test_header_names_and_values_read_or_refused(tmp_path_factory, name, metadata, extra):
     header = {name: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": metadata, "x": extra}
     raw = json.dumps(header).encode()
@@ -120,6 +121,7 @@ numbers = st.one_of(st.integers(-5, 1 << 80), st.floats(), st.text(max_size=4), 
        rope=st.dictionaries(st.sampled_from(["rope_type", "factor", "low_freq_factor", "high_freq_factor",
                                              "original_max_position_embeddings", "rope_theta"]),
                             st.one_of(numbers, st.sampled_from(["llama3", "linear", "default"])), max_size=5))
+@pytest.mark.slow
 def test_hparams_read_or_refused(values, rope):
     config = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
               "num_key_value_heads": 2, "vocab_size": 320, **values, "rope_parameters": rope}

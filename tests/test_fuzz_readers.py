@@ -20,6 +20,7 @@ from bora_tools.core.config import BoraConfig
 from bora_tools.errors import BoraError
 from bora_tools.io.model_dir import INDEX_FILE, ModelDir, read_tensor
 
+pytestmark = pytest.mark.slow  # 300 examples per target: several seconds each
 FUZZ = settings(
     max_examples=int(os.environ.get("BORA_FUZZ_EXAMPLES", "300")),
     deadline=None,

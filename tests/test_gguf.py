@@ -81,6 +81,7 @@ def test_q8_0_logits_correlate(models, tmp_path, arch):
     assert tensors["token_embd.weight"].tensor_type == Q.Q8_0
 
 
+@pytest.mark.slow
 def test_q8_0_falls_back_where_rows_are_not_multiples_of_32(tiny, tmp_path, caplog):
     # intermediate 80: ffn_down's rows (its input dimension) hold 80 values, not a multiple of 32
     path = tiny.base("llama", intermediate=80)
@@ -144,6 +145,7 @@ def test_metadata_qwen2_tied_embeddings_and_biases(models, tmp_path):
         assert tensors[f"blk.0.attn_{part}.bias"].tensor_type == Q.F32
 
 
+@pytest.mark.slow
 def test_rope_theta_read_from_rope_parameters(tmp_path):
     path = tiny_dir(tmp_path, "llama")
     set_config(path, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})

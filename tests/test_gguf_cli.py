@@ -8,11 +8,9 @@ import shutil
 import gguf
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_support import run
 from gguf_support import set_config
 from safetensors.torch import load_file, save_file
-
-from bora_tools.cli import cli
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +20,6 @@ def dirs(tmp_path_factory, tiny):
     base = shutil.copytree(tiny.base("llama"), root / "llama")
     adapter = tiny.adapter("llama", r=2, bora_blocks=2, target_modules=["q_proj", "v_proj"]).path
     return root, base, shutil.copytree(adapter, root / "adapter")
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def assert_refused(result, *fragments, code=1):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
+from cli_support import run
 from families import FAMILIES, SPM_HF_DIFFERS, build_family_dir, targets
 from gguf_support import (
     BF16_RTOL,
@@ -251,20 +252,16 @@ def test_cli_exports_a_family_and_refuses_in_one_line(case, tmp_path):
     import json
     import shutil
 
-    from click.testing import CliRunner
-
-    from bora_tools.cli import cli
-
     out = tmp_path / "m.gguf"
-    result = CliRunner().invoke(cli, ["export-gguf", str(case["adapter"]), "--base", str(case["base"]), "--merge",
-                                      "--out", str(out), "--outtype", "f32", "--json", "--quiet"])
+    result = run("export-gguf", case["adapter"], "--base", case["base"], "--merge", "--out", out, "--outtype", "f32",
+                 "--json", "--quiet")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["architecture"] == "gemma2"
     assert relative_error(gguf_logits(out, IDS), case["want"]) < F32_RTOL
     bad = tmp_path / "bad"
     shutil.copytree(case["base"], bad)
     set_config(bad, hidden_activation="relu")
-    result = CliRunner().invoke(cli, ["export-gguf", str(bad), "--out", str(tmp_path / "x.gguf")])
+    result = run("export-gguf", bad, "--out", tmp_path / "x.gguf")
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
     assert "activation 'relu'" in errors[0] and "gemma2" in errors[0]

@@ -19,6 +19,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from cli_support import run
 
 from bora_tools.core.config import BoraConfig
 from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
@@ -202,14 +203,6 @@ def test_push_card_names_the_quantization(models, tmp_path):
 
 # ---- the command line: one line on errors, nothing left behind ----------------------------------------------
 
-def run(*args: object):
-    from click.testing import CliRunner
-
-    from bora_tools.cli import cli
-
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def one_error_line(result) -> str:
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
@@ -275,6 +268,7 @@ _PAUSE_MID_QUANTIZE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses Linux signals")
+@pytest.mark.slow
 def test_sigkill_mid_quantize_leaves_nothing_and_the_next_run_cleans_up(models, tmp_path):
     out = tmp_path / "q.gguf"
     args = ["export-gguf", models["adapter"], "--base", models["llama"], "--merge", "--out", out, "--outtype",

@@ -1,8 +1,9 @@
 """Hardening (issue 15): no silent inf, no dropped update, no shape llama.cpp refuses, no token in any
 output, every hostile input one clean line, signals handled, float64 kept, strict JSON.
 
-Conventions of the bad-input suite: one ``Error:`` line naming the culprit, the exit code, no
-traceback, inputs untouched and nothing written (no temporary left behind either).
+Conventions of the bad-input suite (checked by ``cli_support.clean_failure``): one ``Error:`` line
+naming the culprit, the exit code, no traceback, inputs untouched and nothing written (no temporary
+left behind either).
 """
 
 import json
@@ -10,7 +11,6 @@ import math
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -19,99 +19,36 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from cli_support import (
+    COMMANDS,
+    GGUF,
+    READS_ADAPTER,
+    ST,
+    Q,
+    clean_failure,
+    config,
+    edit_json,
+    edit_tensors,
+    first_shard,
+    rewrite_header,
+    run,
+    tensors,
+)
+from safetensors.torch import load_file
 
-from bora_tools.cli import cli
 from bora_tools.cli.frame import emit_json
 from bora_tools.core.config import BoraConfig
-from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
+from bora_tools.demo.tiny import build_model
 from bora_tools.errors import BoraError, ConfigError, raise_if_problems
 from bora_tools.io.model_dir import INDEX_FILE
-from bora_tools.training import add_bora, load_bora, randomize_bora, save_bora
+from bora_tools.training import add_bora, load_bora
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ST = "adapter_model.safetensors"
-Q = "base_model.model.model.layers.0.self_attn.q_proj"
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pristine15")
-    model = build_model("llama")
-    base = save_model_dir(model, root / "base", max_shard_size="40KB")
-    add_bora(model, BoraConfig(r=4, bora_blocks=2, lora_alpha=8, target_modules=default_targets("llama")))
-    randomize_bora(model)
-    adapter = save_bora(model, root / "adapter")
-    return {"base": base, "adapter": adapter}
-
-
-@pytest.fixture
-def work(tmp_path, pristine):
-    paths = {k: shutil.copytree(v, tmp_path / k) for k, v in pristine.items()}
-    paths["outdir"] = tmp_path / "outdir"
-    paths["outdir"].mkdir()
-    return paths
-
-
-COMMANDS = {
-    "inspect": lambda w: ["inspect", w["adapter"]],
-    "merge": lambda w: ["merge", w["adapter"], "--base", w["base"], "--out", w["outdir"] / "merged"],
-    "to-lora": lambda w: ["to-lora", w["adapter"], "--out", w["outdir"] / "lora", "--rank", "full"],
-    "gguf-lora": lambda w: ["export-gguf", w["adapter"], "--base", w["base"], "--out", w["outdir"] / "l.gguf"],
-    "gguf-merge": lambda w: ["export-gguf", w["adapter"], "--base", w["base"], "--merge", "--out",
-                             w["outdir"] / "m.gguf"],
-    "gguf-full": lambda w: ["export-gguf", w["base"], "--out", w["outdir"] / "base.gguf"],
-}
-READS_ADAPTER = ["inspect", "merge", "to-lora", "gguf-lora", "gguf-merge"]
-GGUF = ["gguf-full", "gguf-lora", "gguf-merge"]
-
-
-def snapshot(work):
-    return {k: sorted((p.relative_to(v), p.stat().st_size, p.stat().st_mtime_ns) for p in v.rglob("*"))
-            for k, v in work.items()}
-
-
-def clean_failure(work, argv, *culprits, code=1):
-    """Run the CLI; assert one Error line holding every culprit, ``code``, no traceback, nothing changed."""
-    before = snapshot(work)
-    result = CliRunner().invoke(cli, [str(a) for a in argv] + ["--quiet"])  # no progress bar before the line
-    errors = result.stderr.splitlines()
-    assert result.exit_code == code, (result.exit_code, result.stderr, result.exception)
-    assert len(errors) == 1 and errors[0].startswith("Error: "), result.stderr
-    for culprit in culprits:
-        assert culprit in errors[0], errors[0]
-    assert "Traceback" not in result.output
-    assert snapshot(work) == before
-    return errors[0]
-
-
-def edit_json(path, mutate):
-    data = json.loads(path.read_text())
-    mutate(data)
-    path.write_text(json.dumps(data))
-
-
-def edit_tensors(path, mutate):
-    t = load_file(path)
-    mutate(t)
-    save_file(t, path)
-
-
-def rewrite_header(path, mutate, *, raw=None):
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    mutate(header)
-    text = (raw or json.dumps)(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
-
-
-def first_shard(base):
-    return base / json.loads((base / INDEX_FILE).read_text())["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
 
 
 # -- 1. no silent inf --------------------------------------------------------------------------
+
+QUIET = ["--quiet"]  # an overflow is found while the weights are written: no progress label before the line
 
 
 def test_absurd_scale_refused_at_validation(work):
@@ -121,12 +58,12 @@ def test_absurd_scale_refused_at_validation(work):
 @pytest.mark.parametrize("command", READS_ADAPTER)
 def test_absurd_lora_alpha_refused_at_validation(work, command):
     edit_json(work["adapter"] / "adapter_config.json", lambda c: c.update(lora_alpha=1e45))
-    clean_failure(work, COMMANDS[command](work), "lora_alpha", "1e+45")
+    clean_failure(work, command, "lora_alpha", "1e+45")
 
 
 def test_absurd_alpha_pattern_refused(work):
     edit_json(work["adapter"] / "adapter_config.json", lambda c: c.update(alpha_pattern={"q_proj": 1e40}))
-    clean_failure(work, COMMANDS["inspect"](work), "alpha_pattern['q_proj']")
+    clean_failure(work, "inspect", "alpha_pattern['q_proj']")
 
 
 def _huge_factors(work):
@@ -138,26 +75,28 @@ def _huge_factors(work):
 @pytest.mark.parametrize("extra", [[], ["--dtype", "float32"], ["--dtype", "bfloat16"]])
 def test_merge_overflow_in_float32_is_refused_naming_module_and_cause(work, extra):
     _huge_factors(work)
-    line = clean_failure(work, COMMANDS["merge"](work) + extra, "q_proj", "overflows float32", "scaling")
+    line = clean_failure(work, COMMANDS["merge"](work) + extra + QUIET, "q_proj", "overflows float32", "scaling")
     assert "--scale" in line  # the hint names the flag
 
 
 @pytest.mark.parametrize("outtype", ["f16", "q8_0", "f32"])
 def test_gguf_merge_overflow_is_refused(work, outtype):
     _huge_factors(work)
-    clean_failure(work, COMMANDS["gguf-merge"](work) + ["--outtype", outtype], "q_proj", "non-finite")
+    clean_failure(work, COMMANDS["gguf-merge"](work) + ["--outtype", outtype, *QUIET], "q_proj", "non-finite")
 
 
 def test_to_lora_float16_overflow_hint_names_the_flag(work):
     _huge_factors(work)
-    line = clean_failure(work, COMMANDS["to-lora"](work) + ["--dtype", "float16"], "q_proj", "overflows float16")
+    line = clean_failure(work, COMMANDS["to-lora"](work) + ["--dtype", "float16", *QUIET], "q_proj",
+                         "overflows float16")
     assert "--dtype float32 or bfloat16" in line
 
 
 def test_q8_0_block_scale_overflow_is_refused(work):
     path = first_shard(work["base"])
     edit_tensors(path, lambda t: t["model.layers.0.self_attn.q_proj.weight"].__setitem__((0, 0), 1e8))
-    line = clean_failure(work, COMMANDS["gguf-full"](work) + ["--outtype", "q8_0"], "attn_q", "Q8_0 block scale")
+    line = clean_failure(work, COMMANDS["gguf-full"](work) + ["--outtype", "q8_0", *QUIET], "attn_q",
+                         "Q8_0 block scale")
     assert "--outtype f32 or bf16" in line
 
 
@@ -178,13 +117,13 @@ def test_cast_refuses_values_computed_non_finite():
 def test_module_both_adapted_and_saved_is_refused(work, command):
     edit_json(work["adapter"] / "adapter_config.json",
               lambda c: c.update(modules_to_save=["model.layers.0.self_attn.q_proj"]))
-    clean_failure(work, COMMANDS[command](work), "model.layers.0.self_attn.q_proj", "modules_to_save")
+    clean_failure(work, command, "model.layers.0.self_attn.q_proj", "modules_to_save")
 
 
 def test_module_both_adapted_and_saved_with_its_tensor_is_refused(work):
     edit_json(work["adapter"] / "adapter_config.json", lambda c: c.update(modules_to_save=["q_proj"]))
     edit_tensors(work["adapter"] / ST, lambda t: t.update({Q + ".weight": torch.zeros(64, 64)}))
-    clean_failure(work, COMMANDS["merge"](work), "q_proj", "both adapted and listed in modules_to_save")
+    clean_failure(work, "merge", "q_proj", "both adapted and listed in modules_to_save")
 
 
 def test_training_layers_refuse_the_conflict(work):
@@ -213,7 +152,7 @@ GGUF_CONFIG_CASES = {
 def test_gguf_config_contradicting_tensors_is_refused(work, case, command):
     change, culprit = GGUF_CONFIG_CASES[case]
     edit_json(work["base"] / "config.json", lambda c: c.update(change))
-    clean_failure(work, COMMANDS[command](work), culprit)
+    clean_failure(work, command, culprit)
 
 
 # -- 4. tokens ---------------------------------------------------------------------------------
@@ -250,6 +189,7 @@ def _push(hub, tmp_path, *args, token=TOKEN):
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_pasted_token_with_crlf_pushes(hub, tmp_path, pristine):
     result = _push(hub, tmp_path, pristine["adapter"], "me/bora", token=TOKEN + "\r\n")
     assert result.returncode == 0, result.stderr
@@ -258,6 +198,7 @@ def test_pasted_token_with_crlf_pushes(hub, tmp_path, pristine):
 
 @pytest.mark.parametrize("bad", [TOKEN[:8] + " " + TOKEN[8:], TOKEN + "ü", TOKEN[:8] + "\r" + TOKEN[8:]])
 @pytest.mark.parametrize("debug", [[], ["--debug"]])
+@pytest.mark.slow
 def test_bad_token_is_one_line_and_never_printed(hub, tmp_path, pristine, bad, debug):
     result = _push(hub, tmp_path, pristine["adapter"], "me/bora", *debug, token=bad)
     assert result.returncode == 1, result.stderr
@@ -279,7 +220,7 @@ def test_debug_traceback_scrubs_the_token_in_every_chained_cause(tmp_path, prist
 
     monkeypatch.setattr(HfApi, "create_repo", echoing_server)
     for debug in ([], ["--debug"]):
-        result = CliRunner().invoke(cli, ["push", str(pristine["adapter"]), "me/x", "--token", TOKEN, *debug])
+        result = run("push", pristine["adapter"], "me/x", "--token", TOKEN, *debug)
         assert result.exit_code == 3
         assert TOKEN not in result.output and "***" in result.output
         assert ("Traceback" in result.output) == bool(debug)
@@ -297,10 +238,11 @@ def test_error_lines_are_capped():
     assert "5000 problems" in line and "and 4990 more" in line and len(line) < 6000
 
 
+@pytest.mark.slow
 def test_many_unexpected_keys_give_one_short_line(work):
     edit_tensors(work["adapter"] / ST, lambda t: t.update({f"junk.{i}" + "x" * 200: torch.zeros(1)
                                                            for i in range(3000)}))
-    line = clean_failure(work, COMMANDS["inspect"](work), "unexpected key", "more")
+    line = clean_failure(work, "inspect", "unexpected key", "more")
     assert len(line) < 10_000
 
 
@@ -311,94 +253,88 @@ def _deep(n=100_000):
     return "[" * n + "]" * n
 
 
-def _deep_config(name):
-    return lambda w: (w["base"] / name).write_text('{"a": ' + _deep() + "}")
+_DEEP_OBJECT = '{"a": ' + _deep() + "}"
+
+
+def _write(name, text):
+    return lambda d: (d / name).write_text(text)
+
+
+def _base_config(mutate):
+    return config(mutate, "config.json")
 
 
 BASE_CASES = {
-    "deep-config": (_deep_config("config.json"), "config.json", ["merge", "gguf-full"]),
-    "deep-index": (lambda w: (w["base"] / INDEX_FILE).write_text(_deep()), INDEX_FILE, ["merge", "gguf-full"]),
+    "deep-config": (_write("config.json", _DEEP_OBJECT), "config.json", ["merge", "gguf-full"]),
+    "deep-index": (_write(INDEX_FILE, _deep()), INDEX_FILE, ["merge", "gguf-full"]),
     "deep-shard-header": (
-        lambda w: rewrite_header(first_shard(w["base"]), lambda h: None,
+        lambda b: rewrite_header(first_shard(b), lambda h: None,
                                  raw=lambda h: json.dumps(h)[:-1] + ', "x": ' + _deep(20_000) + "}"),
         "safetensors header", ["merge", "gguf-full"]),
-    "deep-tokenizer": (_deep_config("tokenizer.json"), "tokenizer.json", ["gguf-full"]),
-    "deep-tokenizer-config": (_deep_config("tokenizer_config.json"), "tokenizer_config.json", ["gguf-full"]),
-    "tokenizer-not-object": (lambda w: (w["base"] / "tokenizer.json").write_text("[1, 2]"), "tokenizer.json",
-                             ["gguf-full"]),
-    "tokenizer-malformed": (lambda w: edit_json(w["base"] / "tokenizer.json",
-                                                lambda t: t.update(pre_tokenizer=[1], decoder=[2])),
+    "deep-tokenizer": (_write("tokenizer.json", _DEEP_OBJECT), "tokenizer.json", ["gguf-full"]),
+    "deep-tokenizer-config": (_write("tokenizer_config.json", _DEEP_OBJECT), "tokenizer_config.json", ["gguf-full"]),
+    "tokenizer-not-object": (_write("tokenizer.json", "[1, 2]"), "tokenizer.json", ["gguf-full"]),
+    "tokenizer-malformed": (config(lambda t: t.update(pre_tokenizer=[1], decoder=[2]), "tokenizer.json"),
                             "tokenizer", ["gguf-full"]),
-    "tokenizer-config-malformed": (lambda w: (w["base"] / "tokenizer_config.json").write_text('"just text"'),
-                                   "tokenizer_config.json", ["gguf-full"]),
-    "rope-theta-huge": (lambda w: edit_json(w["base"] / "config.json",
-                                            lambda c: c.update(rope_parameters={"rope_theta": 1e308})),
-                        "rope_theta", GGUF),
-    "rope-theta-huge-v4": (lambda w: edit_json(w["base"] / "config.json",
-                                               lambda c: (c.pop("rope_parameters"), c.update(rope_theta=1e308))),
+    "tokenizer-config-malformed": (_write("tokenizer_config.json", '"just text"'), "tokenizer_config.json",
+                                   ["gguf-full"]),
+    "rope-theta-huge": (_base_config(lambda c: c.update(rope_parameters={"rope_theta": 1e308})), "rope_theta", GGUF),
+    "rope-theta-huge-v4": (_base_config(lambda c: (c.pop("rope_parameters"), c.update(rope_theta=1e308))),
                            "rope_theta", GGUF),
-    "context-huge": (lambda w: edit_json(w["base"] / "config.json",
-                                         lambda c: c.update(max_position_embeddings=2**70)),
-                     "max_position_embeddings", GGUF),
-    "llama3-factor-string": (lambda w: edit_json(w["base"] / "config.json", lambda c: c.update(
+    "context-huge": (_base_config(lambda c: c.update(max_position_embeddings=2**70)), "max_position_embeddings",
+                     GGUF),
+    "llama3-factor-string": (_base_config(lambda c: c.update(
         rope_parameters={"rope_type": "llama3", "factor": "8", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 64})), "factor", GGUF),
-    "llama3-low-string": (lambda w: edit_json(w["base"] / "config.json", lambda c: c.update(
+    "llama3-low-string": (_base_config(lambda c: c.update(
         rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": "1"})), "low_freq_factor", GGUF),
-    "vocab-size-huge": (lambda w: edit_json(w["base"] / "config.json", lambda c: c.update(vocab_size=2**40)),
-                        "vocab_size", GGUF),
-    "vocab-size-big": (lambda w: edit_json(w["base"] / "config.json", lambda c: c.update(vocab_size=50_000_000)),
-                       "vocab_size", ["gguf-full"]),
+    "vocab-size-huge": (_base_config(lambda c: c.update(vocab_size=2**40)), "vocab_size", GGUF),
+    "vocab-size-big": (_base_config(lambda c: c.update(vocab_size=50_000_000)), "vocab_size", ["gguf-full"]),
     "lone-surrogate-name": (
-        lambda w: rewrite_header(first_shard(w["base"]),
-                                 lambda h: h.update({"x\ud800y": {"dtype": "F32", "shape": [0],
-                                                                  "data_offsets": [0, 0]}})),
+        lambda b: rewrite_header(first_shard(b), lambda h: h.update({"x\ud800y": {"dtype": "F32", "shape": [0],
+                                                                                  "data_offsets": [0, 0]}})),
         "not valid Unicode", ["merge", "gguf-full"]),
 }
 
 
 @pytest.mark.parametrize("case", list(BASE_CASES))
 def test_hostile_base_is_one_clean_line(work, case):
-    mutate, culprit, commands = BASE_CASES[case]
-    mutate(work)
+    spoil, culprit, commands = BASE_CASES[case]
+    spoil(work["base"])
     for command in commands:
-        clean_failure(work, COMMANDS[command](work), culprit)
+        clean_failure(work, command, culprit)
 
 
 ADAPTER_CASES = {
-    "deep-config": (lambda w: (w["adapter"] / "adapter_config.json").write_text(_deep()), "adapter_config.json"),
-    "float8": (lambda w: edit_tensors(w["adapter"] / ST, lambda t: t.update(
-        {Q + ".lora_A.weight": t[Q + ".lora_A.weight"].to(torch.float8_e4m3fn)})), "float8_e4m3fn"),
-    "in-features-0": (lambda w: edit_tensors(w["adapter"] / ST, lambda t: t.update(
-        {Q + ".lora_A.weight": torch.zeros(4, 0)})), "empty factors"),
-    "global-flag-in-key": (lambda w: edit_json(w["adapter"] / "adapter_config.json",
-                                               lambda c: c.update(rank_pattern={"(?i)q_proj": 4})), "(?i)q_proj"),
-    "bad-regex-target": (lambda w: edit_json(w["adapter"] / "adapter_config.json",
-                                             lambda c: c.update(target_modules="(q_proj")), "(q_proj"),
-    "long-pattern": (lambda w: edit_json(w["adapter"] / "adapter_config.json",
-                                         lambda c: c.update(rank_pattern={"a" * 5000: 4})), "5000 characters"),
+    "deep-config": (_write("adapter_config.json", _deep()), "adapter_config.json"),
+    "float8": (tensors(lambda t: t.update({Q + ".lora_A.weight": t[Q + ".lora_A.weight"].to(torch.float8_e4m3fn)})),
+               "float8_e4m3fn"),
+    "in-features-0": (tensors(lambda t: t.update({Q + ".lora_A.weight": torch.zeros(4, 0)})), "empty factors"),
+    "global-flag-in-key": (config(lambda c: c.update(rank_pattern={"(?i)q_proj": 4})), "(?i)q_proj"),
+    "bad-regex-target": (config(lambda c: c.update(target_modules="(q_proj")), "(q_proj"),
+    "long-pattern": (config(lambda c: c.update(rank_pattern={"a" * 5000: 4})), "5000 characters"),
 }
 
 
 @pytest.mark.parametrize("case", list(ADAPTER_CASES))
 @pytest.mark.parametrize("command", ["inspect", "merge", "gguf-lora"])
 def test_hostile_adapter_is_one_clean_line(work, case, command):
-    mutate, culprit = ADAPTER_CASES[case]
-    mutate(work)
-    clean_failure(work, COMMANDS[command](work), culprit)
+    spoil, culprit = ADAPTER_CASES[case]
+    spoil(work["adapter"])
+    clean_failure(work, command, culprit)
 
 
 def test_legacy_bin_in_the_pre_zip_format_is_refused(work):
     os.remove(work["adapter"] / ST)
     torch.save({"a": torch.zeros(2)}, work["adapter"] / "adapter_model.bin", _use_new_zipfile_serialization=False)
-    clean_failure(work, COMMANDS["inspect"](work), "adapter_model.bin", "not a zip-based")
+    clean_failure(work, "inspect", "adapter_model.bin", "not a zip-based")
 
 
 def test_legacy_bin_in_the_zip_format_still_loads(work):
-    tensors = load_file(work["adapter"] / ST)
+    weights = load_file(work["adapter"] / ST)
     os.remove(work["adapter"] / ST)
-    torch.save(tensors, work["adapter"] / "adapter_model.bin")
-    result = CliRunner().invoke(cli, ["inspect", str(work["adapter"]), "--json"])
+    torch.save(weights, work["adapter"] / "adapter_model.bin")
+    result = run("inspect", work["adapter"], "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["num_modules"] == 14
 
@@ -406,14 +342,14 @@ def test_legacy_bin_in_the_zip_format_still_loads(work):
 def test_push_of_adapter_with_list_peft_type_is_one_line(pristine, tmp_path):
     adapter = shutil.copytree(pristine["adapter"], tmp_path / "a")
     edit_json(adapter / "adapter_config.json", lambda c: c.update(peft_type=["BORA"]))
-    result = CliRunner().invoke(cli, ["push", str(adapter), "me/x", "--token", TOKEN])
+    result = run("push", adapter, "me/x", "--token", TOKEN)
     assert result.exit_code == 1 and result.stderr.count("Error:") == 1 and "peft_type" in result.stderr
 
 
 def test_push_of_model_with_int_architectures_is_one_line(pristine, tmp_path):
     base = shutil.copytree(pristine["base"], tmp_path / "b")
     edit_json(base / "config.json", lambda c: c.update(architectures=7))
-    result = CliRunner().invoke(cli, ["push", str(base), "me/x", "--token", TOKEN])
+    result = run("push", base, "me/x", "--token", TOKEN)
     assert result.exit_code == 1 and result.stderr.count("Error:") == 1 and "architectures" in result.stderr
 
 
@@ -422,7 +358,7 @@ def test_a_valid_240_character_output_name_works(work, command):
     argv = COMMANDS[command](work)
     name = "m" * 235 + (".gguf" if command.startswith("gguf") else "")
     argv[argv.index("--out") + 1] = work["outdir"] / name
-    result = CliRunner().invoke(cli, [str(a) for a in argv] + ["--quiet"])
+    result = run(*argv, "--quiet")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in work["outdir"].iterdir()) == [name]
 
@@ -438,7 +374,7 @@ def test_read_only_file_system_reports_the_real_error(work, monkeypatch):
 
     monkeypatch.setattr(atomic.os, "replace", erofs)
     monkeypatch.setattr(pathlib.Path, "unlink", erofs)  # the cleanup fails too, as it does on a read-only mount
-    result = CliRunner().invoke(cli, [str(a) for a in COMMANDS["gguf-full"](work)])
+    result = run(*COMMANDS["gguf-full"](work))
     assert result.exit_code == 1 and result.stderr.count("Error:") == 1, result.output
     assert "read-only file system" in result.stderr and "Traceback" not in result.output
     assert not (work["outdir"] / "base.gguf").exists()
@@ -451,6 +387,7 @@ def _fsize_limit():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses rlimits")
+@pytest.mark.slow
 def test_demo_on_a_full_disk_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bora_tools.cli", "demo", "--workdir", str(tmp_path / "d"),
                            "--steps", "1", "--quiet"], capture_output=True, text=True, preexec_fn=_fsize_limit,
@@ -500,6 +437,7 @@ def leftovers(directory):
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
 @pytest.mark.parametrize("command", ["merge", "gguf-full"])
+@pytest.mark.slow
 def test_signal_before_the_rename_removes_the_temporary(work, sig, code, word, command):
     proc = _held("before", COMMANDS[command](work))
     proc.send_signal(sig)
@@ -510,6 +448,7 @@ def test_signal_before_the_rename_removes_the_temporary(work, sig, code, word, c
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_signal_after_the_rename_says_the_output_is_complete(work, sig, code):
     proc = _held("after", COMMANDS["merge"](work))
     proc.send_signal(sig)
@@ -520,6 +459,7 @@ def test_signal_after_the_rename_says_the_output_is_complete(work, sig, code):
     assert (work["outdir"] / "merged" / "config.json").is_file() and not leftovers(work["outdir"])
 
 
+@pytest.mark.slow
 def test_interrupt_during_an_overwrite_leaves_no_temporary(work):
     out = work["outdir"] / "merged"
     out.mkdir()
@@ -532,6 +472,7 @@ def test_interrupt_during_an_overwrite_leaves_no_temporary(work):
     assert not leftovers(work["outdir"])
 
 
+@pytest.mark.slow
 def test_interrupt_during_shutdown_prints_no_traceback(work):
     script = textwrap.dedent("""
         import atexit, sys, time
@@ -551,13 +492,10 @@ def test_interrupt_during_shutdown_prints_no_traceback(work):
 
 
 @pytest.fixture(scope="module")
-def float64_case(tmp_path_factory):
-    root = tmp_path_factory.mktemp("f64")
-    model = build_model("llama", dtype=torch.float64)
-    base = save_model_dir(model, root / "base")
-    add_bora(model, BoraConfig(r=4, bora_blocks=2, target_modules=["q_proj"]))
-    randomize_bora(model)
-    return base, save_bora(model, root / "adapter")
+def float64_case(tiny):
+    adapter = tiny.adapter("llama", model_kwargs={"dtype": torch.float64}, r=4, bora_blocks=2,
+                           target_modules=["q_proj"])
+    return tiny.base("llama", dtype=torch.float64), adapter.path
 
 
 def test_float64_base_stays_float64(float64_case, tmp_path):
@@ -569,8 +507,7 @@ def test_float64_base_stays_float64(float64_case, tmp_path):
     w = load_file(base / "model.safetensors")
     for scale in ("0", "1"):
         out = tmp_path / f"m{scale}"
-        result = CliRunner().invoke(cli, ["merge", str(adapter), "--base", str(base), "--out", str(out), "--quiet",
-                                          "--scale", scale])
+        result = run("merge", adapter, "--base", base, "--out", out, "--quiet", "--scale", scale)
         assert result.exit_code == 0, result.output
         merged = load_file(out / "model.safetensors")
         assert all(t.dtype == torch.float64 for t in merged.values())

@@ -88,6 +88,7 @@ def wide_adapter(path, *, b, r):
 
 @pytest.mark.parametrize("b, r", [(8, 512), (16, 1024)])
 @pytest.mark.parametrize("command", ["inspect", "to-lora-full", "to-lora-8", "gguf-lora"])
+@pytest.mark.slow
 def test_ranks_above_min_m_n_cost_what_dw_costs(tmp_path, base, b, r, command):
     adapter = wide_adapter(tmp_path / "a", b=b, r=r)
     args = {"inspect": ["inspect", adapter, "--json"],
@@ -114,6 +115,7 @@ def test_dense_route_gives_the_factored_spectrum():
 
 
 @pytest.mark.parametrize("vocab_size", [50_000_000, 2**40])
+@pytest.mark.slow
 def test_vocab_size_checked_before_padding(tmp_path, base, vocab_size):
     (tmp_path / "b").mkdir()
     for p in base.iterdir():
@@ -142,6 +144,7 @@ def _legacy_bomb(path, inflated):
     honest.unlink()
 
 
+@pytest.mark.slow
 def test_legacy_bin_bomb_refused_before_inflating(tmp_path):
     adapter = tmp_path / "a"
     adapter.mkdir()
@@ -159,6 +162,7 @@ def test_legacy_bin_bomb_refused_before_inflating(tmp_path):
     ("(.*){1,32}[0-9]", 1),  # backtracks exponentially in re and in regex: stopped by the time bound
     ("([a-z_.0-9]+)+Z", 0),  # hangs re; the regex engine sees at once that no Z occurs (PEFT's answer: no match)
 ])
+@pytest.mark.slow
 def test_catastrophic_backtracking_pattern_is_bounded(tmp_path, key, evil, code):
     adapter = wide_adapter(tmp_path / "a", b=2, r=4)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -179,6 +183,7 @@ def _many_keys(path, count):
 
 
 @pytest.mark.parametrize("count", [200_000, 20_000])
+@pytest.mark.slow
 def test_many_keys_give_one_short_line_in_bounded_memory(tmp_path, count):
     adapter = tmp_path / "a"
     adapter.mkdir()

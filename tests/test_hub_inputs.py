@@ -17,10 +17,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_support import run
 from hub_server import FakeHub
 
-from bora_tools.cli import cli
 from bora_tools.core.config import BoraConfig
 from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
 from bora_tools.errors import HubError
@@ -179,6 +178,7 @@ def test_unreachable_endpoint_is_one_line(tmp_path):
 
 
 # ----- the CLI: outputs from Hub ids are the outputs from local copies -----------------------------
+@pytest.mark.slow
 def test_commands_from_hub_ids_match_local_copies(hub, local, tmp_path):
     a, b = local["adapter"], local["base"]
     hub_out, loc = tmp_path / "hub", tmp_path / "local"
@@ -197,8 +197,7 @@ def test_commands_from_hub_ids_match_local_copies(hub, local, tmp_path):
     for name, result in zip(commands, results, strict=True):
         assert result["code"] == 0, (name, result)
         assert "from the Hub" in result["stderr"], (name, result["stderr"])
-    runner = CliRunner()
-    local_results = [runner.invoke(cli, [str(x) for x in c[1]]) for c in commands.values()]
+    local_results = [run(*c[1]) for c in commands.values()]
     assert all(r.exit_code == 0 for r in local_results), [r.output for r in local_results]
     inspected_hub, inspected_local = json.loads(results[0]["stdout"]), json.loads(local_results[0].stdout)
     assert inspected_hub.pop("path") != inspected_local.pop("path")
@@ -214,6 +213,7 @@ def test_commands_from_hub_ids_match_local_copies(hub, local, tmp_path):
     assert not any(f.endswith((".bin", ".gguf")) for f in hub.downloaded())
 
 
+@pytest.mark.slow
 def test_cli_offline_and_errors(hub, local, tmp_path):
     home = tmp_path / "home"
     first = cli_batch(hub, home, [["inspect", "org/bora", "--json"]])

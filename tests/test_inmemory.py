@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_support import run
 from torch import nn
 
-from bora_tools.cli import cli
 from bora_tools.core.config import BoraConfig
 from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
 from bora_tools.errors import ConfigError, UnsupportedError
@@ -56,8 +55,7 @@ def test_merge_bora_gives_the_weights_and_logits_of_the_cli_merge(tmp_path, arch
     model = randomize_bora(add_bora(model, config(arch)), seed=3).eval()
     bora = logits(model)
     save_bora(model, tmp_path / "adapter")
-    result = CliRunner().invoke(cli, ["merge", str(tmp_path / "adapter"), "--base", str(base_dir),
-                                      "--out", str(tmp_path / "merged"), "--quiet"])
+    result = run("merge", tmp_path / "adapter", "--base", base_dir, "--out", tmp_path / "merged", "--quiet")
     assert result.exit_code == 0, result.output
     cli_merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=dtype).eval()
 

@@ -72,6 +72,7 @@ def test_exact_lora_factors_reproduce_delta(f):
 
 @settings(max_examples=80, deadline=None)
 @given(bora_factors())
+@pytest.mark.slow
 def test_factored_svd_matches_dense_svd(f):
     A, B, sigma, s = f
     ref = naive_delta(A, B, sigma, s)

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_support import run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bora_tools.cli import cli
 from bora_tools.core import row_merge
 from bora_tools.core.adapter import PREFIX, load_adapter
 from bora_tools.core.config import BoraConfig
@@ -86,6 +85,7 @@ def _shift_saved_lm_head(model):
         model.lm_head.module.weight.add_(0.05)
 
 
+@pytest.mark.slow
 def test_modules_to_save_replace_the_base_tensor(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -118,7 +118,7 @@ def test_stale_weight_files_stay_out_of_the_merged_model(tiny, tmp_path, fresh_c
     stale = ["consolidated.safetensors", "model.safetensors", "pytorch_model.bin", "original.pth", "model-q8.gguf"]
     for name in stale:
         (base / name).write_bytes(b"stale weights")
-    result = _run(adapter, "--base", base, "--out", tmp_path / "out")
+    result = run("merge", adapter, "--base", base, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 1 and all(name in warnings[0] for name in stale)
@@ -180,6 +180,7 @@ def test_scale_zero_reproduces_the_base_files_byte_for_byte(tiny, tmp_path):
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+@pytest.mark.slow
 def test_dtype_bfloat16_casts_a_float32_base(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -361,10 +362,6 @@ def test_writer_closes_its_file_when_the_header_cannot_be_written():
 # -- the command line and every refusal -----------------------------------
 
 
-def _run(*args) -> object:
-    return CliRunner().invoke(cli, ["merge", *map(str, args)])
-
-
 @pytest.fixture(scope="module")
 def llama(tiny) -> dict:
     return _make(tiny, "llama")
@@ -372,12 +369,12 @@ def llama(tiny) -> dict:
 
 def test_cli_merges_and_reports_json(llama, tmp_path):
     out = tmp_path / "merged"
-    result = _run(llama["adapter"], "--base", llama["base"], "--out", out, "--json", "--device", "cpu")
+    result = run("merge", llama["adapter"], "--base", llama["base"], "--out", out, "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["merged"] == 14 and summary["copied"] == 7 and summary["device"] == "cpu"
     assert ModelDir.open(out).entries.keys() == ModelDir.open(llama["base"]).entries.keys()
-    again = _run(llama["adapter"], "--base", llama["base"], "--out", out, "--overwrite", "--scale", "0")
+    again = run("merge", llama["adapter"], "--base", llama["base"], "--out", out, "--overwrite", "--scale", "0")
     assert again.exit_code == 0, again.output
     assert (out / "model-00002-of-00012.safetensors").read_bytes() == (
         llama["base"] / "model-00002-of-00012.safetensors"
@@ -399,14 +396,14 @@ def test_refuses_existing_output(llama, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = _run(llama["adapter"], "--base", llama["base"], "--out", out)
+    result = run("merge", llama["adapter"], "--base", llama["base"], "--out", out)
     assert result.exit_code == 1 and "already exists" in result.stderr and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_refuses_an_output_that_holds_an_input(llama):
     parent = llama["base"].parent
-    result = _run(llama["adapter"], "--base", llama["base"], "--out", parent, "--overwrite")
+    result = run("merge", llama["adapter"], "--base", llama["base"], "--out", parent, "--overwrite")
     assert result.exit_code == 1 and "the input" in result.stderr.splitlines()[-1]
     assert ModelDir.open(llama["base"]) and load_adapter(llama["adapter"])
 
@@ -417,7 +414,7 @@ def test_refuses_an_output_inside_an_input(llama, where):
     before = sorted(p.name for p in llama[where].iterdir())
     _expect_refusal(
         inside,
-        _run(llama["adapter"], "--base", llama["base"], "--out", inside),
+        run("merge", llama["adapter"], "--base", llama["base"], "--out", inside),
         "lies inside the input",
         str(llama[where]),
     )
@@ -439,7 +436,7 @@ def test_refuses_float16_overflow_in_an_untouched_tensor(tiny, tmp_path, fresh_c
     _poke(base, "model.layers.1.mlp.up_proj.weight", 1e6)  # fine in float32, not in float16
     _expect_refusal(
         tmp_path / "out",
-        _run(adapter, "--base", base, "--out", tmp_path / "out", "--dtype", "float16"),
+        run("merge", adapter, "--base", base, "--out", tmp_path / "out", "--dtype", "float16"),
         "model.layers.1.mlp.up_proj.weight",
         "overflows float16",
     )
@@ -451,12 +448,13 @@ def _overflow_saved_lm_head(model):
         model.lm_head.module.weight[3, 5] = 1e6
 
 
+@pytest.mark.slow
 def test_refuses_float16_overflow_in_a_modules_to_save_tensor(tiny, tmp_path):
     case = _make(tiny, "llama", target_modules=["v_proj"], modules_to_save=["lm_head"], edit=_overflow_saved_lm_head)
     adapter = case["adapter"]
     _expect_refusal(
         tmp_path / "out",
-        _run(adapter, "--base", case["base"], "--out", tmp_path / "out", "--dtype", "float16"),
+        run("merge", adapter, "--base", case["base"], "--out", tmp_path / "out", "--dtype", "float16"),
         "lm_head.weight",
         "overflows float16",
     )
@@ -466,7 +464,7 @@ def test_refuses_module_absent_from_base(llama, tiny, tmp_path):
     adapter = _adapter(tiny, "llama", model_kw={"layers": 3}).path  # layer 2 does not exist in the 2-layer base
     _expect_refusal(
         tmp_path / "out",
-        _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+        run("merge", adapter, "--base", llama["base"], "--out", tmp_path / "out"),
         "model.layers.2.self_attn.q_proj",
         "no tensor",
     )
@@ -476,7 +474,7 @@ def test_refuses_mismatched_shapes(llama, tiny, tmp_path):
     adapter = _adapter(tiny, "llama", model_kw={"intermediate": 96}).path
     _expect_refusal(
         tmp_path / "out",
-        _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+        run("merge", adapter, "--base", llama["base"], "--out", tmp_path / "out"),
         "gate_proj",
         "(96, 64)",
         "(128, 64)",
@@ -504,7 +502,7 @@ def test_refuses_blocks_that_do_not_divide(llama, tmp_path):
     )
     _expect_refusal(
         tmp_path / "out",
-        _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+        run("merge", adapter, "--base", llama["base"], "--out", tmp_path / "out"),
         "q_proj",
         "not divisible by bora_blocks b=3",
     )
@@ -525,7 +523,7 @@ def test_refuses_non_finite_values(llama, tmp_path):
     )
     _expect_refusal(
         tmp_path / "out",
-        _run(adapter, "--base", llama["base"], "--out", tmp_path / "out"),
+        run("merge", adapter, "--base", llama["base"], "--out", tmp_path / "out"),
         key + ".lora_B.weight",
         "non-finite",
     )
@@ -536,16 +534,15 @@ def test_refuses_shard_names_outside_the_base(llama, tmp_path, fresh_copy):
     index = json.loads((base / INDEX_FILE).read_text())
     index["weight_map"]["lm_head.weight"] = "../evil.safetensors"
     (base / INDEX_FILE).write_text(json.dumps(index))
-    _expect_refusal(
-        tmp_path / "out", _run(llama["adapter"], "--base", base, "--out", tmp_path / "out"), "../evil.safetensors"
-    )
+    result = run("merge", llama["adapter"], "--base", base, "--out", tmp_path / "out")
+    _expect_refusal(tmp_path / "out", result, "../evil.safetensors")
 
 
 def test_refuses_tied_lm_head(tiny, tmp_path):
     case = _make(tiny, "qwen2", target_modules=["q_proj", "lm_head"])
     adapter = case["adapter"]
     _expect_refusal(
-        tmp_path / "out", _run(adapter, "--base", case["base"], "--out", tmp_path / "out"), "lm_head", "tie"
+        tmp_path / "out", run("merge", adapter, "--base", case["base"], "--out", tmp_path / "out"), "lm_head", "tie"
     )
 
 
@@ -554,7 +551,7 @@ def test_refuses_float16_overflow(tiny, tmp_path):
     adapter = case["adapter"]
     _expect_refusal(
         tmp_path / "out",
-        _run(adapter, "--base", case["base"], "--out", tmp_path / "out", "--scale", "1e9"),
+        run("merge", adapter, "--base", case["base"], "--out", tmp_path / "out", "--scale", "1e9"),
         "v_proj",
         "overflows float16",
     )
@@ -563,7 +560,7 @@ def test_refuses_float16_overflow(tiny, tmp_path):
 def test_refuses_non_finite_scale(llama, tmp_path):
     _expect_refusal(
         tmp_path / "out",
-        _run(llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out", "--scale", "nan"),
+        run("merge", llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out", "--scale", "nan"),
         "--scale",
     )
 
@@ -572,7 +569,7 @@ def test_refuses_non_finite_scale(llama, tmp_path):
 def test_refuses_cuda_without_a_gpu(llama, tmp_path):
     _expect_refusal(
         tmp_path / "out",
-        _run(llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out", "--device", "cuda"),
+        run("merge", llama["adapter"], "--base", llama["base"], "--out", tmp_path / "out", "--device", "cuda"),
         "--device cuda",
         "no CUDA device",
     )

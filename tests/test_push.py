@@ -163,6 +163,7 @@ def warnings_seen():
 
 
 # ----- uploads -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_files_arrive_byte_identical_small_as_regular_and_large_through_lfs(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "adapter", big=True)
     (src / "notes").mkdir()
@@ -183,6 +184,7 @@ def test_files_arrive_byte_identical_small_as_regular_and_large_through_lfs(tmp_
     assert WRITE not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_second_push_of_unchanged_files_uploads_nothing_and_commits_nothing(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "adapter", big=True)
     assert run(str(src), "me/bora", "--token", WRITE).returncode == 0
@@ -196,6 +198,7 @@ def test_second_push_of_unchanged_files_uploads_nothing_and_commits_nothing(tmp_
     assert quiet.returncode == 0 and quiet.stderr == ""  # no progress bars, no warnings
 
 
+@pytest.mark.slow
 def test_rerun_after_an_interrupted_push_sends_only_what_is_missing(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "adapter", big=True)
     hub.fail_next("commit", 500)  # the large file is stored, then the commit fails
@@ -210,6 +213,7 @@ def test_rerun_after_an_interrupted_push_sends_only_what_is_missing(tmp_path, hu
 
 
 @pytest.mark.parametrize("private", [True, False])
+@pytest.mark.slow
 def test_private_flag_is_honoured_on_creation(tmp_path, hub, run, private):
     src = bora_adapter(tmp_path / "adapter")
     flags = ["--private"] if private else []
@@ -217,6 +221,7 @@ def test_private_flag_is_honoured_on_creation(tmp_path, hub, run, private):
     assert hub.repos["me/bora"].private is private
 
 
+@pytest.mark.slow
 def test_private_flag_on_an_existing_public_repo_warns(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "adapter")
     assert run(str(src), "me/bora", "--token", WRITE).returncode == 0
@@ -225,6 +230,7 @@ def test_private_flag_on_an_existing_public_repo_warns(tmp_path, hub, run):
     assert "already exists and is public" in result.stderr
 
 
+@pytest.mark.slow
 def test_revision_creates_the_branch_and_leaves_main_alone(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "adapter")
     result = run(str(src), "me/bora", "--token", WRITE, "--revision", "v1-exact", "--json")
@@ -236,6 +242,7 @@ def test_revision_creates_the_branch_and_leaves_main_alone(tmp_path, hub, run):
     assert run(str(src), "me/bora", "--token", WRITE, "--revision", "v1-exact").returncode == 0  # branch exists
 
 
+@pytest.mark.slow
 def test_create_pr_opens_a_pull_request_against_the_revision(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "adapter")
     assert run(str(src), "me/bora", "--token", WRITE, "--revision", "dev").returncode == 0
@@ -251,6 +258,7 @@ def test_create_pr_opens_a_pull_request_against_the_revision(tmp_path, hub, run)
     assert hub.repos["me/bora"].commits[hub.head("me/bora", "refs/pr/1")].message == "Add extra"
 
 
+@pytest.mark.slow
 def test_create_pr_against_a_missing_branch_is_one_line(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "adapter")
     line = assert_clean_failure(run(str(src), "me/bora", "--token", WRITE, "--revision", "nope", "--create-pr"),
@@ -258,6 +266,7 @@ def test_create_pr_against_a_missing_branch_is_one_line(tmp_path, hub, run):
     assert "revision 'nope' not found" in line
 
 
+@pytest.mark.slow
 def test_include_and_exclude_patterns_are_repeatable_and_exclude_readme_skips_the_card(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "adapter")
     (src / "logs").mkdir()
@@ -273,6 +282,7 @@ def test_include_and_exclude_patterns_are_repeatable_and_exclude_readme_skips_th
     assert set(hub.files("me/bora2")) == {".gitattributes", "adapter_config.json", "README.md"}
 
 
+@pytest.mark.slow
 def test_a_readme_in_path_is_uploaded_as_is(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "adapter", base="/local/base")
     readme = "---\nlicense: mit\n---\n# My own card\n"
@@ -283,6 +293,7 @@ def test_a_readme_in_path_is_uploaded_as_is(tmp_path, hub, run):
     assert hub.file("me/bora", "README.md").decode() == readme
 
 
+@pytest.mark.slow
 def test_a_readme_the_hub_refuses_is_one_line_and_nothing_is_uploaded(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "adapter")
     (src / "README.md").write_text("---\nbase_model: org/base\nbase_model_relation: cousin\n---\n# card\n")
@@ -291,6 +302,7 @@ def test_a_readme_the_hub_refuses_is_one_line_and_nothing_is_uploaded(tmp_path, 
     assert not hub.calls("preupload") and not hub.calls("commit")
 
 
+@pytest.mark.slow
 def test_a_single_gguf_file_uploads_with_its_card(tmp_path, hub, run):
     path = gguf_file(tmp_path / "out" / "tiny-f32.gguf", kind="model")
     result = run(str(path), "me/tiny-gguf", "--token", WRITE, "--json")
@@ -308,6 +320,7 @@ def test_a_single_gguf_file_uploads_with_its_card(tmp_path, hub, run):
     (WRITE, "hf_other_env_token", None, WRITE),  # --token first
     (None, WRITE, "hf_other_saved_token", WRITE),  # then HF_TOKEN, then the saved login
 ], ids=["flag", "env", "saved-login", "flag-over-env", "env-over-saved-login"])
+@pytest.mark.slow
 def test_token_sources_in_huggingface_hub_order_and_never_printed(tmp_path, hub, run, flag, env_token, saved,
                                                                    expected):
     src = bora_adapter(tmp_path / "adapter")
@@ -321,12 +334,14 @@ def test_token_sources_in_huggingface_hub_order_and_never_printed(tmp_path, hub,
         assert secret not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_missing_token_is_one_line_with_what_to_do(tmp_path, hub, run):
     line = assert_clean_failure(run(str(bora_adapter(tmp_path / "a")), "me/bora"))
     assert "no Hugging Face token found" in line and "HF_TOKEN" in line and "hf auth login" in line
     assert hub.calls("create_repo")[0]["authorization"] is None
 
 
+@pytest.mark.slow
 def test_rejected_token_401_is_one_line_and_never_shows_the_token(tmp_path, hub, run):
     bad = "hf_NotAValidTokenXYZ123456789"
     line = assert_clean_failure(run(str(bora_adapter(tmp_path / "a")), "me/bora", "--token", bad), bad)
@@ -334,6 +349,7 @@ def test_rejected_token_401_is_one_line_and_never_shows_the_token(tmp_path, hub,
     assert hub.calls("create_repo")[0]["authorization"] == f"Bearer {bad}"
 
 
+@pytest.mark.slow
 def test_read_only_token_403_is_one_line(tmp_path, hub, run):
     src = bora_adapter(tmp_path / "a")
     assert run(str(src), "me/bora", "--token", WRITE).returncode == 0
@@ -345,6 +361,7 @@ def test_read_only_token_403_is_one_line(tmp_path, hub, run):
     assert "me/elsewhere" not in hub.repos
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint_is_one_line_and_fast(tmp_path, run):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -425,6 +442,7 @@ def test_a_local_base_model_is_left_out_with_a_warning(tmp_path, warnings_seen, 
     assert any("not a Hub model id" in r.getMessage() and "`base_model`" in r.getMessage() for r in warnings_seen)
 
 
+@pytest.mark.slow
 def test_base_model_option_fills_the_card_for_a_merged_model(tmp_path, hub, run):
     src = merged_model(tmp_path / "merged", name_or_path=str(tmp_path / "base"))
     result = run(str(src), "me/merged", "--token", WRITE, "--base-model", "org/tiny-llama")

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_support import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
-from bora_tools.cli import cli
 from bora_tools.conversion import pattern_keys, to_lora
 from bora_tools.core.adapter import PREFIX, WEIGHTS_NAME, load_adapter
 from bora_tools.core.config import BoraConfig
@@ -108,6 +107,7 @@ def _no_leftovers(path: Path) -> bool:
 
 # -- the exact form -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_exact_form_in_peft_gives_the_bora_logits(case, tmp_path):
     out = tmp_path / "lora"
     report = to_lora(case["path"], out, rank="full").to_dict()
@@ -205,6 +205,7 @@ def test_rank_above_the_update_rank_is_capped_and_lossless(llama, tmp_path, capl
 
 
 @pytest.mark.parametrize("fraction", [0.6, 0.9, 0.99])
+@pytest.mark.slow
 def test_energy_rank_is_minimal_against_a_dense_svd_and_loads_in_peft(qwen2, tmp_path, fraction):
     out = tmp_path / "lora"
     report = to_lora(qwen2["path"], out, energy=fraction).to_dict()
@@ -343,10 +344,7 @@ def test_one_zero_module_among_others(tiny, tmp_path, fresh_copy):
 
 def test_cli_json_report_file_and_table(llama, tmp_path):
     out, rep = tmp_path / "lora", tmp_path / "report.json"
-    res = CliRunner().invoke(
-        cli,
-        ["to-lora", str(llama["path"]), "--out", str(out), "--rank", "3", "--report", str(rep), "--json", "--quiet"],
-    )
+    res = run("to-lora", llama["path"], "--out", out, "--rank", "3", "--report", rep, "--json", "--quiet")
     assert res.exit_code == 0, res.output
     printed, written = json.loads(res.stdout), json.loads(rep.read_text())
     assert printed == written
@@ -355,27 +353,15 @@ def test_cli_json_report_file_and_table(llama, tmp_path):
     assert written["totals"]["parameters_after"] == sum(3 * sum(m.shape) for m in mods.values())
     assert written["totals"]["max_rel_error"] == max(m["rel_error"] for m in written["modules"])
     assert all(0 < m["energy"] < 1 for m in written["modules"])
-    table = CliRunner().invoke(cli, ["to-lora", str(llama["path"]), "--out", str(out), "--rank", "3", "--overwrite"])
+    table = run("to-lora", llama["path"], "--out", out, "--rank", "3", "--overwrite")
     assert table.exit_code == 0 and all(name in table.stdout for name in mods)
     assert "relative Frobenius error: worst" in table.stdout
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(qwen2, tmp_path):
     png = tmp_path / "spectra.png"
-    res = CliRunner().invoke(
-        cli,
-        [
-            "to-lora",
-            str(qwen2["path"]),
-            "--out",
-            str(tmp_path / "lora"),
-            "--energy",
-            "0.9",
-            "--plot",
-            str(png),
-            "--quiet",
-        ],
-    )
+    res = run("to-lora", qwen2["path"], "--out", tmp_path / "lora", "--energy", "0.9", "--plot", png, "--quiet")
     assert res.exit_code == 0, res.output
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
@@ -384,9 +370,7 @@ def test_plot_writes_a_png(qwen2, tmp_path):
 def test_plot_without_matplotlib_is_one_clear_error_before_any_work(llama, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     out = tmp_path / "lora"
-    res = CliRunner().invoke(
-        cli, ["to-lora", str(llama["path"]), "--out", str(out), "--rank", "2", "--plot", str(tmp_path / "p.png")]
-    )
+    res = run("to-lora", llama["path"], "--out", out, "--rank", "2", "--plot", tmp_path / "p.png")
     assert res.exit_code == 1
     assert (
         res.stderr.strip() == "Error: --plot needs matplotlib, which is not installed (pip install 'bora-tools[plot]')"
@@ -410,7 +394,7 @@ def test_plot_without_matplotlib_is_one_clear_error_before_any_work(llama, tmp_p
 )
 def test_usage_errors_exit_2_and_write_nothing(llama, tmp_path, args):
     out = tmp_path / "lora"
-    res = CliRunner().invoke(cli, ["to-lora", str(llama["path"]), "--out", str(out), *args])
+    res = run("to-lora", llama["path"], "--out", out, *args)
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output and _no_leftovers(out)
 
@@ -428,10 +412,6 @@ def test_usage_errors_exit_2_and_write_nothing(llama, tmp_path, args):
 def test_library_refuses_bad_policies(kwargs, message):
     with pytest.raises(ValidationError, match=re.escape(message)):
         RankPolicy.parse(**kwargs)
-
-
-def _run(args: list[str]):
-    return CliRunner().invoke(cli, ["to-lora", *args])
 
 
 def test_refusals_are_one_line_and_leave_nothing(llama, tmp_path):
@@ -457,7 +437,7 @@ def test_refusals_are_one_line_and_leave_nothing(llama, tmp_path):
     if not torch.cuda.is_available():
         cases.append(([str(llama["path"]), "--out", str(out), "--rank", "2", "--device", "cuda"], "no CUDA device"))
     for args, message in cases:
-        res = _run(args)
+        res = run("to-lora", *args)
         assert res.exit_code == 1, (args, res.output)
         err = res.stderr.strip()
         assert err.startswith("Error: ") and "\n" not in err and message in err, err
@@ -471,7 +451,7 @@ def test_non_finite_adapter_is_refused_naming_the_key(tiny, tmp_path, fresh_copy
     key = f"{PREFIX}transformer.h.0.mlp.c_fc.bora_sigma"
     tensors[key][0, 0, 0] = float("nan")
     save_file(tensors, path / WEIGHTS_NAME)
-    res = _run([str(path), "--out", str(tmp_path / "lora"), "--rank", "2"])
+    res = run("to-lora", path, "--out", tmp_path / "lora", "--rank", "2")
     assert res.exit_code == 1 and key in res.stderr and "non-finite" in res.stderr
     assert _no_leftovers(tmp_path / "lora")
 
@@ -501,7 +481,7 @@ def test_adapter_with_only_modules_to_save_is_refused_cleanly(tmp_path):
 
     cfg = BoraConfig(r=2, bora_blocks=1, modules_to_save=["lm_head"])
     src = save_adapter(BoraAdapter(cfg, {}, saved={"lm_head.weight": torch.randn(4, 4)}), tmp_path / "a")
-    result = CliRunner().invoke(cli, ["to-lora", str(src), "--out", str(tmp_path / "out"), "--rank", "full"])
+    result = run("to-lora", src, "--out", tmp_path / "out", "--rank", "full")
     assert result.exit_code == 1 and result.stderr.startswith("Error: ") and "no adapted module" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
@@ -511,7 +491,7 @@ def test_output_inside_the_input_is_refused(tmp_path):
 
     mod = BoraModule("q", torch.randn(2, 4), torch.randn(4, 2), torch.ones(1, 1, 2), 1.0)
     src = save_adapter(BoraAdapter(BoraConfig(r=2, bora_blocks=1), {"q": mod}), tmp_path / "a")
-    result = CliRunner().invoke(cli, ["to-lora", str(src), "--out", str(src / "lora"), "--rank", "full"])
+    result = run("to-lora", src, "--out", src / "lora", "--rank", "full")
     assert result.exit_code == 1 and "lies inside the input" in result.stderr and not (src / "lora").exists()
 
 
@@ -520,9 +500,7 @@ def test_float16_overflow_names_the_tensor(tmp_path):
 
     mod = BoraModule("q", torch.full((2, 4), 1e5), torch.full((4, 2), 1e5), torch.ones(1, 1, 2), 1.0)
     src = save_adapter(BoraAdapter(BoraConfig(r=2, bora_blocks=1), {"q": mod}), tmp_path / "a")
-    result = CliRunner().invoke(
-        cli, ["to-lora", str(src), "--out", str(tmp_path / "o"), "--rank", "1", "--dtype", "float16"]
-    )
+    result = run("to-lora", src, "--out", tmp_path / "o", "--rank", "1", "--dtype", "float16")
     assert (
         result.exit_code == 1 and "overflows float16" in result.stderr and "base_model.model.q.lora_" in result.stderr
     )

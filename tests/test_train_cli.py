@@ -6,9 +6,8 @@ import re
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_support import run
 
-from bora_tools.cli import cli
 from bora_tools.core.adapter import load_adapter
 from bora_tools.demo.tiny import TEXT, build_model, build_tokenizer, save_model_dir
 from bora_tools.training import load_bora
@@ -40,16 +39,13 @@ def inputs(tmp_path_factory):
     return base, data
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def train_args(inputs, out, *extra):
     base, data = inputs
     return ["train", "--base", base, "--data", data, "--out", out, "-r", 4, "--blocks", 2, "--lr", 2e-2,
             "--batch-size", 4, "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_train_lowers_the_loss_and_writes_an_adapter_that_inspect_and_load_read(tmp_path, inputs):
     out = tmp_path / "adapter"
     result = run(*train_args(inputs, out, "--max-steps", 15, "--logging-steps", 1, "--json"))
@@ -101,6 +97,7 @@ def test_the_loss_is_taken_on_completions_and_assistant_turns_only():
     assert stats.dropped == [1]
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path, inputs):
     first = run(*train_args(inputs, tmp_path / "a", "--max-steps", 6, "--save-steps", 3))
     assert first.exit_code == 0, first.output

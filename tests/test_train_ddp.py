@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_support import run
 
-from bora_tools.cli import cli
 from bora_tools.core.adapter import load_adapter
 from bora_tools.demo.tiny import TEXT, build_model, save_model_dir
 
 pytest.importorskip("accelerate")
+pytestmark = pytest.mark.slow  # torchrun starts two processes
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 
@@ -68,7 +68,7 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path):
     torch.set_num_threads(1)
     try:
         for out, batch in (("one", 4), ("control", 2)):
-            result = CliRunner().invoke(cli, [*train_args(base, data, tmp_path / out, batch), "--quiet"])
+            result = run(*train_args(base, data, tmp_path / out, batch), "--quiet")
             assert result.exit_code == 0, result.output
     finally:
         torch.set_num_threads(os.cpu_count() or 1)

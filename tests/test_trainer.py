@@ -47,6 +47,7 @@ def adapter_tensors(model):
     return {k: v.clone() for k, v in bora_adapter(model).state_dict().items()}
 
 
+@pytest.mark.slow
 def test_checkpoints_are_adapters_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     model = prepared()
     trainer_for(model, tmp_path / "run").train()
@@ -93,6 +94,7 @@ def test_save_model_writes_the_adapter_and_it_loads_back(tmp_path):
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
     plain, ckpt = prepared(), prepared()
     trainer_for(plain, tmp_path / "a", max_steps=2, save_strategy="no").train()

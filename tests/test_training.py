@@ -74,6 +74,7 @@ def test_gradients_reach_a_b_and_sigma_only():
             assert not p.requires_grad and p.grad is None, name
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss():
     model = add_bora(build_model("llama"), config())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
