@@ -95,7 +95,7 @@ class _CleanErrorsGroup(click.Group):
         ctx.exit(code)
 
 
-_PARAM = re.compile(r"`([a-z_]+)`")
+_PARAM = re.compile(r"`([a-z_][a-z0-9_]*)`")
 
 
 def _with_flags(message: str, command: click.Command | None) -> str:
