@@ -240,14 +240,19 @@ class TrainableParameters(Report):
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
     """Trainable and total parameter counts (``print(trainable_parameters(model))`` prints PEFT's line).
 
-    Shared (tied) tensors count once.
+    Shared (tied) tensors count once; a 4-bit weight (bitsandbytes' ``Params4bit``, two values a byte)
+    counts its values, as PEFT counts it.
     """
     seen: dict[int, nn.Parameter] = {}
     for p in model.parameters():
         seen.setdefault(id(p), p)
+
+    def values(p: nn.Parameter) -> int:
+        return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+
     return TrainableParameters(
-        trainable=sum(p.numel() for p in seen.values() if p.requires_grad),
-        total=sum(p.numel() for p in seen.values()),
+        trainable=sum(values(p) for p in seen.values() if p.requires_grad),
+        total=sum(values(p) for p in seen.values()),
     )
 
 
