@@ -153,3 +153,16 @@ def test_fsdp_in_one_process_is_refused_in_one_line(tmp_path, inputs):
         "Error: --fsdp shards the model over several processes; this is one (launch with torchrun "
         "--nproc_per_node N (or accelerate launch), or leave out --fsdp)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_gathered_state_of_empty_tensors_is_refused_and_nothing_written(tmp_path):
+    """ZeRO-3's failure (accelerate #3508): tensors of size 0 handed to save_pretrained. Not a DeepSpeed run."""
+    from bora_tools.core.config import BoraConfig
+    from bora_tools.errors import ShapeError
+    from bora_tools.training import add_bora
+    from bora_tools.training.layers import adapter_keys
+
+    model = add_bora(build_model("llama"), BoraConfig(r=4, bora_blocks=2, target_modules=["q_proj"]))
+    with pytest.raises(ShapeError, match="expected 2-D lora_A"):
+        model.save_pretrained(tmp_path / "ckpt", state_dict={k: torch.empty(0) for k in adapter_keys(model)})
+    assert not (tmp_path / "ckpt").exists()
