@@ -10,8 +10,9 @@ backward and an AdamW step on ``--batch`` x ``--seq`` tokens, timed in wall and 
 
 ``--mode fsdp``: ``torchrun --nproc_per_node 2 -m bora_tools.cli train`` on the CPU (gloo) with and without
 ``--fsdp`` on the same model in float32 (``--layers`` decoder layers of hidden 512) and data; the time per
-step is (run of ``--steps`` + 2 steps - run of 2 steps) / ``--steps``, which leaves out loading and start-up;
-peak RSS is the largest process's. GPU figures are not measured.
+step is (run of ``--steps`` + 2 steps - run of 2 steps) / ``--steps``, in wall time and in the CPU time of both
+processes (the steadier figure on a shared machine), which leaves out loading and start-up; peak RSS is the
+largest process's. GPU figures are not measured.
 
 Usage (about 10 and 10 minutes on a shared 2-core CPU):
 
@@ -126,8 +127,9 @@ def _torchrun(base: Path, data: Path, out: Path, steps: int, fsdp: bool) -> dict
             "--device", "cpu", "--overwrite", "--quiet", *(["--fsdp"] if fsdp else [])]
     code = ("import json, resource, subprocess, sys, time\n"
             "t = time.perf_counter(); subprocess.run(sys.argv[1:], check=True, capture_output=True)\n"
-            "print(json.dumps({'seconds': time.perf_counter() - t, "
-            "'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
+            "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+            "print(json.dumps({'seconds': time.perf_counter() - t, 'cpu': u.ru_utime + u.ru_stime, "
+            "'rss': u.ru_maxrss / 1024}))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout)
@@ -147,14 +149,17 @@ def run_fsdp(args) -> None:
             short = _torchrun(base, data, work / "out", 2, mode == "fsdp")
             long = _torchrun(base, data, work / "out", 2 + args.steps, mode == "fsdp")
             results[mode].append({"step": (long["seconds"] - short["seconds"]) / args.steps,
+                                  "cpu": (long["cpu"] - short["cpu"]) / args.steps,
                                   "rss": max(short["rss"], long["rss"])})
-    ddp = statistics.median(x["step"] for x in results["ddp"])
-    print("| 2 processes (gloo, CPU) | step (wall) | vs DDP | peak RSS (largest process) |")
-    print("|---|---:|---:|---:|")
+    ddp = statistics.median(x["cpu"] for x in results["ddp"])
+    print("| 2 processes (gloo, CPU) | step (wall) | step (CPU, both processes) | CPU vs DDP | "
+          "peak RSS (largest process) |")
+    print("|---|---:|---:|---:|---:|")
     for mode, name in (("ddp", "DDP"), ("fsdp", "FSDP2 (`--fsdp`)")):
         step = statistics.median(x["step"] for x in results[mode])
+        cpu = statistics.median(x["cpu"] for x in results[mode])
         rss = statistics.median(x["rss"] for x in results[mode])
-        print(f"| {name} | {step:.2f} s | {step / ddp:.2f}x | {rss:,.0f} MiB |")
+        print(f"| {name} | {step:.2f} s | {cpu:.2f} s | {cpu / ddp:.2f}x | {rss:,.0f} MiB |")
 
 
 def _common(args) -> list[str]:

@@ -145,6 +145,28 @@ def test_fsdp_resume_ends_where_an_uninterrupted_fsdp_run_ends(tmp_path, inputs)
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
+def test_accelerate_launch_with_an_fsdp_config_trains_with_fsdp(tmp_path, inputs):
+    pytest.importorskip("yaml")
+    base, data, audit = inputs
+    config = tmp_path / "fsdp.yaml"  # what `accelerate config` writes for FSDP, on the CPU
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                      "num_processes: 2\nmixed_precision: 'no'\nuse_cpu: true\nfsdp_config:\n  fsdp_version: 2\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "bora_tools.cli",
+         *train_args(base, data, tmp_path / "two", 2, "--save-steps", 4, "--json")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["processes"] == 2
+    # The FSDP trainer's checkpoint: the optimizer state gathered by parameter name (DDP's is by index).
+    state = torch.load(tmp_path / "two-checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=True)["state"]
+    assert state and all(isinstance(k, str) and k.endswith(("lora_A", "lora_B", "bora_sigma")) for k in state)
+    one_process(*train_args(base, data, tmp_path / "one", 4))
+    assert adapter_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
+
+
 def test_fsdp_in_one_process_is_refused_in_one_line(tmp_path, inputs):
     base, data, _ = inputs
     result = run(*train_args(base, data, tmp_path / "out", 2, "--fsdp"))
