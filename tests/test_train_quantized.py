@@ -121,6 +121,18 @@ def test_the_adapter_loads_back_exactly_and_merges_into_the_full_precision_base(
     assert float((merged - full).abs().max()) > 5 * merge_difference  # the adapter is in the merged model
 
 
+def test_bora_layers_wrap_the_quantized_layers_with_float32_factors(inputs):
+    config = BoraConfig(r=4, bora_blocks=2, target_modules=TARGETS)
+    model = add_bora(quantized.load_quantized(inputs[0], load_in_4bit=True, dtype=torch.bfloat16, device=CPU), config)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer.base_layer).__name__ == "Linear4bit" and layer.base_layer.compute_dtype == torch.bfloat16
+    state = layer.base_layer.weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # NF4 with double quantization (the absmax quantized too)
+    assert {p.dtype for p in (layer.lora_A, layer.lora_B, layer.bora_sigma)} == {torch.float32}
+    model = add_bora(quantized.load_quantized(inputs[0], load_in_4bit=False, dtype=None, device=CPU), config)
+    assert type(model.model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear8bitLt"
+
+
 def test_a_saved_4bit_model_is_refused_by_merge_with_the_hint(tmp_path, inputs):
     four_bit(inputs[0]).save_pretrained(tmp_path / "base-4bit")
     model = build_model("llama")
