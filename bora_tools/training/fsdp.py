@@ -129,6 +129,10 @@ def trainer_class():
 
         _sharded = False
 
+        def _move_model_to_device(self, model, device):
+            """Nothing: ``fully_shard`` moves each layer's shard to the mesh's device as it shards it, so the whole
+            model never sits on one GPU (on the CPU the model is where it was loaded)."""
+
         def create_optimizer(self, model=None):
             if not self._sharded:  # the optimizer must hold the sharded parameters
                 shard(self.model, self.args.device.type)
