@@ -7,7 +7,6 @@ flags, help, defaults and checks are written there once; this module only maps e
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import typing
 from collections.abc import Callable
@@ -115,7 +114,6 @@ def train_cmd(base: str, data: Path, out: Path, device: str, token: str | None, 
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # when installed: a warning per import on CPU
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading bars; the loss lines are this command's progress
