@@ -80,6 +80,22 @@ def test_gradient_checkpointing_on_a_4bit_base_trains_the_same_adapter(tmp_path,
 
 
 @pytest.mark.slow
+def test_a_4bit_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path, inputs):
+    first = run(*train_args(inputs, tmp_path / "a", "--max-steps", 4, "--save-steps", 2, "--load-in-4bit"))
+    assert first.exit_code == 0, first.output
+    ckpts = tmp_path / "a-checkpoints"
+    (ckpts / "checkpoint-4").rename(tmp_path / "moved")  # as if the run had stopped after step 2
+    second = run(*train_args(inputs, tmp_path / "b", "--max-steps", 4, "--save-steps", 2, "--load-in-4bit",
+                             "--checkpoint-dir", ckpts, "--resume"))
+    assert second.exit_code == 0, second.output
+    a, b = load_adapter(tmp_path / "a").state_dict(), load_adapter(tmp_path / "b").state_dict()
+    at2 = load_adapter(ckpts / "checkpoint-2").state_dict()
+    assert max(float((a[k] - at2[k]).abs().max()) for k in a) > 1e-3  # steps 3-4 moved the adapter
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
 def test_the_adapter_loads_back_exactly_and_merges_into_the_full_precision_base(tmp_path, inputs):
     from transformers import AutoModelForCausalLM
 
