@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import nn
 
-from bora_tools.errors import UnsupportedError
+from bora_tools.errors import UnsupportedError, raise_if_problems
 
 #: what to install for ``load_in_4bit`` / ``load_in_8bit``
 INSTALL_HINT = "pip install 'bora-tools[qlora]' (bitsandbytes)"
@@ -32,8 +32,6 @@ def problems(load_in_4bit: bool, load_in_8bit: bool) -> list[str]:
 
 def check(options) -> None:
     """Raise when ``options`` quantize the base and bitsandbytes is missing, or ask for both widths."""
-    from bora_tools.errors import raise_if_problems
-
     raise_if_problems("train", problems(options.load_in_4bit, options.load_in_8bit))
     if options.load_in_4bit or options.load_in_8bit:
         require_bitsandbytes("load_in_4bit" if options.load_in_4bit else "load_in_8bit")
