@@ -129,6 +129,11 @@ BASE_CASES = {
     ),
     "config-not-json": (lambda b: (b / "config.json").write_text("nope"), "config.json"),
     "index-not-json": (lambda b: (b / INDEX_FILE).write_text("{"), INDEX_FILE),
+    "quantized": (  # a base saved by bitsandbytes (QLoRA): merge into the full-precision one instead
+        config(lambda c: c.update(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
+               "config.json"),
+        "a quantized model (bitsandbytes); an adapter merges into full-precision weights (give the full-precision base",
+    ),
 }
 
 

@@ -95,7 +95,7 @@ class _CleanErrorsGroup(click.Group):
         ctx.exit(code)
 
 
-_PARAM = re.compile(r"`([a-z_]+)`")
+_PARAM = re.compile(r"`([a-z_][a-z0-9_]*)`")
 
 
 def _with_flags(message: str, command: click.Command | None) -> str:
@@ -205,3 +205,6 @@ def install_warning_handler() -> None:
         logger.addHandler(_WarningHandler())
         logger.setLevel(logging.DEBUG)  # the handler shows debug lines only under --debug
         logger.propagate = False
+    # bitsandbytes (the qlora extra), once imported by transformers or peft, logs on some CPUs that an optional
+    # kernel could not be fetched: noise on every command's stderr. Its errors still show.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -227,6 +227,12 @@ class ModelDir:
         config = read_json(safe_member(path, "config.json"), error=ModelDirError)
         if not isinstance(config, dict):
             raise ModelDirError(f"{path / 'config.json'}: expected a JSON object")
+        quantization = config.get("quantization_config")
+        if isinstance(quantization, dict):  # packed weights (bitsandbytes, GPTQ...): not the float W that W + dW needs
+            method = quantization.get("quant_method", "quantized")
+            raise ModelDirError(f"{path}: a quantized model ({method}); an adapter merges into full-precision weights",
+                                hint="give the full-precision base the quantized one was made from (the adapter's "
+                                     "base_model_name_or_path)")
         index_path = path / INDEX_FILE
         if index_path.is_file():
             index = read_json(safe_member(path, INDEX_FILE), error=ModelDirError)

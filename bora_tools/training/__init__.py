@@ -15,7 +15,9 @@ Modules, as ``peft/tuners/lora/`` lays out a tuner: ``layers`` (BoraLinear), ``m
 (the life of an adapted model: add, load, save, merge, unload, disable, count),
 ``checkpoints`` (the hooks that make ``transformers.Trainer`` checkpoints adapter-only
 and resumable), ``data`` (JSONL datasets), ``options`` (``TrainOptions``: every
-hyperparameter of ``train``, light to import), ``sft`` (``train``, what ``bora-tools train`` runs).
+hyperparameter of ``train``, light to import), ``sft`` (``train``, what ``bora-tools train`` runs),
+``fsdp`` (``train --fsdp``: FSDP2 sharding and whole-adapter checkpoints) and ``quantized`` (4-bit and 8-bit
+bases through bitsandbytes).
 
 Names are imported on first use, so that the command line reads ``options`` without loading torch.
 """

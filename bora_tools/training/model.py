@@ -94,9 +94,12 @@ def add_bora(model: nn.Module, config: BoraConfig, *, dropout: float = 0.0) -> n
     return model
 
 
-def save_bora(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Save the model's BoRA adapter in the format of docs/format.md (atomically: ``path`` appears complete)."""
-    return save_adapter(bora_adapter(model), path, overwrite=overwrite)
+def save_bora(model: nn.Module, path: str | Path, *, overwrite: bool = False, state_dict=None) -> Path:
+    """Save the model's BoRA adapter in the format of docs/format.md (atomically: ``path`` appears complete).
+
+    ``state_dict``: the adapter's tensors gathered from shards (FSDP), read instead of the parameters.
+    """
+    return save_adapter(bora_adapter(model, state_dict=state_dict), path, overwrite=overwrite)
 
 
 def load_bora(model: nn.Module, path: str | Path, *, dropout: float = 0.0) -> nn.Module:
@@ -107,6 +110,9 @@ def load_bora(model: nn.Module, path: str | Path, *, dropout: float = 0.0) -> nn
     """
     adapter = load_adapter(path)
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    # a quantized layer (bitsandbytes' Linear4bit) stores its weight packed: its shape is the layer's
+    shapes.update({f"{n}.weight": (m.out_features, m.in_features) for n, m in linear_modules(model).items()
+                   if isinstance(m, nn.Linear)})
     check_against_base(adapter, shapes.get, source=str(path))
     add_bora(model, adapter.config, dropout=dropout)
     layers = bora_modules(model)
@@ -234,14 +240,19 @@ class TrainableParameters(Report):
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
     """Trainable and total parameter counts (``print(trainable_parameters(model))`` prints PEFT's line).
 
-    Shared (tied) tensors count once.
+    Shared (tied) tensors count once; a 4-bit weight (bitsandbytes' ``Params4bit``, two values a byte)
+    counts its values, as PEFT counts it.
     """
     seen: dict[int, nn.Parameter] = {}
     for p in model.parameters():
         seen.setdefault(id(p), p)
+
+    def values(p: nn.Parameter) -> int:
+        return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+
     return TrainableParameters(
-        trainable=sum(p.numel() for p in seen.values() if p.requires_grad),
-        total=sum(p.numel() for p in seen.values()),
+        trainable=sum(values(p) for p in seen.values() if p.requires_grad),
+        total=sum(values(p) for p in seen.values()),
     )
 
 

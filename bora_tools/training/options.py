@@ -127,6 +127,13 @@ class TrainOptions:
                              "Factors stay float32.")
     gradient_checkpointing: bool = option(False, "--gradient-checkpointing",
                                           help="Recompute activations in backward: less memory.")
+    fsdp: bool = option(False, "--fsdp", help="Shard each decoder layer over the torchrun processes with FSDP2 "
+                                              "(fully_shard); the adapter is gathered whole into checkpoints and OUT.")
+    load_in_4bit: bool = option(False, "--load-in-4bit",
+                                help="Quantize the base to 4 bits as it loads (NF4, double quantization, computing in "
+                                     "--dtype; needs bitsandbytes).")
+    load_in_8bit: bool = option(False, "--load-in-8bit",
+                                help="Quantize the base to 8 bits as it loads (LLM.int8; needs bitsandbytes).")
     save_steps: int | None = option(None, "--save-steps", check=integer(1),
                                     help="Write an adapter-only checkpoint every N steps.")
     checkpoint_dir: str | Path | None = option(None, "--checkpoint-dir", kind="directory",

@@ -38,6 +38,7 @@ from bora_tools.io.atomic import check_target, refuse_output_over_inputs
 from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, human_seconds
 from bora_tools.training import data as sft_data
+from bora_tools.training import fsdp, quantized
 from bora_tools.training.layers import is_conv1d
 from bora_tools.training.model import add_bora, linear_modules, save_bora, trainable_parameters
 from bora_tools.training.options import TrainOptions
@@ -182,6 +183,8 @@ def _prepare(base: Path, data: Path, out: Path, o: TrainOptions, *, device: str,
     if o.resume is not None and overwrite:
         problems.append("`resume` and `overwrite` together: resuming keeps the checkpoints that overwrite would clear")
     raise_if_problems("train", problems)
+    quantized.check(o)
+    o = fsdp.check(o)
     if not base.is_dir():
         raise ModelDirError(f"`base` {base}: not a model directory")
     if not data.is_file():
@@ -229,22 +232,23 @@ def _fit(run: _Run, *, log: Callable[[str], None] | None, progress: Progress):
     Returns the trainer (its state and arguments), the logged ``(step, loss)`` pairs, the parameter counts
     and the dtype the base trained in.
     """
-    from transformers import AutoModelForCausalLM, Trainer
+    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     o, ckpt_dir = run.options, run.checkpoint_dir
-    model = AutoModelForCausalLM.from_pretrained(run.base, dtype=run.dtype if run.dtype is not None else "auto")
+    model = quantized.load_base(run.base, o, dtype=run.dtype, device=run.device)
     run_dtype = next(model.parameters()).dtype
     torch.manual_seed(o.seed)  # the same initial A on every process (DDP also broadcasts rank 0's)
-    add_bora(model, run.config, dropout=o.dropout)
+    quantized.prepare_for_training(add_bora(model, run.config, dropout=o.dropout))
     counts = trainable_parameters(model)
     # Without checkpoints the trainer still wants a directory of its own: a temporary one, removed afterwards.
     scratch = None if o.save_steps else tempfile.TemporaryDirectory(prefix="bora-train-")
     args = _training_arguments(run, str(ckpt_dir) if scratch is None else scratch.name, run_dtype=run_dtype)
     losses: list[tuple[int, float]] = []
     reporter = _reporter(losses, log, progress)
-    trainer = Trainer(model=model, args=args, train_dataset=run.examples, data_collator=sft_data.Collator(run.pad),
-                      callbacks=[reporter])
+    trainer_cls = fsdp.trainer_class() if o.fsdp else Trainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=run.examples, data_collator=sft_data.Collator(run.pad),
+                          callbacks=[reporter])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     main = trainer.accelerator.is_main_process
@@ -257,8 +261,9 @@ def _fit(run: _Run, *, log: Callable[[str], None] | None, progress: Progress):
     try:
         trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
         reporter.close()
+        state = fsdp.full_adapter_state(model) if o.fsdp else None  # every rank: a collective gather
         if main:
-            save_bora(model, run.out, overwrite=run.overwrite)
+            save_bora(model, run.out, overwrite=run.overwrite, state_dict=state)
         trainer.accelerator.wait_for_everyone()
     finally:
         if scratch is not None:
