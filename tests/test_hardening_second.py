@@ -276,7 +276,7 @@ def test_a_hub_that_does_not_answer_times_out_in_one_line(stalling_hub, tmp_path
                             env=_hub_env(stalling_hub, tmp_path / "home", HF_HUB_DOWNLOAD_TIMEOUT="1",
                                          HF_HUB_ETAG_TIMEOUT="1"),
                             capture_output=True, text=True, timeout=60)
-    assert time.monotonic() - start < 20
+    assert time.monotonic() - start < 45  # a stalled download: huggingface_hub's five retries with backoff (~20 s)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("Error: the Hub at") and "did not answer within the timeout" in lines[0], lines

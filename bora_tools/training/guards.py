@@ -107,6 +107,8 @@ def kept_checkpoints(out: Path):
 
     from bora_tools.io.atomic import KEPT
 
+    KEPT.clear()  # an earlier run in this process kept its own
+
     class Kept(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
