@@ -283,14 +283,16 @@ def test_a_hub_that_does_not_answer_times_out_in_one_line(stalling_hub, tmp_path
 
 
 _SLOW_QUANTIZER = textwrap.dedent("""
-    import atexit, sys, threading, time
+    import atexit, os, sys, tempfile, threading, time
     import llama_cpp
     real = llama_cpp.llama_model_quantize
 
-    def slow_start(*args):  # llama.cpp that has not yet created its output when the signal comes
+    def slow_start(src, dst, params):  # llama.cpp that has not yet created its output when the signal comes
+        held = os.path.join(tempfile.mkdtemp(), "input.gguf")  # its input stays readable after the cleanup
+        os.link(src.decode(), held)
         print("READY", flush=True)
         time.sleep(1.0)
-        return real(*args)
+        return real(held.encode(), dst, params)
 
     llama_cpp.llama_model_quantize = slow_start
 
@@ -316,8 +318,8 @@ def test_sigterm_early_in_quantizing_leaves_nothing_and_prints_one_line(work):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
+    assert list(work["outdir"].iterdir()) == []  # llama.cpp's output could not appear after the cleanup
     assert err.strip().splitlines() == ["Error: terminated; nothing was written"], err  # no llama.cpp line after it
-    assert list(work["outdir"].iterdir()) == []
 
 
 _HELD_TRAINING = textwrap.dedent("""
