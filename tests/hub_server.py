@@ -26,6 +26,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -85,6 +86,8 @@ class FakeHub:
         self.lfs_bytes_received = 0
         self._parts: dict[str, dict[int, bytes]] = {}
         self._failures: dict[str, int] = {}
+        self.stalls: dict[str, float] = {}  # "GET resolve" -> seconds the answer waits (a Hub that hangs)
+        self.stalled = threading.Event()  # set when a stalled request has arrived
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -142,6 +145,10 @@ class FakeHub:
     def fail_next(self, route: str, status: int = 500) -> None:
         """Make the next request to ``route`` (e.g. ``"commit"``) fail with ``status``."""
         self._failures[route] = status
+
+    def stall(self, route: str, seconds: float, *, method: str = "GET") -> None:
+        """Make every ``method`` request to ``route`` wait ``seconds`` before it is answered."""
+        self.stalls[f"{method} {route}"] = seconds
 
     def calls(self, route: str) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["route"] == route]
@@ -493,6 +500,10 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self._send(404, {"error": f"no route for {self.command} {raw_path}"})
             groups = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
             req = Request(groups, {k: v[-1] for k, v in parse_qs(query).items()}, self.headers, body)
+            stall = hub.stalls.get(f"{self.command} {name}")
+            if stall:
+                hub.stalled.set()
+                time.sleep(stall)
             with hub._lock:
                 hub.requests.append({"route": name, "method": self.command, "path": self.path,
                                      "authorization": self.headers.get("Authorization"), "query": req.query})

@@ -8,6 +8,7 @@ stdout.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import signal
@@ -38,11 +39,13 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def _interrupted_message(e: KeyboardInterrupt) -> str:
-    from bora_tools.io.atomic import COMMITTED
+    from bora_tools.io.atomic import COMMITTED, KEPT
 
     what = "terminated" if isinstance(e, Terminated) else "interrupted"
     if COMMITTED:
         return f"{what} after {COMMITTED[-1]} was written; it is complete"
+    if KEPT:
+        return f"{what}: {KEPT[-1]}"
     return f"{what}; nothing was written"
 
 
@@ -75,12 +78,18 @@ class _CleanErrorsGroup(click.Group):
         except BoraError as e:
             self._fail(ctx, _with_flags(e.one_line(), self.get_command(ctx, ctx.invoked_subcommand or "")), EXIT_ERROR)
         except KeyboardInterrupt as e:
-            self._fail(ctx, _interrupted_message(e), EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT)
+            command = self.get_command(ctx, ctx.invoked_subcommand or "")
+            self._fail(ctx, _with_flags(_interrupted_message(e), command),
+                       EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT)
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                self._fail(ctx, _unexpected(e), EXIT_INTERNAL)
+            # a name over 255 bytes met by a check that came first (an existence test): the culprit, one line
+            self._fail(ctx, _too_long(e), EXIT_ERROR)
         except RecursionError:  # a hostile input nested beyond what a reader checks: still one line
             self._fail(ctx, "an input is nested too deeply to be read", EXIT_ERROR)
         except Exception as e:  # an internal bug: still one line, with the way to learn more
-            msg = f"unexpected {type(e).__name__}: {' '.join(str(e).split())} (rerun with --debug for the traceback)"
-            self._fail(ctx, msg, EXIT_INTERNAL)
+            self._fail(ctx, _unexpected(e), EXIT_INTERNAL)
         finally:
             if main:
                 signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
@@ -93,6 +102,20 @@ class _CleanErrorsGroup(click.Group):
             click.echo(scrub("".join(traceback.format_exc())).rstrip("\n"), err=True)
         click.echo(f"Error: {scrub(message)}", err=True)
         ctx.exit(code)
+
+
+def _too_long(e: OSError) -> str:
+    from bora_tools.io.paths import check_name_lengths
+
+    try:
+        check_name_lengths(str(e.filename), "a path")
+    except BoraError as found:
+        return found.one_line()
+    return f"{e.filename}: the path is longer than the file system accepts"
+
+
+def _unexpected(e: Exception) -> str:
+    return f"unexpected {type(e).__name__}: {' '.join(str(e).split())} (rerun with --debug for the traceback)"
 
 
 _PARAM = re.compile(r"`([a-z_][a-z0-9_]*)`")

@@ -84,8 +84,11 @@ class _InputType(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         from bora_tools.io.hub_input import parse_hub_id
+        from bora_tools.io.paths import long_component
 
         text = str(value)
+        if long_component(text) is not None:  # no file system holds it: resolve_input says so in one line
+            return text
         if Path(text).exists() or parse_hub_id(text) is not None:
             return text
         self.fail(f"Path {text!r} does not exist (and it is not a Hub id owner/name[@revision])", param, ctx)

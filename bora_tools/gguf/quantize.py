@@ -177,12 +177,17 @@ def quantize_file(src: Path, dst: Path, *, outtype: str, threads: int, tensors: 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{spec.file_type}")
     params.nthread = threads
+    # llama.cpp writes into a folder of its own, moved to ``dst`` when it returns: a signal cannot stop
+    # llama.cpp, but removing the folder makes any file it would still create fail instead of appearing.
+    folder = scratch_sibling(dst, "quantize")
+    folder.mkdir()
+    written = folder / "out.gguf"
     with _LOG_LOCK, _routed_log(llama_cpp) as session:
         done: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                done["rc"] = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                done["rc"] = llama_cpp.llama_model_quantize(str(src).encode(), str(written).encode(),
                                                             ctypes.byref(params))
             except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
                 done["error"] = e
@@ -191,9 +196,17 @@ def quantize_file(src: Path, dst: Path, *, outtype: str, threads: int, tensors: 
 
         worker = threading.Thread(target=run, name="bora-llama-quantize", daemon=True)
         worker.start()
-        for _ in progress(session.ticks(), total=tensors, label=f"quantizing to {outtype} (llama.cpp)"):
-            pass
-        worker.join()
+        try:
+            for _ in progress(session.ticks(), total=tensors, label=f"quantizing to {outtype} (llama.cpp)"):
+                pass
+            worker.join()
+        except BaseException:  # a signal: llama.cpp runs on until the process ends, silenced and writing nowhere
+            session.abandoned = True
+            _remove_folder(folder)
+            raise
+        if written.exists():
+            os.replace(written, dst)
+        _remove_folder(folder)
         session.feed(_CONT, "\n")  # a last line without its newline
         while not session.events.empty():
             logger.debug("llama.cpp: %s", session.events.get())
@@ -218,6 +231,7 @@ class _LogSession:
         self.fallbacks: list[dict[str, str]] = []
         self._pending = ""
         self._level = 0
+        self.abandoned = False  # interrupted: llama.cpp's log stays ours (never on the terminal) until exit
 
     def feed(self, level: int, text: str) -> None:
         if level != _CONT:
@@ -278,11 +292,22 @@ def _routed_log(llama_cpp: Any) -> Iterator[_LogSession]:
         _callback = callback
     _session = _LogSession()
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+    session = _session
     try:
-        yield _session
+        yield session
     finally:
         _session = None
-        _restore_default_log(llama_cpp)
+        if not session.abandoned:  # an abandoned run's llama.cpp still logs: our callback keeps it off stderr
+            _restore_default_log(llama_cpp)
+
+
+def _remove_folder(folder: Path) -> None:
+    """Remove llama.cpp's output folder, again if llama.cpp created its file while it was being removed."""
+    for _ in range(50):
+        remove_scratch(folder)
+        if not folder.exists():
+            return
+        time.sleep(0.01)
 
 
 def _restore_default_log(llama_cpp: Any) -> None:

@@ -21,12 +21,14 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from bora_tools.errors import BoraError, OutputExistsError, OutputWriteError
+from bora_tools.io.paths import NAME_MAX, check_name_lengths
 
 _TMP_MARK = ".bora-tmp-"
-#: Longest file name (bytes) most file systems accept; temporary names are shortened to fit.
-_NAME_MAX = 255
+_NAME_MAX = NAME_MAX  # temporary names are shortened to fit
 #: Outputs renamed into place by this process, newest last: an interrupt after a rename says they are complete.
 COMMITTED: list[Path] = []
+#: What a long run has kept so far that is not its output (a training checkpoint), in words, newest last.
+KEPT: list[str] = []
 
 
 def _tmp_prefix(target: Path) -> str:
@@ -45,6 +47,7 @@ def check_target(target: Path, *, overwrite: bool) -> None:
     the write fails), as mergekit and llama.cpp's converters do.
     """
     target = Path(target)
+    check_name_lengths(target, "output")
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise OutputExistsError(f"output {target} already exists", hint="pass `overwrite` to replace it")
     for parent in target.parents:
@@ -130,7 +133,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directory: bool = False) -> Iterator[Path]:
+def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directory: bool = False,
+                  record: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of ``target``; rename it to ``target`` on success.
 
     Example::
@@ -138,6 +142,9 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
         with atomic_output(out, overwrite=False, directory=True) as tmp:
             (tmp / "config.json").write_text("{}")
         # out/ now exists, complete; on an exception nothing is left at out/
+
+    ``record=False``: ``target`` is part of something larger (a file of a checkpoint), so an interrupt
+    after its rename does not call it the complete output (``COMMITTED``).
 
     Raises:
         OutputExistsError: ``target`` exists and ``overwrite`` is false.
@@ -155,7 +162,7 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
         if directory:
             tmp.mkdir()
         yield tmp
-        _commit(tmp, target, overwrite=overwrite)
+        _commit(tmp, target, overwrite=overwrite, record=record)
     except OSError as e:
         _remove(tmp)
         _remove_created(created)
@@ -195,11 +202,34 @@ def remove_scratch(path: str | os.PathLike) -> None:
     _remove(Path(path))
 
 
-def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_files_the_usual_mode(tmp: Path) -> None:
+    """Every file of the output gets ``0o666 & ~umask``, as ``open()`` creates it (``cp``, ``tar`` and PEFT's
+    outputs have it): some writers (safetensors' atomic ``save_file``) create their file ``0o600``."""
+    mode = 0o666 & ~_umask()
+    files = [tmp] if not tmp.is_dir() else [p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()]
+    for path in files:
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            os.chmod(path, mode)
+
+
+def _commit(tmp: Path, target: Path, *, overwrite: bool, record: bool = True) -> None:
+    _give_files_the_usual_mode(tmp)
+    done = COMMITTED if record else []
     if not (target.exists() or target.is_symlink()):
         with _signals_deferred():
             os.replace(tmp, target)
-            COMMITTED.append(target)
+            done.append(target)
         return
     if not overwrite:  # appeared while we were writing
         raise OutputExistsError(f"output {target} appeared while writing", hint="pass `overwrite` to replace it")
@@ -214,7 +244,7 @@ def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
                 os.replace(trash, target)  # put the old output back
                 raise
             replaced = True
-            COMMITTED.append(target)
+            done.append(target)
     finally:
         if replaced:  # the old output goes, even when an interrupt arrived during the renames
             _remove(trash)

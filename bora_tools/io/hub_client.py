@@ -27,7 +27,7 @@ from typing import Any
 
 from bora_tools.errors import HubError, register_secret, scrub, scrub_chain
 
-__all__ = ["LOGIN_HINT", "clean_token", "download_errors", "hub_messages_silenced", "upload_errors"]
+__all__ = ["LOGIN_HINT", "clean_token", "download_errors", "hub_messages_silenced", "hub_timeout", "upload_errors"]
 
 LOGIN_HINT = "pass `token`, set HF_TOKEN, or run 'hf auth login'"
 UNREACHABLE_HINT = "check the network, or HF_ENDPOINT when you use another server"
@@ -86,6 +86,16 @@ def _has_token(token: str | None) -> bool:
         return get_token() is not None
     except Exception:  # an OIDC or Colab lookup that fails still means: no usable token
         return False
+
+
+def hub_timeout() -> float:
+    """Seconds a metadata call (a listing, a file's HEAD) waits for the Hub: ``HF_HUB_ETAG_TIMEOUT`` (default 10).
+
+    A file's download waits ``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10) between two reads; huggingface_hub applies it.
+    """
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_ETAG_TIMEOUT)
 
 
 # -- quiet ------------------------------------------------------------------------------------------
@@ -181,6 +191,8 @@ def _download_error(e: Exception, *, endpoint: str, repo_id: str, revision: str 
                             hint="run once without HF_HUB_OFFLINE to download it")
         if isinstance(cause, HfHubHTTPError):
             e = cause
+        elif _timed_out(e):
+            return _no_answer(endpoint, not_cached)
         else:
             return _unreachable(endpoint, None, not_cached)
     if isinstance(e, (RepositoryNotFoundError, HfHubHTTPError)):
@@ -194,6 +206,8 @@ def _download_error(e: Exception, *, endpoint: str, repo_id: str, revision: str 
             return HubError(f"{spec}: no such local path, and no repository {repo_id} at {endpoint}",
                             hint="check the id, and the token if the repo is private")
         return _http_status(endpoint, e, hint="try again later")
+    if _timed_out(e):
+        return _no_answer(endpoint, not_cached)
     if isinstance(e, _transport_errors()):
         return _unreachable(endpoint, e, not_cached)
     return None
@@ -246,6 +260,28 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
             mod = importlib.import_module(module)
             errors.append(mod.TransportError if hasattr(mod, "TransportError") else mod.RequestException)
     return tuple(errors)
+
+
+def _timed_out(e: BaseException) -> bool:
+    """``e`` or one of its causes is a timeout of the HTTP client (httpx, requests) or of a socket."""
+    seen: set[int] = set()
+    error: BaseException | None = e
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, TimeoutError) or "Timeout" in type(error).__name__:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _no_answer(endpoint: str, then: str = "") -> HubError:
+    """The Hub accepted the connection but did not answer in time."""
+    from huggingface_hub import constants
+
+    return HubError(f"the Hub at {endpoint} did not answer within the timeout (HF_HUB_ETAG_TIMEOUT="
+                    f"{constants.HF_HUB_ETAG_TIMEOUT:g} s for metadata, HF_HUB_DOWNLOAD_TIMEOUT="
+                    f"{constants.HF_HUB_DOWNLOAD_TIMEOUT:g} s for a download){then}",
+                    hint="try again later, or raise HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT")
 
 
 def _unauthorized(endpoint: str, token: str | None, *, write: bool) -> HubError:

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bora_tools.errors import HubError
-from bora_tools.io.hub_client import clean_token, download_errors, hub_messages_silenced
+from bora_tools.io.hub_client import clean_token, download_errors, hub_messages_silenced, hub_timeout
+from bora_tools.io.paths import check_name_lengths
 from bora_tools.progress import Progress, no_progress
 
-__all__ = ["HubInput", "parse_hub_id", "resolve_input"]
+__all__ = ["HubInput", "parse_hub_id", "resolve_input", "revision_problem"]
 
 #: ``owner/name`` with an optional ``@revision`` (a branch, tag or commit), as mergekit writes it.
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9_.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -31,9 +32,11 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9_.-]+)(?:@(?P<rev>[
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
                "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-               "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json", "*.tiktoken"]
-#: What each kind of input downloads before its weights. ``config.json`` comes with an adapter (it is
-#: tiny) so that a model given where an adapter is expected is recognised as one.
+               "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json"]
+#: What each kind of input downloads before its weights: exact top-level names, never a pattern, so that a
+#: listing with ``../x`` names or extras no command reads (``*.bin``, ``*.gguf``, a ``huge.tiktoken``) fetches
+#: nothing more. ``config.json`` comes with an adapter (it is tiny) so that a model given where an adapter
+#: is expected is recognised as one.
 PATTERNS = {"adapter": [*ADAPTER_FILES, "config.json"], "model": [*MODEL_FILES, "adapter_config.json"],
             "any": [*ADAPTER_FILES, *MODEL_FILES]}
 
@@ -72,6 +75,43 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     return m.group("repo"), m.group("rev")
 
 
+#: A commit id: 40 (SHA-1) or 64 (SHA-256) hex digits.
+_COMMIT_ID = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+#: Longest revision accepted, in bytes: a ref is a file in huggingface_hub's cache (``refs/<revision>``).
+MAX_REVISION = 200
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why ``revision`` is neither a commit id nor a name git accepts for a branch or tag, or None.
+
+    The rules of ``git check-ref-format``: no leading or trailing ``/``, no empty, ``.`` or ``..``
+    component, no component beginning with ``.`` or ending in ``.lock``, no control character, space,
+    ``~ ^ : ? * [ \\`` or ``@{``, not ``@`` alone, and at most ``MAX_REVISION`` bytes. huggingface_hub
+    writes the revision as a path in its cache (``refs/<revision>``): these rules keep it there.
+
+    Example: ``revision_problem("refs/pr/1")`` -> None; ``revision_problem("/etc/x")`` -> ``"begins with '/'"``.
+    """
+    if _COMMIT_ID.match(revision):
+        return None
+    if not revision:
+        return "is empty"
+    if len(revision.encode("utf-8", "surrogatepass")) > MAX_REVISION:
+        return f"is longer than {MAX_REVISION} bytes"
+    bad = sorted({c for c in revision if ord(c) < 32 or ord(c) == 127 or c in " ~^:?*[\\"})
+    if bad:
+        return f"holds {', '.join(map(repr, bad))}"
+    if revision.startswith("/") or revision.endswith("/"):
+        return f"{'begins' if revision.startswith('/') else 'ends'} with '/'"
+    if "@{" in revision or revision == "@":
+        return "holds '@{' or is '@'"
+    for part in revision.split("/"):
+        if part in ("", ".", ".."):
+            return f"has an empty, '.' or '..' component ({part!r})"
+        if part.startswith(".") or part.endswith((".lock", ".")):
+            return f"has a component that begins with '.' or ends with '.' or '.lock' ({part!r})"
+    return None
+
+
 def resolve_input(spec: str | Path, *, kind: str = "any", token: str | None = None, endpoint: str | None = None,
                   cache_dir: str | Path | None = None, progress: Progress = no_progress) -> HubInput:
     """A local path as it is, or a Hub id downloaded into the cache; returns where the files are.
@@ -90,6 +130,7 @@ def resolve_input(spec: str | Path, *, kind: str = "any", token: str | None = No
 
     Example: ``resolve_input("me/my-bora@v1", kind="adapter").path`` -> ``.../snapshots/<commit>``.
     """
+    check_name_lengths(spec, "input")
     local = Path(spec)
     if local.exists():
         return HubInput(path=local)
@@ -100,6 +141,10 @@ def resolve_input(spec: str | Path, *, kind: str = "any", token: str | None = No
     if kind not in PATTERNS:
         raise ValueError(f"kind: expected one of {', '.join(PATTERNS)}, found {kind!r}")
     repo_id, revision = parsed
+    problem = revision_problem(revision) if revision is not None else None
+    if problem:
+        raise HubError(f"{spec}: the revision {revision!r} {problem}, so it is not a branch, tag or commit id",
+                       hint="give a branch, a tag or a commit id after @")
     from huggingface_hub import constants
 
     endpoint = endpoint or constants.ENDPOINT
@@ -112,24 +157,73 @@ def resolve_input(spec: str | Path, *, kind: str = "any", token: str | None = No
 
 def _download(repo_id: str, revision: str | None, *, kind: str, token: str | None, endpoint: str,
               cache_dir: str | Path | None, progress: Progress) -> HubInput:
-    from huggingface_hub import hf_hub_download, snapshot_download
+    """Fetch the files ``kind`` reads, one at a time in this thread (a signal stops it at once), with timeouts."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import EntryNotFoundError
 
     from bora_tools.io.json import read_json
     from bora_tools.io.model_dir import INDEX_FILE, SINGLE_FILE, _index_shards
 
-    folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS[kind], token=token,
-                                    endpoint=endpoint, cache_dir=cache_dir))
+    if constants.is_offline_mode():
+        folder = _cached_snapshot(repo_id, revision, kind=kind, token=token, endpoint=endpoint, cache_dir=cache_dir)
+    else:
+        folder = _fetch_listed(repo_id, revision, kind=kind, token=token, endpoint=endpoint, cache_dir=cache_dir)
     commit = folder.name  # snapshots/<commit>: what the revision resolved to
     if kind != "adapter" and (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         index = folder / INDEX_FILE
         shards = _index_shards(index, read_json(index, error=HubError)) if index.is_file() else [SINGLE_FILE]
         for shard in progress(shards, total=len(shards), label=f"downloading {repo_id}"):
             try:
-                hf_hub_download(repo_id, shard, revision=commit, token=token, endpoint=endpoint, cache_dir=cache_dir)
+                _fetch(repo_id, shard, commit=commit, folder=folder, token=token, endpoint=endpoint,
+                       cache_dir=cache_dir)
             except EntryNotFoundError as e:
                 if index.is_file():  # a single-file model without weights: ModelDir.open says what is missing
                     raise HubError(f"{repo_id}@{commit[:10]}: {INDEX_FILE} names {shard}, which the repo does not "
                                    f"hold") from e
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     return HubInput(path=folder, repo_id=repo_id, revision=revision, commit=commit, files=files)
+
+
+def _fetch_listed(repo_id: str, revision: str | None, *, kind: str, token: str | None, endpoint: str,
+                  cache_dir: str | Path | None) -> Path:
+    """The repo's listing at ``revision``; then each file of ``PATTERNS[kind]`` it holds, by its exact name.
+
+    Not ``snapshot_download``: its worker threads keep a SIGTERM'd process alive until their downloads end,
+    and its listing call has no timeout.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision, repo_folder_name
+
+    info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, token=token, timeout=hub_timeout())
+    commit = str(info.sha)
+    listed = {s.rfilename for s in info.siblings or []}
+    storage = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    folder = storage / "snapshots" / commit
+    for name in PATTERNS[kind]:
+        if name in listed:
+            _fetch(repo_id, name, commit=commit, folder=folder, token=token, endpoint=endpoint, cache_dir=cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if revision != commit:  # what an offline run reads to find the commit of a branch or tag (checked above)
+        _cache_commit_hash_for_specific_revision(str(storage), revision or constants.DEFAULT_REVISION, commit)
+    return folder
+
+
+def _fetch(repo_id: str, name: str, *, commit: str, folder: Path, token: str | None, endpoint: str,
+           cache_dir: str | Path | None) -> None:
+    """One file into the cache. A file not cached yet is first asked for once, within ``hub_timeout()``:
+    ``hf_hub_download`` retries a metadata call that timed out five times with a 60 s timeout."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    if not (folder / name).is_file():
+        get_hf_file_metadata(hf_hub_url(repo_id, name, revision=commit, endpoint=endpoint), token=token,
+                             timeout=hub_timeout(), endpoint=endpoint)
+    hf_hub_download(repo_id, name, revision=commit, token=token, endpoint=endpoint, cache_dir=cache_dir)
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, *, kind: str, token: str | None, endpoint: str,
+                     cache_dir: str | Path | None) -> Path:
+    """``HF_HUB_OFFLINE``: the snapshot already in the cache (huggingface_hub's lookup; nothing downloaded)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS[kind], token=token,
+                                  endpoint=endpoint, cache_dir=cache_dir, local_files_only=True))

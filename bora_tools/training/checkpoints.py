@@ -95,9 +95,9 @@ def write_adapter_files(model: nn.Module, directory: str | Path, *, state_dict=N
     adapter_from_tensors(adapter.config, tensors, source=PREFIX.rstrip("."))  # a saved adapter always loads back
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_output(directory / WEIGHTS_NAME, overwrite=True) as tmp:
+    with atomic_output(directory / WEIGHTS_NAME, overwrite=True, record=False) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    with atomic_output(directory / CONFIG_NAME, overwrite=True) as tmp:
+    with atomic_output(directory / CONFIG_NAME, overwrite=True, record=False) as tmp:
         tmp.write_text(json.dumps(adapter.config.to_dict(), indent=2, sort_keys=True) + "\n")
     resume_map = {
         "metadata": {
@@ -106,7 +106,7 @@ def write_adapter_files(model: nn.Module, directory: str | Path, *, state_dict=N
         },
         "weight_map": {model_key(k): WEIGHTS_NAME for k in sorted(tensors)},
     }
-    with atomic_output(directory / RESUME_MAP_NAME, overwrite=True) as tmp:
+    with atomic_output(directory / RESUME_MAP_NAME, overwrite=True, record=False) as tmp:
         tmp.write_text(json.dumps(resume_map, indent=2) + "\n")
     return directory
 

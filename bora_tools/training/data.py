@@ -58,7 +58,7 @@ def read_records(path: str | Path) -> list[Record]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().decode("utf-8").split("\n")  # JSONL: records end at \n only (not U+2028...)
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
         raise ValidationError(f"`data` {path}: cannot be read ({why})") from None

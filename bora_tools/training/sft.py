@@ -38,7 +38,7 @@ from bora_tools.io.atomic import check_target, refuse_output_over_inputs
 from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, human_seconds
 from bora_tools.training import data as sft_data
-from bora_tools.training import fsdp, quantized
+from bora_tools.training import fsdp, guards, quantized
 from bora_tools.training.layers import is_conv1d
 from bora_tools.training.model import add_bora, linear_modules, save_bora, trainable_parameters
 from bora_tools.training.options import TrainOptions
@@ -187,21 +187,23 @@ def _prepare(base: Path, data: Path, out: Path, o: TrainOptions, *, device: str,
     o = fsdp.check(o)
     if not base.is_dir():
         raise ModelDirError(f"`base` {base}: not a model directory")
-    if not data.is_file():
-        raise ValidationError(f"`data` {data}: no such file")
+    guards.check_data_file(data)
     torch_dtype = parse_dtype(o.dtype, allow_auto=True)
     dev = resolve_device(device)
     check_target(out, overwrite=overwrite)
     refuse_output_over_inputs(out, base, data)
     ckpt_dir = Path(o.checkpoint_dir) if o.checkpoint_dir is not None else out.parent / f"{out.name}-checkpoints"
+    if overwrite:
+        guards.check_overwrite(out, ckpt_dir if o.save_steps is not None else None)
     if o.save_steps is not None or o.resume is not None:
+        guards.checkpoint_dir_names(ckpt_dir, given=o.checkpoint_dir is not None)
         refuse_output_over_inputs(ckpt_dir, base, data)
         if ckpt_dir.resolve().is_relative_to(out.resolve()) or out.resolve().is_relative_to(ckpt_dir.resolve()):
             raise ValidationError(f"`checkpoint_dir` {ckpt_dir} and `out` {out} overlap; OUT appears only when "
                                   f"training is done", hint="give the checkpoints a directory of their own")
     records = sft_data.read_records(data)
     config_hf = _read_config(base)
-    targets, n_modules = _check_targets(config_hf, o.target_modules, o.blocks, base)
+    targets, n_modules = _check_targets(config_hf, o.target_modules, o.blocks, base, r=o.r)
     config = BoraConfig(r=o.r, bora_blocks=o.blocks, lora_alpha=o.alpha, use_rslora=o.rslora, target_modules=targets,
                         task_type="CAUSAL_LM", base_model_name_or_path=base_name or str(base))
     stored = getattr(config_hf, "dtype", None) or getattr(config_hf, "torch_dtype", None)
@@ -248,7 +250,7 @@ def _fit(run: _Run, *, log: Callable[[str], None] | None, progress: Progress):
     reporter = _reporter(losses, log, progress)
     trainer_cls = fsdp.trainer_class() if o.fsdp else Trainer
     trainer = trainer_cls(model=model, args=args, train_dataset=run.examples, data_collator=sft_data.Collator(run.pad),
-                          callbacks=[reporter])
+                          callbacks=[reporter, guards.kept_checkpoints(run.out)])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     main = trainer.accelerator.is_main_process
@@ -357,7 +359,7 @@ def _meta_model(config_hf, base: Path) -> nn.Module:
                                f"({' '.join(str(e).split())[:200]})") from None
 
 
-def _check_targets(config_hf, target_modules, blocks: int, base: Path) -> tuple[list[str] | str, int]:
+def _check_targets(config_hf, target_modules, blocks: int, base: Path, *, r: int = 1) -> tuple[list[str] | str, int]:
     """The target modules (default: every linear projection but the head), each checked to match and to fit ``b``."""
     model = _meta_model(config_hf, base)
     linear = linear_modules(model)
@@ -371,6 +373,7 @@ def _check_targets(config_hf, target_modules, blocks: int, base: Path) -> tuple[
         raise ValidationError(f"`target_modules` {', '.join(map(repr, unmatched))} match(es) no linear module of "
                               f"{type(model).__name__} (its linear modules: {', '.join(known)})")
     matched = [n for n in linear if matches_target(targets, n)]
+    guards.check_rank(r, {n: tuple(linear[n].weight.shape[::-1 if is_conv1d(linear[n]) else 1]) for n in matched})
     problems, seen = [], set()
     for name in matched:
         module = linear[name]
