@@ -118,7 +118,8 @@ NOT_HPARAMS = {"architectures", "model_type", "transformers_version", "dtype", "
 #: Keys that state which tensors exist and their shapes: a default there cannot fit the stored weights
 #: (transformers refuses them too; the shape checks of tests/test_hardening.py cover them). Every other key goes.
 STRUCTURAL = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "tie_word_embeddings", "num_local_experts"} | NOT_HPARAMS
+              "num_key_value_heads", "tie_word_embeddings", "num_local_experts",
+              "bos_token_id", "eos_token_id", "pad_token_id"} | NOT_HPARAMS  # Phi-3's default pad 32000 > vocab
 
 
 def _cases():
@@ -230,7 +231,7 @@ def test_gemma3_with_only_a_sliding_rope_entry(tmp_path):
 
 
 #: Phi-3 with the original 128k release's spelling of LongRoPE (4 factors: half of each 16-wide head rotates).
-SU = {"type": "su", "long_factor": [1.0, 2.5, 4.0, 9.0], "short_factor": [1.0, 1.1, 1.3, 1.7]}
+SU = {"type": "su", "long_factor": [3.0, 9.0, 30.0, 90.0], "short_factor": [1.0, 1.1, 1.3, 1.7]}
 
 
 @needs_llama_cpp
