@@ -31,7 +31,8 @@ Mixture-of-experts checkpoints store one matrix per expert
 expert tensors, expert by expert, whatever the family.
 
 Adding an architecture is one entry in ``FAMILIES`` (with its hooks, when it
-has settings of its own) and one row in ``tests/test_gguf_families.py``.
+has settings of its own) and one row in ``tests/test_gguf_families.py`` and in
+``tests/test_gguf_defaults.py`` (which fails until the family is there).
 """
 
 from __future__ import annotations
