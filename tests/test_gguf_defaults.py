@@ -257,13 +257,20 @@ def test_phi3_su_rope_scaling_keeps_its_factors(tmp_path):
 
 @needs_llama_cpp
 @pytest.mark.slow
-def test_gemma2_without_a_sliding_layer_loads_and_matches(tmp_path):
-    """llama.cpp's gemma2 aborts without a sliding layer: every layer slides over the whole context instead."""
-    path = build_family_dir(tmp_path / "m", "gemma2", layer_types=["full_attention", "full_attention"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_without_a_sliding_layer_loads_and_matches(family, tmp_path):
+    """llama.cpp aborts on a sliding window without a sliding layer (GGML_ASSERT(hparams.is_swa_any())):
+    Gemma 2's every layer slides over the whole context instead; Gemma 3 gets no window."""
+    path = build_family_dir(tmp_path / "m", family, layer_types=["full_attention", "full_attention"])
     want = hf_logits(path)
-    assert relative_error(want, hf_logits(build_family_dir(tmp_path / "p", "gemma2"))) > 30 * F32_RTOL
+    assert relative_error(want, hf_logits(build_family_dir(tmp_path / "p", family))) > 30 * F32_RTOL
     out = tmp_path / "m.gguf"
     export_gguf(path, out, outtype="f32")
+    fields = gguf.GGUFReader(out)
+    if family == "gemma2":
+        assert fields.get_field("gemma2.attention.sliding_window_pattern").contents() == [True, True]
+    else:
+        assert fields.get_field("gemma3.attention.sliding_window") is None
     assert relative_error(gguf_logits(out, IDS), want) < F32_RTOL
 
 
