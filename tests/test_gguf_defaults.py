@@ -12,6 +12,7 @@ rope_theta 1e6; Gemma 2: soft-caps 50 / 30, head_dim 256, ...). Here, for every 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -48,7 +49,8 @@ def _hf(family: str, config: dict):
     """transformers' reading of ``config`` (a config.json dict) with the family's config class."""
     import transformers
 
-    return getattr(transformers, REGISTRY[ARCH[family]].config_class).from_dict(dict(config))
+    # a deep copy: transformers completes the nested rope objects in place
+    return getattr(transformers, REGISTRY[ARCH[family]].config_class).from_dict(copy.deepcopy(config))
 
 
 def _rope(hf) -> tuple[dict, dict | None]:
@@ -327,3 +329,35 @@ def test_bad_sliding_window_pattern_is_refused():
 
 def test_families_builds_each_family():
     assert set(FAMILIES) | set(TINY_ARCHS) == set(ARCH)
+
+
+#: Rotary settings in the forms configs on the Hub carry, each read with transformers' precedence.
+ROPE_FORMS = {
+    "v4-scaling-and-theta": ("llama", dict(rope_parameters=None, rope_theta=5e5,
+                                           rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "scaling-beats-parameters": ("llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 3e4},
+                                               rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "top-theta-fills-parameters": ("mixtral", dict(rope_parameters={"rope_type": "linear", "factor": 2.0},
+                                                   rope_theta=2e5)),
+    "gemma3-v4-local-base-only": ("gemma3", dict(rope_parameters=None, rope_local_base_freq=2e4)),
+    "gemma3-per-type-and-top-theta": ("gemma3", dict(rope_parameters={
+        "sliding_attention": {"rope_type": "default"}, "full_attention": {"rope_type": "default"}},
+        rope_theta=3e5, rope_local_base_freq=3e4)),
+    "gemma3-scaling-updates-full": ("gemma3", dict(rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    "phi3-top-partial-only": ("phi3", dict(rope_parameters=None, partial_rotary_factor=0.5)),
+    "phi3-su": ("phi3", dict(rope_parameters=None, rope_scaling={**SU, "long_factor": [1.0] * 8,
+                                                                 "short_factor": [1.0] * 8})),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE_FORMS))
+def test_rope_forms_read_as_transformers_reads_them(name):
+    family, change = ROPE_FORMS[name]
+    config = _config(family).to_dict()
+    config.update(change)
+    config = {k: v for k, v in config.items() if not (k == "rope_parameters" and v is None)}
+    expected = _expected(family, _hf(family, config))
+    hp = family_for(ARCH[family], source="config.json").read_hparams(config, source="config.json")
+    assert _ours(hp, expected) == expected
+    full, _ = _rope(_hf(family, config))
+    assert {k: hp.rope.get(k) for k in ("factor", "long_factor")} == {k: full.get(k) for k in ("factor", "long_factor")}

@@ -273,7 +273,9 @@ def _read_phi3(config: dict[str, Any], hp: Hparams, problems: list[str], unsuppo
                         f"found {short_repr(orig)}")
         orig = None
     hp.extra["orig_ctx"] = orig or hp.n_ctx
-    if hp.rope_type not in ("longrope", "su", "yarn"):  # older names transformers reads as longrope for Phi-3
+    if hp.rope_type in ("su", "yarn"):  # older names transformers reads as longrope for Phi-3
+        hp.rope["rope_type"] = "longrope"
+    if hp.rope_type != "longrope":
         return
     long, short = hp.rope.get("long_factor"), hp.rope.get("short_factor")
     for key, values in (("long_factor", long), ("short_factor", short)):

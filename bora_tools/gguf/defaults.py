@@ -75,26 +75,33 @@ def rope_object(config: dict[str, Any]) -> Any:
 
     transformers 4's form (top-level ``rope_theta``, scaling in ``rope_scaling``,
     Gemma 3's ``rope_local_base_freq`` for its sliding layers) is turned into
-    transformers 5's. A value that is not an object is returned as is (the reader refuses it).
+    transformers 5's, with transformers' precedence: a non-empty ``rope_scaling``
+    replaces ``rope_parameters`` (on Gemma 3's per-layer-type object, it updates the
+    full-attention entry); a top-level ``rope_theta`` or ``partial_rotary_factor`` only
+    fills an entry that has none. A value that is not an object is returned as is (the reader refuses it).
 
     Example: ``rope_object({"rope_theta": 5e5})`` -> ``{"rope_theta": 500000.0}``
     """
-    params = config.get("rope_parameters")
-    if params is None:
-        if all(config.get(key) is None for key in _ROPE_KEYS[1:]):
-            return None
-        params = config.get("rope_scaling")
-        params = {} if params is None else params
-    params = copy.deepcopy(params)
+    if all(config.get(key) is None for key in (*_ROPE_KEYS, "partial_rotary_factor")):
+        return None
+    params = copy.deepcopy(config.get("rope_parameters") or {})
+    legacy = copy.deepcopy(config.get("rope_scaling"))
+    if legacy and isinstance(params, dict) and per_layer_type(params) and isinstance(legacy, dict):
+        params["full_attention"] = {**(params.get("full_attention") or {}), **legacy}
+    elif legacy:
+        params = legacy
     if not isinstance(params, dict):
         return params
-    if config.get("rope_theta") is not None and not per_layer_type(params):
-        params.setdefault("rope_theta", config["rope_theta"])
-    if config.get("partial_rotary_factor") is not None and not per_layer_type(params):  # Phi-3, as transformers
-        params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
-    if config.get("rope_local_base_freq") is not None:  # Gemma 3 in transformers 4: the sliding layers' base
-        params = {"full_attention": params,
-                  "sliding_attention": {"rope_type": "default", "rope_theta": config["rope_local_base_freq"]}}
+    if config.get("rope_local_base_freq") is not None and not per_layer_type(params):  # Gemma 3, transformers 4
+        params = {"full_attention": params, "sliding_attention": {"rope_type": "default"}}
+    full = params.get("full_attention") if per_layer_type(params) else params
+    if isinstance(full, dict):
+        for key in ("rope_theta", "partial_rotary_factor"):  # Phi-3 keeps partial_rotary_factor at the top
+            if full.get(key) is None and config.get(key) is not None:
+                full[key] = config[key]
+    local = params.get("sliding_attention")
+    if isinstance(local, dict) and local.get("rope_theta") is None and config.get("rope_local_base_freq") is not None:
+        local["rope_theta"] = config["rope_local_base_freq"]
     return params
 
 
