@@ -4,6 +4,7 @@
 - ``plan``: a full GGUF's tensors: named (checkpoint -> llama.cpp), checked, typed, and how their rows are made.
 - ``architectures``: one registry entry per Hugging Face architecture (llama.cpp arch, hooks, tensor transforms).
 - ``hparams``: ``config.json`` -> llama.cpp hyperparameters; ``vocab``: the tokenizer.
+- ``defaults``: what ``config.json`` omits, from the family's transformers config class.
 - ``shapes``: every tensor's shape against what ``config.json`` implies (per family), before the first byte.
 - ``writer``: tensor types and the streaming tensor writer.
 - ``outtypes``: the ``--outtype`` table; ``quantize``: llama.cpp's quantizer (k-quants) on our intermediate GGUF.

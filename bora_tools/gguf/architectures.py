@@ -2,6 +2,8 @@
 
 An entry says what llama.cpp needs for one architecture, and nothing else:
 
+- ``config_class``: the transformers config class whose defaults fill what
+  ``config.json`` omits (``bora_tools.gguf.defaults``), as transformers fills them.
 - ``arch``: llama.cpp's architecture (``gguf.MODEL_ARCH``). Tensor names always
   come from gguf-py's own map for it (``gguf.get_tensor_name_map``); a
   checkpoint tensor the map does not know is refused, never guessed.
@@ -29,7 +31,8 @@ Mixture-of-experts checkpoints store one matrix per expert
 expert tensors, expert by expert, whatever the family.
 
 Adding an architecture is one entry in ``FAMILIES`` (with its hooks, when it
-has settings of its own) and one row in ``tests/test_gguf_families.py``.
+has settings of its own) and one row in ``tests/test_gguf_families.py`` and in
+``tests/test_gguf_defaults.py`` (which fails until the family is there).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import gguf
 import torch
 
 from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
+from bora_tools.gguf.defaults import class_layer_types, effective_config
 from bora_tools.gguf.hparams import (
     MAX_ROPE_FACTOR,
     MAX_ROPE_THETA,
@@ -73,6 +77,7 @@ class Family:
     """How one Hugging Face architecture maps onto a llama.cpp architecture (see the module docstring)."""
 
     arch: gguf.MODEL_ARCH
+    config_class: str  # transformers' config class: the defaults of what config.json omits
     permute_qk: bool = False
     norm_shift: float = 0.0
     read: Reader | None = None
@@ -92,13 +97,24 @@ class Family:
     def read_hparams(self, config: dict[str, Any], *, source: str) -> Hparams:
         """The hyperparameters, checked: the common ones, then this architecture's own.
 
+        A key ``config`` omits takes the default of the family's transformers config class.
+
         Raises:
             ConfigError: a missing or invalid value; every one is named.
             UnsupportedError: a setting llama.cpp's graph for this architecture would not reproduce.
         """
-        hp = read_hparams(config, source=source, rope_types=self.rope_types)
+        config = effective_config(config, self.config_class)
+        hp = read_hparams(config, source=source, rope_types=self.rope_types)  # n_layer is bounded from here on
         problems: list[str] = []
         unsupported: list[str] = []
+        if config.get("layer_types") is None:  # derived by transformers from the layer count (and Gemma 3's pattern)
+            pattern = config.get("sliding_window_pattern")
+            if pattern is not None and (not isinstance(pattern, int) or isinstance(pattern, bool)
+                                        or not 1 <= pattern <= MAX_SIZE):
+                problems.append(f"sliding_window_pattern: expected a positive integer, found {short_repr(pattern)}")
+                pattern = None
+            types = class_layer_types(self.config_class, hp.n_layer, pattern)
+            config["layer_types"] = None if types is None else list(types)
         if self.activations is not None:
             act = config.get("hidden_activation") or config.get("hidden_act")
             if act not in self.activations:
@@ -160,12 +176,11 @@ def qk_heads(gguf_name: str, hparams: Hparams) -> int | None:
 
 # ---- hooks: what one architecture adds to config.json -------------------------------------------------------------
 
-def _layer_sliding(config: dict[str, Any], hp: Hparams, default: Callable[[int], bool],
-                   problems: list[str]) -> list[bool]:
-    """Per layer, whether it uses sliding-window attention (``layer_types``, else the family's default pattern)."""
+def _layer_sliding(config: dict[str, Any], hp: Hparams, problems: list[str]) -> list[bool]:
+    """Per layer, whether it uses sliding-window attention (``layer_types``, given or derived by transformers)."""
     types = config.get("layer_types")
     if types is None:
-        return [default(i) for i in range(hp.n_layer)]
+        return [False] * hp.n_layer
     allowed = ("sliding_attention", "full_attention")
     if not isinstance(types, list) or len(types) != hp.n_layer or any(t not in allowed for t in types):
         problems.append(f"layer_types: expected {hp.n_layer} of {' / '.join(allowed)}, found {types!r}")
@@ -207,7 +222,9 @@ def _read_gemma2(config: dict[str, Any], hp: Hparams, problems: list[str], unsup
     # llama.cpp's gemma2 graph always has sliding layers (it aborts without any): no window is a window
     # as long as the context, which attends to the same tokens.
     hp.extra["window"] = _window(config, problems) or hp.n_ctx
-    hp.extra["sliding"] = _layer_sliding(config, hp, lambda i: i % 2 == 0, problems)
+    hp.extra["sliding"] = _layer_sliding(config, hp, problems)
+    if not any(hp.extra["sliding"]):  # full attention everywhere: every layer slides over the whole context
+        hp.extra["window"], hp.extra["sliding"] = hp.n_ctx, [True] * hp.n_layer
 
 
 def _read_gemma3(config: dict[str, Any], hp: Hparams, problems: list[str], unsupported: list[str]) -> None:
@@ -216,17 +233,16 @@ def _read_gemma3(config: dict[str, Any], hp: Hparams, problems: list[str], unsup
         unsupported.append("attn_logit_softcapping: llama.cpp's gemma3 graph has no attention soft-capping")
     hp.extra["final_softcap"] = _softcap(config, "final_logit_softcapping", problems)
     hp.extra["window"] = _window(config, problems)
-    pattern = config.get("sliding_window_pattern", 6)
-    pattern = pattern if isinstance(pattern, int) and pattern > 0 else 6
-    hp.extra["sliding"] = _layer_sliding(config, hp, lambda i: (i + 1) % pattern != 0, problems)
-    local = hp.rope_by_layer_type.get("sliding_attention")
-    if local is None:  # transformers 4: rope_local_base_freq, no scaling on local layers
-        local = {"rope_type": "default", "rope_theta": config.get("rope_local_base_freq", 10000.0)}
+    hp.extra["sliding"] = _layer_sliding(config, hp, problems)
+    if not any(hp.extra["sliding"]):  # llama.cpp aborts on a window without sliding layers: run all as full
+        hp.extra["window"] = None
+    # the class's defaults always give the sliding layers their own entry (transformers 4: rope_local_base_freq)
+    local = hp.rope_by_layer_type.get("sliding_attention", {"rope_theta": hp.rope_theta})
     kind = local.get("rope_type") or local.get("type") or "default"
     if kind != "default":
         unsupported.append(f"rope_parameters.sliding_attention: rope_type {kind!r} on sliding layers is not "
                            f"supported (llama.cpp scales only full-attention layers)")
-    hp.extra["swa_theta"] = number(local, "rope_theta", 10000.0, problems, at_most=MAX_ROPE_THETA)
+    hp.extra["swa_theta"] = number(local, "rope_theta", hp.rope_theta, problems, at_most=MAX_ROPE_THETA)
 
 
 def _write_gemma(writer: gguf.GGUFWriter, hp: Hparams) -> None:
@@ -250,12 +266,15 @@ def _read_phi3(config: dict[str, Any], hp: Hparams, problems: list[str], unsuppo
     if hp.n_rot < 2 or hp.n_rot % 2:
         problems.append(f"partial_rotary_factor {factor:g}: {hp.n_rot} rotary dimensions per head; rotary "
                         f"embeddings need a positive even number")
-    orig = hp.rope.get("original_max_position_embeddings", config.get("original_max_position_embeddings", hp.n_ctx))
+    orig = config.get("original_max_position_embeddings")  # the top-level value wins in transformers, as here
+    orig = hp.rope.get("original_max_position_embeddings", hp.n_ctx) if orig is None else orig
     if orig is not None and (not isinstance(orig, int) or isinstance(orig, bool) or not 1 <= orig <= MAX_SIZE):
         problems.append(f"original_max_position_embeddings: expected a positive integer of at most {MAX_SIZE}, "
                         f"found {short_repr(orig)}")
         orig = None
     hp.extra["orig_ctx"] = orig or hp.n_ctx
+    if hp.rope_type in ("su", "yarn"):  # older names transformers reads as longrope for Phi-3
+        hp.rope["rope_type"] = "longrope"
     if hp.rope_type != "longrope":
         return
     long, short = hp.rope.get("long_factor"), hp.rope.get("short_factor")
@@ -348,31 +367,34 @@ def _write_experts(writer: gguf.GGUFWriter, hp: Hparams) -> None:
 
 _QK_NORMS = "q_norm / k_norm"
 FAMILIES: dict[str, Family] = {
-    "LlamaForCausalLM": Family(M.LLAMA, permute_qk=True),
-    "MistralForCausalLM": Family(M.LLAMA, permute_qk=True, warn_sliding_window=True),  # llama.cpp runs it as llama
-    "Qwen2ForCausalLM": Family(M.QWEN2),  # Qwen2 uses the HF (NeoX) rotary layout
-    "Qwen3ForCausalLM": Family(M.QWEN3, activations=SILU, warn_sliding_window=True,  # when use_sliding_window
+    "LlamaForCausalLM": Family(M.LLAMA, "LlamaConfig", permute_qk=True),
+    # llama.cpp runs Mistral as llama
+    "MistralForCausalLM": Family(M.LLAMA, "MistralConfig", permute_qk=True, warn_sliding_window=True),
+    "Qwen2ForCausalLM": Family(M.QWEN2, "Qwen2Config"),  # Qwen2 uses the HF (NeoX) rotary layout
+    "Qwen3ForCausalLM": Family(M.QWEN3, "Qwen3Config", activations=SILU,
+                               warn_sliding_window=True,  # when use_sliding_window
                                notes=(_QK_NORMS, "explicit head_dim", "tied embeddings")),
-    "Gemma2ForCausalLM": Family(M.GEMMA2, norm_shift=1.0, read=_read_gemma2, write=_write_gemma,
+    "Gemma2ForCausalLM": Family(M.GEMMA2, "Gemma2Config", norm_shift=1.0, read=_read_gemma2, write=_write_gemma,
                                 activations=GELU_TANH, tokenizers=(SPM, BPE),
                                 notes=("norms 1 + w", "attention and final soft-capping", "sliding-window layers",
                                        "query_pre_attn_scalar as llama.cpp fixes it", "tied embeddings")),
-    "Gemma3ForCausalLM": Family(M.GEMMA3, norm_shift=1.0, read=_read_gemma3, write=_write_gemma,
+    "Gemma3ForCausalLM": Family(M.GEMMA3, "Gemma3TextConfig", norm_shift=1.0, read=_read_gemma3, write=_write_gemma,
                                 rope_types=("default", "linear"), activations=GELU_TANH, tokenizers=(SPM, BPE),
                                 notes=("norms 1 + w", _QK_NORMS, "rope base per layer type",
                                        "sliding-window layers")),
-    "Phi3ForCausalLM": Family(M.PHI3, read=_read_phi3, write=_write_phi3, generated=_phi3_factors, shapes=_phi3_shapes,
-                              rope_types=("default", "longrope", "su"), activations=SILU, tokenizers=(SPM, BPE),
+    "Phi3ForCausalLM": Family(M.PHI3, "Phi3Config", read=_read_phi3, write=_write_phi3, generated=_phi3_factors,
+                              shapes=_phi3_shapes,
+                              rope_types=("default", "longrope", "su", "yarn"), activations=SILU, tokenizers=(SPM, BPE),
                               warn_sliding_window=True,
                               notes=("fused qkv_proj and gate_up_proj kept fused", "LongRoPE factors",
                                      "partial rotary")),
-    "MixtralForCausalLM": Family(M.LLAMA, permute_qk=True, read=_read_experts, write=_write_experts,
+    "MixtralForCausalLM": Family(M.LLAMA, "MixtralConfig", permute_qk=True, read=_read_experts, write=_write_experts,
                                  shapes=_expert_shapes,
                                  activations=SILU, warn_sliding_window=True,
                                  notes=("experts stacked into 3-D tensors", "router")),
-    "Olmo2ForCausalLM": Family(M.OLMO2, activations=SILU, shapes=_olmo2_shapes,
+    "Olmo2ForCausalLM": Family(M.OLMO2, "Olmo2Config", activations=SILU, shapes=_olmo2_shapes,
                                notes=("post-attention / post-feed-forward norms", "q/k norms over the projection")),
-    "GraniteForCausalLM": Family(M.GRANITE, permute_qk=True, read=_read_granite, write=_write_granite,
+    "GraniteForCausalLM": Family(M.GRANITE, "GraniteConfig", permute_qk=True, read=_read_granite, write=_write_granite,
                                  activations=SILU, notes=("embedding, residual, attention and logit multipliers",)),
 }
 

@@ -167,7 +167,7 @@ def _write_model(model: ModelDir, out: Path, *, outtype: str, overwrite: bool, t
     vocab = read_vocab(model.path, vocab_size=hp.vocab_size, rows=named.embedding_rows)
     plan = plan_tensors(named, family, hp, outtype, replacements=replacements or {}, device=device)
     check_target(out, overwrite=overwrite)
-    warnings = _warnings(model, family, hp, plan, outtype) + vocab.notes
+    warnings = _warnings(family, hp, plan, outtype) + vocab.notes
     writer = gguf.GGUFWriter(None, family.name)
     add_general(writer, kind=gguf.GGUFType.MODEL, name=name or model.path.resolve().name, outtype=outtype)
     if replacements:
@@ -207,7 +207,7 @@ def _write_model(model: ModelDir, out: Path, *, outtype: str, overwrite: bool, t
     return report
 
 
-def _warnings(model: ModelDir, family: Family, hp: Hparams, plan: list[PlannedTensor], outtype: str) -> list[str]:
+def _warnings(family: Family, hp: Hparams, plan: list[PlannedTensor], outtype: str) -> list[str]:
     out = []
     fallbacks = [p.name for p in plan if p.fallback]
     if fallbacks:
@@ -216,8 +216,8 @@ def _warnings(model: ModelDir, family: Family, hp: Hparams, plan: list[PlannedTe
             f"{len(fallbacks)} tensor(s) written as F16 instead of {outtype.upper()}: their rows are not a "
             f"multiple of 32 ({shown})"
         )
-    window = model.config.get("sliding_window")
-    if model.config.get("use_sliding_window") is False:
+    window = hp.config.get("sliding_window")  # with the family's defaults, as transformers reads it
+    if hp.config.get("use_sliding_window") is False:
         window = None
     if family.warn_sliding_window and isinstance(window, int) and window < hp.n_ctx:
         out.append(

@@ -6,7 +6,9 @@ for models that mix sliding and full attention, as Gemma 3 does); older
 configs keep ``rope_theta`` at the top level and the scaling in
 ``rope_scaling``. All forms are read. What one architecture adds (soft-capping,
 multipliers, sliding-window patterns) is read by its entry in
-``bora_tools.gguf.architectures`` into ``Hparams.extra``.
+``bora_tools.gguf.architectures`` into ``Hparams.extra``. A key the config
+omits takes the default of the family's transformers config class
+(``bora_tools.gguf.defaults``, applied by the entry before this reader runs).
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import gguf
 import torch
 
 from bora_tools.errors import ConfigError, UnsupportedError, raise_if_problems
+from bora_tools.gguf.defaults import per_layer_type, rope_object
 
+#: rope_theta of a config read without its family's defaults (``read_hparams`` alone; families never use it).
 DEFAULT_ROPE_THETA = 10000.0
+#: Most layers llama.cpp loads (``LLAMA_MAX_LAYERS``): per-layer arrays are fixed at this size.
+MAX_LAYERS = 512
 #: Largest size (layers, widths, heads, vocabulary, context) accepted: llama.cpp keeps them in 32-bit integers.
 MAX_SIZE = 2**31 - 1
 #: Largest rope_theta accepted (real models use 1e4 to 1e8; float32 would turn 1e308 into inf).
@@ -50,6 +56,7 @@ class Hparams:
     rope_theta: float = DEFAULT_ROPE_THETA
     rope: dict[str, Any] = field(default_factory=dict)  # rope_type and its parameters (full-attention layers)
     rope_by_layer_type: dict[str, dict[str, Any]] = field(default_factory=dict)  # Gemma 3's per-layer-type form
+    config: dict[str, Any] = field(default_factory=dict, repr=False)  # config.json with the family's defaults
     n_rot: int = 0  # rotary dimensions per head (head_dim unless partially rotary)
     extra: dict[str, Any] = field(default_factory=dict)  # what one architecture adds, read by its entry
 
@@ -73,7 +80,8 @@ def read_hparams(config: dict[str, Any], *, source: str, rope_types: tuple[str, 
     problems: list[str] = []
 
     def need(key: str, default: Any = None) -> int:
-        value = config.get(key, default)
+        value = config.get(key)
+        value = default if value is None and default is not None else value  # null: derived, as transformers does
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE:
             problems.append(f"{key}: expected a positive integer of at most {MAX_SIZE}, found {short_repr(value)}")
             return 1
@@ -83,7 +91,10 @@ def read_hparams(config: dict[str, Any], *, source: str, rope_types: tuple[str, 
     hp = Hparams(n_layer=need("num_hidden_layers"), n_embd=need("hidden_size"), n_ff=need("intermediate_size"),
                  n_head=n_head, n_head_kv=need("num_key_value_heads", n_head), vocab_size=need("vocab_size"),
                  n_ctx=need("max_position_embeddings", 4096), rms_eps=number(config, "rms_norm_eps", 1e-6, problems),
-                 head_dim=1, explicit_head_dim=config.get("head_dim") is not None)
+                 head_dim=1, explicit_head_dim=config.get("head_dim") is not None, config=config)
+    if hp.n_layer > MAX_LAYERS:  # before any per-layer list is built
+        problems.append(f"num_hidden_layers {hp.n_layer}: llama.cpp loads at most {MAX_LAYERS} layers")
+        hp.n_layer = 1
     hp.head_dim = need("head_dim") if hp.explicit_head_dim else hp.n_embd // max(hp.n_head, 1)
     if not hp.explicit_head_dim and hp.n_embd % hp.n_head:
         problems.append(f"hidden_size {hp.n_embd} is not divisible by num_attention_heads {hp.n_head}")
@@ -127,17 +138,17 @@ def number(config: dict[str, Any], key: str, default: float, problems: list[str]
 
 
 def _rope(config: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], float, dict[str, dict[str, Any]]]:
-    params = config.get("rope_parameters")
-    if params is None:  # transformers 4: top-level rope_theta, scaling apart
-        params = dict(config.get("rope_scaling") or {})
-        if "rope_theta" in config:
-            params["rope_theta"] = config["rope_theta"]
+    params = rope_object(config)  # transformers 4's top-level rope_theta and rope_scaling too
+    params = {} if params is None else params
     if not isinstance(params, dict):
-        problems.append(f"rope_parameters: expected an object, found {params!r}")
+        problems.append(f"rope_parameters: expected an object, found {short_repr(params)}")
         return {}, DEFAULT_ROPE_THETA, {}
     by_type: dict[str, dict[str, Any]] = {}
-    if isinstance(params.get("full_attention"), dict):  # one object per layer type (Gemma 3)
+    if per_layer_type(params):  # one object per layer type (Gemma 3)
         by_type = {k: dict(v) for k, v in params.items() if isinstance(v, dict)}
+        if "full_attention" not in by_type:
+            problems.append("rope_parameters: no full_attention entry")
+            return {}, DEFAULT_ROPE_THETA, by_type
         params = by_type["full_attention"]
     theta = _rope_kind(params, problems, "rope_parameters")
     for layer_type, other in by_type.items():
