@@ -32,7 +32,7 @@ from test_to_lora import _dense_dw, _lora_layers, _peft_delta
 
 from bora_tools.core.adapter import load_adapter
 from bora_tools.core.config import BoraConfig
-from bora_tools.demo.llama_run import llama_cpp_available
+from bora_tools.gguf.llama_run import llama_cpp_available
 from bora_tools.demo.tiny import TEXT, build_model, default_targets
 from bora_tools.training import add_bora, randomize_bora, save_bora
 

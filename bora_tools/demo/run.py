@@ -118,7 +118,7 @@ def step_inspect(ctx: DemoContext) -> None:
 
 def step_export_gguf(ctx: DemoContext) -> None:
     """Export the merged model and the adapter as GGUF; llama.cpp must give the BoRA model's logits."""
-    from bora_tools.demo.llama_run import gguf_logits, gguf_tokenize, llama_cpp_available, relative_error
+    from bora_tools.gguf.llama_run import gguf_logits, gguf_tokenize, llama_cpp_available, relative_error
     from bora_tools.gguf.export import export_gguf
 
     merged, base, lora = (ctx.workdir / f"{n}.gguf" for n in ("merged", "base", "lora"))
