@@ -22,6 +22,8 @@ from bora_tools.io.model_dir import INDEX_FILE
 from bora_tools.merge import merge_adapter
 from bora_tools.verify import verify
 
+pytestmark = pytest.mark.slow  # each verify loads the reference and the output: seconds per test
+
 SETTINGS = dict(r=4, bora_blocks=2, lora_alpha=8)
 
 

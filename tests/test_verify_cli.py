@@ -31,6 +31,7 @@ def made(pristine, tmp_path_factory) -> dict[str, Path]:
     return {"merged": root / "merged", "lora": root / "lora"}
 
 
+@pytest.mark.slow
 def test_a_good_output_exits_0_and_json_has_every_measure(work, made):
     result = run("verify", made["merged"], "--adapter", work["adapter"], "--base", work["base"], "--tokens", 16,
                  "--json", "--quiet")
@@ -42,6 +43,7 @@ def test_a_good_output_exits_0_and_json_has_every_measure(work, made):
     assert report["tolerance"] == {"measure": "max_rel_error", "bound": 1e-4, "source": "docs/guarantees.md"}
 
 
+@pytest.mark.slow
 def test_a_damaged_output_exits_1_with_one_line_naming_prompt_position_and_measure(work, made, tmp_path):
     lora = Path(shutil.copytree(made["lora"], tmp_path / "lora"))
     config = json.loads((lora / "adapter_config.json").read_text())
@@ -55,6 +57,7 @@ def test_a_damaged_output_exits_1_with_one_line_naming_prompt_position_and_measu
     assert "FAILED: " in result.stdout  # the report is printed before the verdict
 
 
+@pytest.mark.slow
 def test_prompts_from_jsonl_and_text_files_cut_to_tokens(work, made, tmp_path):
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text(json.dumps({"text": "The quick brown fox"}) + "\n\n" + json.dumps({"text": "BoRA blocks"}) + "\n")
@@ -68,6 +71,7 @@ def test_prompts_from_jsonl_and_text_files_cut_to_tokens(work, made, tmp_path):
         assert max(p["tokens"] for p in report["prompts"]) == 4
 
 
+@pytest.mark.slow
 def test_base_defaults_to_the_adapters_recorded_base(work, made):
     config = json.loads((work["adapter"] / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(work["base"])
@@ -133,6 +137,7 @@ def test_usage_errors_exit_2(work, made):
 # -- Hub ids: the adapter and its recorded base from a Hub ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hub_ids_for_the_adapter_and_its_recorded_base(tmp_path):
     model = build_model("llama")
     base = save_model_dir(model, tmp_path / "base")

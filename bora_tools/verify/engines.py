@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,9 @@ def run_output(output: Output, engine: str, prompts: Prompts, *, base: Path, dty
     if output.kind == "lora":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, output.path)
+        with warnings.catch_warnings():  # PEFT 0.21 calls a transformers 5 API that warns of its own deprecation
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, output.path)
     model.to(device=device, dtype=dtype).eval()
     logits = run_logits(model, prompts, device=device)
     free_model(model)

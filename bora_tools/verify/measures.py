@@ -94,8 +94,13 @@ TOLERANCES: dict[str, Tolerance] = {
     "gguf-bf16": Tolerance("max_rel_error", 3e-2, _EXACT),
 }
 
-#: quantized GGUF type -> the mean KL bound (nats): see ``scripts/verify_kl_bounds.py``.
-KL_BOUNDS: dict[str, float] = {}
+#: quantized GGUF type -> the mean KL bound (nats): twice the worst mean KL that llama.cpp's quantizer reached on
+#: the tiny families and two tiny llamas (rows of 64 and of 256), measured by ``scripts/verify_kl_bounds.py``.
+KL_BOUNDS: dict[str, float] = {
+    "q8_0": 0.00051, "q4_0": 0.074, "q4_1": 0.061, "q5_0": 0.018, "q5_1": 0.016, "q2_k": 0.4, "q3_k_s": 0.2,
+    "q3_k_m": 0.13, "q3_k_l": 0.13, "q4_k_s": 0.042, "q4_k_m": 0.046, "q5_k_s": 0.015, "q5_k_m": 0.015,
+    "q6_k": 0.0039,
+}
 
 
 def tolerance_for(kind: str, *, max_kl: float | None = None) -> Tolerance:
