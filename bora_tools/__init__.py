@@ -52,8 +52,8 @@ _EXPORTS = {
     "push": "bora_tools.hub.push",
     "PushReport": "bora_tools.hub.push",
     "build_model_card": "bora_tools.hub.card",
-    "verify": "bora_tools.verify",
-    "VerifyReport": "bora_tools.verify",
+    "verify": "bora_tools.verification",
+    "VerifyReport": "bora_tools.verification",
     # training
     "add_bora": "bora_tools.training",
     "save_bora": "bora_tools.training",
@@ -150,4 +150,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         trainable_parameters,
         unload_bora,
     )
-    from bora_tools.verify import VerifyReport, verify
+    from bora_tools.verification import VerifyReport, verify

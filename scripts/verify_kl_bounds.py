@@ -31,9 +31,9 @@ from bora_tools.demo.tiny import build_model, default_targets, save_model_dir  #
 from bora_tools.gguf.export import export_gguf  # noqa: E402
 from bora_tools.gguf.outtypes import QUANTIZER_OUTTYPES  # noqa: E402
 from bora_tools.training import add_bora, randomize_bora, save_bora  # noqa: E402
-from bora_tools.verify.engines import _llama_logits  # noqa: E402
-from bora_tools.verify.measures import kl_divergence  # noqa: E402
-from bora_tools.verify.reference import read_prompts, reference_logits, tokenize  # noqa: E402
+from bora_tools.verification.engines import _llama_logits  # noqa: E402
+from bora_tools.verification.measures import kl_divergence  # noqa: E402
+from bora_tools.verification.reference import read_prompts, reference_logits, tokenize  # noqa: E402
 
 TYPES = ["q8_0", *QUANTIZER_OUTTYPES]
 

@@ -20,7 +20,7 @@ from bora_tools.conversion import to_lora
 from bora_tools.gguf.export import export_gguf
 from bora_tools.io.model_dir import INDEX_FILE
 from bora_tools.merge import merge_adapter
-from bora_tools.verify import verify
+from bora_tools.verification import verify
 
 pytestmark = pytest.mark.slow  # each verify loads the reference and the output: seconds per test
 

@@ -120,7 +120,7 @@ def test_no_recorded_base_and_no_base_is_refused(work, made):
 
 
 def test_a_reference_that_does_not_fit_in_memory_is_refused_before_loading(work, made, monkeypatch):
-    import bora_tools.verify.reference as reference
+    import bora_tools.verification.reference as reference
 
     monkeypatch.setattr(reference, "available_memory", lambda: 1000)
     line = clean_failure(work, ["verify", made["merged"], "--adapter", work["adapter"], "--base", work["base"],

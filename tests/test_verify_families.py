@@ -17,7 +17,7 @@ from bora_tools.core.config import BoraConfig
 from bora_tools.gguf.export import export_gguf
 from bora_tools.merge import merge_adapter
 from bora_tools.training import add_bora, randomize_bora, save_bora
-from bora_tools.verify import verify
+from bora_tools.verification import verify
 
 pytestmark = pytest.mark.slow
 

@@ -50,7 +50,7 @@ def verify_cmd(output: Path, adapter: str, base: str | None, prompts: Path | Non
       bora-tools verify merged-q4_k_m.gguf --adapter ./my-bora-adapter --prompts prompts.jsonl
       bora-tools verify lora.gguf --adapter ./my-bora-adapter --base-gguf base-f16.gguf
     """
-    from bora_tools.verify import VerificationFailed, verify
+    from bora_tools.verification import VerificationFailed, verify
 
     found = _resolve(adapter, "adapter", token=token)
     found_base = _resolve(base, "model", token=token) if base is not None else None

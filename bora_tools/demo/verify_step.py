@@ -10,7 +10,7 @@ from bora_tools.errors import BoraError
 def step_verify(ctx: Any) -> None:
     """``bora-tools verify`` on the merged model, both LoRAs and (with llama.cpp) the GGUF files."""
     from bora_tools.gguf.llama_run import llama_cpp_available
-    from bora_tools.verify import verify
+    from bora_tools.verification import verify
 
     outputs: list[tuple[str, dict]] = [("merged", {}), ("lora-full", {}), ("lora-truncated", {})]
     if llama_cpp_available():

@@ -6,7 +6,7 @@
 - ``report``: ``VerifyReport``; ``command``: ``verify`` itself.
 """
 
-from bora_tools.verify.command import verify
-from bora_tools.verify.report import VerificationFailed, VerifyReport
+from bora_tools.verification.command import verify
+from bora_tools.verification.report import VerificationFailed, VerifyReport
 
 __all__ = ["verify", "VerifyReport", "VerificationFailed"]

@@ -9,7 +9,7 @@ import numpy as np
 
 from bora_tools.errors import BoraError
 from bora_tools.report import Report
-from bora_tools.verify.measures import Tolerance, kl_divergence, measure
+from bora_tools.verification.measures import Tolerance, kl_divergence, measure
 
 
 class VerificationFailed(BoraError):

@@ -21,7 +21,7 @@ import torch
 from bora_tools.errors import UnsupportedError, ValidationError
 from bora_tools.gguf.outtypes import OUTTYPES
 from bora_tools.io.kinds import input_kind
-from bora_tools.verify.reference import (
+from bora_tools.verification.reference import (
     OVERHEAD,
     Prompts,
     check_memory,

@@ -19,10 +19,10 @@ from bora_tools.io.hub_input import resolve_input
 from bora_tools.io.json import read_json
 from bora_tools.io.kinds import wrong_kind
 from bora_tools.progress import Progress, no_progress
-from bora_tools.verify.engines import Output, find_output, pick_engine, run_output
-from bora_tools.verify.measures import TOLERANCES, Tolerance, effect, tolerance_for
-from bora_tools.verify.reference import read_prompts, reference_logits, tokenize
-from bora_tools.verify.report import VerifyReport, build_report
+from bora_tools.verification.engines import Output, find_output, pick_engine, run_output
+from bora_tools.verification.measures import TOLERANCES, Tolerance, effect, tolerance_for
+from bora_tools.verification.reference import read_prompts, reference_logits, tokenize
+from bora_tools.verification.report import VerifyReport, build_report
 
 #: A truncated LoRA may lose up to this many times to-lora's predicted error of the adapter's effect on the logits.
 TRUNCATION_FACTOR = 3.0
