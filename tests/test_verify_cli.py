@@ -108,6 +108,13 @@ def test_a_gguf_lora_without_base_gguf_is_refused(work, tmp_path):
                   "GGUF LoRA adapter", "--base-gguf")
 
 
+def test_base_gguf_for_an_output_that_is_no_gguf_lora_is_refused(work, made):
+    gguf = work["outdir"] / "base.gguf"
+    gguf.write_bytes(b"GGUF")
+    clean_failure(work, ["verify", made["merged"], "--adapter", work["adapter"], "--base", work["base"],
+                         "--base-gguf", gguf], "--base-gguf", "model directory")
+
+
 def test_a_bad_prompts_file_is_refused(work, made):
     bad = work["outdir"] / "p.jsonl"
     bad.write_text('{"text": "fine"}\n{"prompt": "no text"}\n')

@@ -72,6 +72,8 @@ def verify(output: str | Path, adapter: str | Path, *, base: str | Path | None =
     if wrong is not None:
         raise ConfigError(f"`adapter` {wrong}")
     found = find_output(output, base_gguf=base_gguf)
+    if base_gguf is not None and found.kind != "gguf-lora":
+        raise ValidationError(f"`base_gguf` applies to a GGUF LoRA adapter; {found.path} is a {found.detail}")
     chosen = pick_engine(found, engine)
     base_path = _base(adapter, base, progress=progress)
     dev = resolve_device(device)

@@ -47,6 +47,7 @@ class Output:
     type: str
     detail: str = ""
     predicted: dict | None = None  # a LoRA: to-lora's record (policy, max_rel_error, per-module errors)
+    base_gguf: Path | None = None  # a GGUF LoRA: the base model's GGUF it runs on
 
 
 def find_output(path: str | Path, *, base_gguf: str | Path | None = None) -> Output:
@@ -122,16 +123,13 @@ def _gguf(path: Path, base_gguf: str | Path | None) -> Output:
         if base.kind != "gguf":
             raise ValidationError(f"`base_gguf` {base_gguf} is a GGUF LoRA adapter, not a model")
         return Output(path, "gguf-lora", _looser(out_type, base.type), f"GGUF LoRA adapter on {base.path}",
-                      predicted={"base_gguf": str(base.path), "alpha": _field(reader, "adapter.lora.alpha")})
+                      base_gguf=base.path)
     return Output(path, "gguf", out_type, detail)
 
 
 def _field(reader, key: str):
     field = reader.get_field(key)
-    if field is None:
-        return None
-    value = field.contents()
-    return value
+    return None if field is None else field.contents()
 
 
 def _looser(lora_type: str, base_type: str) -> str:
@@ -164,7 +162,7 @@ def run_output(output: Output, engine: str, prompts: Prompts, *, base: Path, dty
     """The output's logits on every prompt, in ``engine`` (transformers and PEFT in ``dtype`` on ``device``)."""
     if engine == "llama.cpp":
         lora = output.path if output.kind == "gguf-lora" else None
-        model_file = Path(output.predicted["base_gguf"]) if lora else output.path
+        model_file = output.base_gguf if lora else output.path
         return _llama_logits(model_file, prompts, lora=lora)
     from transformers import AutoModelForCausalLM
 
