@@ -25,7 +25,7 @@ from bora_tools.verification.reference import read_prompts, reference_logits, to
 from bora_tools.verification.report import VerifyReport, build_report
 
 #: A truncated LoRA may lose up to this many times to-lora's predicted error of the adapter's effect on the logits.
-TRUNCATION_FACTOR = 3.0
+TRUNCATION_FACTOR = 4.0
 
 
 def verify(output: str | Path, adapter: str | Path, *, base: str | Path | None = None,
