@@ -90,6 +90,12 @@ def test_float32_outputs_are_within_the_exact_bound(made):
         assert report.tolerance.bound == 1e-4 and report.tolerance.source == "docs/guarantees.md"
 
 
+def test_precise_runs_reference_and_output_in_float64(made):
+    report = check(made["merged"], made, precise=True)
+    assert report.passed and report.reference_dtype == "float64"
+    assert report.overall["max_rel_error"] < 1e-6  # only the merged file's float32 rounding is left
+
+
 def test_truncated_lora_passes_within_the_predicted_error(made):
     report = check(made["lora-3"], made)
     assert report.passed, report.to_text()
