@@ -75,6 +75,7 @@ def verify(output: str | Path, adapter: str | Path, *, base: str | Path | None =
     if base_gguf is not None and found.kind != "gguf-lora":
         raise ValidationError(f"`base_gguf` applies to a GGUF LoRA adapter; {found.path} is a {found.detail}")
     chosen = pick_engine(found, engine)
+    tolerance_for(found.type, max_kl=max_kl)  # a type without a known bound is refused before any work
     base_path = _base(adapter, base, progress=progress)
     dev = resolve_device(device)
     dtype = torch.float64 if precise else torch.float32
