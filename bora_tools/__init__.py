@@ -8,6 +8,7 @@ The public Python API, one name per job (``import bora_tools as bt``)::
     bt.to_lora("my-bora", "my-lora", rank="full")              # a PEFT LoRA adapter
     bt.export_gguf("merged", "merged.gguf", outtype="q8_0")    # GGUF for llama.cpp
     bt.push(path="my-bora", repo_id="me/my-bora")              # the Hugging Face Hub
+    bt.verify("merged", "my-bora", base="base-model").passed   # the output gives the adapter's outputs
     bt.train("base-model", "data.jsonl", "my-bora", r=8, blocks=4)   # fine-tune a BoRA adapter (Trainer)
 
 Each report has ``to_dict()`` (what ``--json`` prints) and a text form (``str(report)``).
@@ -51,6 +52,8 @@ _EXPORTS = {
     "push": "bora_tools.hub.push",
     "PushReport": "bora_tools.hub.push",
     "build_model_card": "bora_tools.hub.card",
+    "verify": "bora_tools.verification",
+    "VerifyReport": "bora_tools.verification",
     # training
     "add_bora": "bora_tools.training",
     "save_bora": "bora_tools.training",
@@ -86,6 +89,7 @@ __all__ = [
     "merged_weight", "to_lora", "ToLoraReport", "export_gguf", "ExportReport", "push", "PushReport",
     "build_model_card", "add_bora", "save_bora", "load_bora", "bora_modules", "BoraLinear", "randomize_bora",
     "bora_adapter", "merge_bora", "unload_bora", "disable_bora", "trainable_parameters", "train", "TrainReport",
+    "verify", "VerifyReport",
     "BoraError",
     "ConfigError", "CheckpointError", "ShapeError", "ModelDirError", "UnsafePathError", "OutputExistsError",
     "OutputWriteError", "UnsupportedError", "HubError", "ValidationError",
@@ -146,3 +150,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         trainable_parameters,
         unload_bora,
     )
+    from bora_tools.verification import VerifyReport, verify

@@ -22,3 +22,6 @@ DTYPE_ALIASES = {
 
 #: The GGUF names (``--outtype``) of the three float dtypes.
 GGUF_FLOAT_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+#: ``verify --engine``: where an output runs; ``auto`` picks the program that consumes it.
+VERIFY_ENGINES = ("auto", "transformers", "peft", "llama.cpp", "vllm")

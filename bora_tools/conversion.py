@@ -261,6 +261,19 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
     return result
 
 
+#: The safetensors metadata key under which a LoRA records the error to-lora predicted (``verify`` reads it).
+PREDICTED_KEY = "bora_tools.to_lora"
+
+
+def predicted_error(report: ToLoraReport) -> str:
+    """What the LoRA's weights file records: the policy and each module's relative Frobenius error, as JSON.
+
+    Example: ``'{"max_rel_error": 0.0, "modules": {"model.layers.0.self_attn.q_proj": 0.0, ...}, ...}'``
+    """
+    return json.dumps({"policy": report.policy, "max_rel_error": report.totals["max_rel_error"],
+                       "modules": {m.name: m.rel_error for m in report.modules}}, sort_keys=True)
+
+
 def _check_outputs(adapter: Path, out: Path, extra: list[Path], *, overwrite: bool) -> None:
     """Refuse before any work: outputs that are or hold the input, clashing outputs, existing outputs."""
     dst_out = out.resolve()
@@ -281,7 +294,7 @@ def _write_all(out: Path, tensors: dict[str, Tensor], config: dict, report: ToLo
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_output(out, overwrite=overwrite, directory=True))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", PREDICTED_KEY: predicted_error(report)})
         if extras["report"]:
             tmp_report = stack.enter_context(atomic_output(extras["report"], overwrite=overwrite))
             tmp_report.write_text(json_text(report.to_dict()) + "\n")

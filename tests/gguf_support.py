@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bora_tools.demo.llama_run import correlation, gguf_logits, gguf_tokenize, llama_cpp_available, relative_error
 from bora_tools.demo.tiny import TEXT, build_model_dir
+from bora_tools.gguf.llama_run import correlation, gguf_logits, gguf_tokenize, llama_cpp_available, relative_error
 
 #: For test modules that run llama.cpp: it is in the test extra; skip (not fail) where absent.
 needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")

@@ -117,9 +117,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_command_of_the_command_modules_is_registered():
-    from bora_tools.cli import adapters, demo, gguf, hub, train
+    from bora_tools.cli import adapters, demo, gguf, hub, train, verify
 
-    defined = {obj.name: obj for module in (adapters, demo, gguf, hub, train) for obj in vars(module).values()
+    defined = {obj.name: obj for module in (adapters, demo, gguf, hub, train, verify) for obj in vars(module).values()
                if isinstance(obj, click.Command)}
     assert defined == cli.commands
 

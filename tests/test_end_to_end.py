@@ -32,8 +32,8 @@ from test_to_lora import _dense_dw, _lora_layers, _peft_delta
 
 from bora_tools.core.adapter import load_adapter
 from bora_tools.core.config import BoraConfig
-from bora_tools.demo.llama_run import llama_cpp_available
 from bora_tools.demo.tiny import TEXT, build_model, default_targets
+from bora_tools.gguf.llama_run import llama_cpp_available
 from bora_tools.training import add_bora, randomize_bora, save_bora
 
 # huggingface_hub itself passes file objects as `data=` to its HTTP client, which warns about it.
@@ -223,6 +223,7 @@ class TestEndToEnd:
     def test_demo_runs_the_same_chain_and_says_what_each_step_proved(self, flow):
         out = bora_tools(flow, "demo", "--quiet", "--steps", "5", "--workdir", "demo").stdout
         labels = [line.split("]")[0] + "]" for line in out.splitlines() if line.startswith("[")]
-        assert labels == ["[train]", "[inspect]", "[merge]", "[to-lora]", "[gguf]", "[push]"], out
+        assert labels == ["[train]", "[inspect]", "[merge]", "[to-lora]", "[gguf]", "[verify]", "[push]"], out
+        assert "bora-tools verify demo/merged --adapter demo/bora-adapter --base demo/base" in out
         assert "bora-tools push demo/merged " in out and "bora-tools push demo/lora-full " in out
         assert out.splitlines()[-1].startswith("demo done in ")

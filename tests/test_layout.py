@@ -17,6 +17,7 @@ PACKAGE = Path(bora_tools.__file__).parent
 FLOORS = [
     ("cli", ("bora_tools.cli",)),
     ("demo", ("bora_tools.demo",)),
+    ("verification", ("bora_tools.verification",)),
     ("command", ("bora_tools.inspection", "bora_tools.merge", "bora_tools.conversion", "bora_tools.training",
                  "bora_tools.gguf", "bora_tools.hub")),
     ("drawing", ("bora_tools.plot",)),

@@ -12,7 +12,7 @@ import signal
 
 import click
 
-from bora_tools.cli import adapters, demo, gguf, hub, train
+from bora_tools.cli import adapters, demo, gguf, hub, train, verify
 from bora_tools.cli.frame import _CleanErrorsGroup, install_warning_handler, version_option
 from bora_tools.cli.params import common_options
 
@@ -37,7 +37,7 @@ def cli() -> None:
 
 
 for _command in (adapters.inspect_cmd, demo.demo_cmd, hub.push_cmd, adapters.merge_cmd, gguf.export_gguf_cmd,
-                 adapters.to_lora_cmd, train.train_cmd):
+                 adapters.to_lora_cmd, train.train_cmd, verify.verify_cmd):
     cli.add_command(_command)
 
 

@@ -1,5 +1,6 @@
-"""``bora-tools demo`` and the offline test support it shares: tiny models (``tiny``) and a llama.cpp runner
-(``llama_run``). Library code never imports this package."""
+"""``bora-tools demo`` and the offline test support it shares: tiny models (``tiny``); the llama.cpp runner it
+uses is ``bora_tools.gguf.llama_run`` (``verify`` runs GGUF files with it too). Library code never imports
+this package."""
 
 from bora_tools.demo.run import run_demo
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from bora_tools.demo.verify_step import step_verify
 from bora_tools.errors import BoraError, OutputWriteError
 from bora_tools.progress import Progress, no_progress
 from bora_tools.report import Report
@@ -118,8 +119,8 @@ def step_inspect(ctx: DemoContext) -> None:
 
 def step_export_gguf(ctx: DemoContext) -> None:
     """Export the merged model and the adapter as GGUF; llama.cpp must give the BoRA model's logits."""
-    from bora_tools.demo.llama_run import gguf_logits, gguf_tokenize, llama_cpp_available, relative_error
     from bora_tools.gguf.export import export_gguf
+    from bora_tools.gguf.llama_run import gguf_logits, gguf_tokenize, llama_cpp_available, relative_error
 
     merged, base, lora = (ctx.workdir / f"{n}.gguf" for n in ("merged", "base", "lora"))
     m = export_gguf(ctx.adapter_dir, merged, base=ctx.base_dir, merge=True, outtype="f32", progress=ctx.progress)
@@ -355,6 +356,7 @@ STEPS: list[Callable[[DemoContext], None]] = [
     step_merge,
     step_to_lora,
     step_export_gguf,
+    step_verify,
     step_push,
 ]
 

@@ -8,6 +8,7 @@
 - ``shapes``: every tensor's shape against what ``config.json`` implies (per family), before the first byte.
 - ``writer``: tensor types and the streaming tensor writer.
 - ``outtypes``: the ``--outtype`` table; ``quantize``: llama.cpp's quantizer (k-quants) on our intermediate GGUF.
+- ``llama_run``: a GGUF run in llama.cpp (``llama-cpp-python``): the proof of the demo, the tests and ``verify``.
 
 ``export_gguf`` is imported on first use, so that the CLI reads ``outtypes`` without loading torch.
 """
