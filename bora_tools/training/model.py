@@ -99,13 +99,14 @@ def save_bora(model: nn.Module, path: str | Path, *, overwrite: bool = False) ->
     return save_adapter(bora_adapter(model), path, overwrite=overwrite)
 
 
-def load_bora(model: nn.Module, path: str | Path, *, dropout: float = 0.0) -> nn.Module:
-    """Add the BoRA layers of the adapter at ``path`` to ``model`` and load their values.
+def load_bora(model: nn.Module, path: str | Path, *, dropout: float = 0.0, token: str | None = None) -> nn.Module:
+    """Add the BoRA layers of the adapter at ``path`` (a folder, or a Hub id ``owner/name[@revision]`` read
+    with ``token``) to ``model`` and load their values.
 
     Raises:
         ShapeError: the adapter does not fit this model (another base model).
     """
-    adapter = load_adapter(path)
+    adapter = load_adapter(path, token=token)
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     check_against_base(adapter, shapes.get, source=str(path))
     add_bora(model, adapter.config, dropout=dropout)
