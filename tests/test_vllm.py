@@ -25,8 +25,6 @@ from peft import PeftModel
 from bora_tools.conversion import to_lora
 from bora_tools.demo.tiny import build_model
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).resolve().parent / "vllm_runner.py"
 ATOL = 1e-4
@@ -101,10 +99,22 @@ def served(request, tiny, tmp_path_factory) -> dict:
             "base": peft_logprobs(build_model(arch, seed=0, **MODEL))}
 
 
+def test_without_the_venv_the_tests_fail_and_skip_only_when_asked(monkeypatch, tmp_path):
+    monkeypatch.delenv("BORA_SKIP_VLLM", raising=False)
+    monkeypatch.setenv("BORA_VLLM_PYTHON", str(tmp_path / "no-venv" / "bin" / "python"))
+    with pytest.raises(pytest.fail.Exception, match="no vLLM venv: .* build it with scripts/vllm_venv.sh"):
+        vllm_python()
+    monkeypatch.setenv("BORA_SKIP_VLLM", "1")
+    with pytest.raises(pytest.skip.Exception, match="BORA_SKIP_VLLM=1"):
+        vllm_python()
+
+
+@pytest.mark.slow
 def test_vllm_base_model_matches_transformers(served):
     assert _max_diff(served["result"]["base"], served["base"]) <= ATOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
 @pytest.mark.parametrize("output", sorted(OUTPUTS))
 def test_vllm_serves_to_lora_outputs_as_peft_computes_them(served, adapter, output):
