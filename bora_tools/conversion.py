@@ -191,6 +191,10 @@ def _table(report: dict[str, Any]) -> str:
         + (f"; modules_to_save: {t['saved_parameters']:,} copied" if t["saved_parameters"] else ""),
         error,
     ]
+    serving = report.get("serving") or {}
+    if serving.get("vllm_max_lora_rank"):  # the warnings (modules_to_save, rank > 512) go to stderr
+        lines.append(f"vLLM: serve with --enable-lora --max-lora-rank {serving['vllm_max_lora_rank']} "
+                     f"(largest rank {serving['max_rank']})")
     for label, key in (("this report, as JSON", "report_path"), ("singular values and energy, as a PNG plot",
                                                                  "plot_path")):
         if report.get(key):
@@ -198,11 +202,6 @@ def _table(report: dict[str, Any]) -> str:
     lines.append(f"wrote {report['out']} (PEFT LoRA adapter: r={peft['r']}, lora_alpha={peft['lora_alpha']}"
                  + (f", {peft['rank_pattern_entries']} per-module ranks in rank_pattern/alpha_pattern"
                     if peft["rank_pattern_entries"] else "") + ")")
-    serving = report.get("serving") or {}
-    if serving.get("vllm_max_lora_rank"):
-        lines.append(f"vLLM: serve with --enable-lora --max-lora-rank {serving['vllm_max_lora_rank']} "
-                     f"(largest rank {serving['max_rank']})")
-    lines += [f"Warning: {w}" for w in report.get("warnings") or []]
     return "\n".join(lines)
 
 
