@@ -11,6 +11,10 @@ The BoRA scaling is folded into the factors and PEFT's own scaling is made
 exactly 1 for every module (``lora_alpha == r``, per-module overrides in
 ``rank_pattern`` / ``alpha_pattern``, ``use_rslora`` false), so the file means
 the same thing to every LoRA loader, including those that ignore rsLoRA.
+With ``uniform_rank`` every module gets the same rank (zero columns and rows
+pad a lower one), so no ``rank_pattern`` is written at all: the form that
+loaders and converters which read one global ``r`` and ``lora_alpha`` need
+(llama.cpp's ``convert_lora_to_gguf.py``, Ollama's safetensors import).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import re
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +37,49 @@ from bora_tools.core.dtypes import dtype_name, parse_dtype
 from bora_tools.core.lowrank import SVD_ROUTES, ModuleResult, RankPolicy, convert_module
 from bora_tools.errors import ValidationError
 from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
+from bora_tools.io.hub_input import hub_id_of, hub_or_local
 from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, json_text
 
 Tensor = torch.Tensor
+
+#: The values vLLM accepts for ``--max-lora-rank`` (vllm.config.lora; its default is 16).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest ``--max-lora-rank`` vLLM accepts for an adapter of largest rank ``rank``; None above 512.
+
+    Example: ``vllm_max_lora_rank(24)`` -> ``32``.
+    """
+    return next((v for v in VLLM_LORA_RANKS if v >= rank), None)
+
+
+def uniform_target(policy: RankPolicy, results: list[ModuleResult]) -> int:
+    """The one rank of a ``uniform_rank`` output: ``K`` for ``rank`` K, the largest ``b*r`` for ``full``,
+    the largest rank kept for ``energy``."""
+    if policy.full:
+        return max(r.bora_rank for r in results)
+    if policy.energy is None:
+        return int(policy.rank)
+    return max(r.rank for r in results)
+
+
+def pad_to_rank(tensors: dict[str, Tensor], results: list[ModuleResult], rank: int) -> None:
+    """Pad every module's factors with zeros to exactly ``rank`` (in place): ``B @ A`` is unchanged."""
+    for res in results:
+        if res.rank == rank:
+            continue
+        key_a, key_b = PREFIX + res.name + SUFFIX_A, PREFIX + res.name + SUFFIX_B
+        a_k, b_k = tensors[key_a], tensors[key_b]
+        useful = res.rank if res.update_rank else 0
+        tensors[key_a] = torch.cat([a_k, a_k.new_zeros(rank - res.rank, a_k.shape[1])]).contiguous()
+        tensors[key_b] = torch.cat([b_k, b_k.new_zeros(b_k.shape[0], rank - res.rank)], dim=1).contiguous()
+        res.note = (f"rank {useful} zero-padded to {rank} (--uniform-rank)" if useful
+                    else f"zero update: written as rank {rank} with zero factors")
+        res.capped = False
+        res.rank = rank
+        res.parameters_after = rank * sum(res.shape)
 
 
 def convert_adapter(adapter: BoraAdapter, policy: RankPolicy, *, device: torch.device | str = "cpu",
@@ -75,6 +118,9 @@ class ToLoraReport(Report):
     peft: dict[str, Any]  # r, lora_alpha, rank_pattern_entries, use_rslora of the written config
     modules: list[ModuleResult]
     totals: dict[str, Any]
+    # uniform_rank, max_rank, vllm_max_lora_rank (None above 512), modules_to_save
+    serving: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     report_path: str | None = None  # --report: this report as JSON
     plot_path: str | None = None  # --plot: the spectra PNG
 
@@ -84,7 +130,7 @@ class ToLoraReport(Report):
 
 
 def build_report(*, adapter: Path, out: Path, policy: dict, dtype: str, results: list[ModuleResult],
-                 peft_config: dict, saved: dict[str, torch.Tensor]) -> ToLoraReport:
+                 peft_config: dict, saved: dict[str, torch.Tensor], uniform_rank: bool = False) -> ToLoraReport:
     """The report of a conversion (``to_dict()`` is what ``--json`` prints and ``--report`` writes)."""
     errors = [r.rel_error for r in results]
     worst = max(results, key=lambda r: r.rel_error)
@@ -102,8 +148,18 @@ def build_report(*, adapter: Path, out: Path, policy: dict, dtype: str, results:
     }
     peft = {"r": peft_config["r"], "lora_alpha": peft_config["lora_alpha"],
             "rank_pattern_entries": len(peft_config["rank_pattern"]), "use_rslora": peft_config["use_rslora"]}
+    max_rank = max(r.rank for r in results)
+    serving = {"uniform_rank": uniform_rank, "max_rank": max_rank, "vllm_max_lora_rank": vllm_max_lora_rank(max_rank),
+               "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in saved})}
+    warnings = []
+    if saved:
+        warnings.append(f"modules_to_save ({', '.join(serving['modules_to_save'])}): vLLM refuses LoRA adapters "
+                        "that carry whole modules; serve the merged model instead (bora-tools merge)")
+    if serving["vllm_max_lora_rank"] is None:
+        warnings.append(f"rank {max_rank} is above 512, the largest --max-lora-rank vLLM accepts; choose "
+                        "--rank 512 or lower, or serve the merged model (bora-tools merge)")
     return ToLoraReport(adapter=str(adapter), out=str(out), policy=policy, dtype=dtype, peft=peft,
-                        modules=list(results), totals=totals)
+                        modules=list(results), totals=totals, serving=serving, warnings=warnings)
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -135,6 +191,10 @@ def _table(report: dict[str, Any]) -> str:
         + (f"; modules_to_save: {t['saved_parameters']:,} copied" if t["saved_parameters"] else ""),
         error,
     ]
+    serving = report.get("serving") or {}
+    if serving.get("vllm_max_lora_rank"):  # the warnings (modules_to_save, rank > 512) go to stderr
+        lines.append(f"vLLM: serve with --enable-lora --max-lora-rank {serving['vllm_max_lora_rank']} "
+                     f"(largest rank {serving['max_rank']})")
     for label, key in (("this report, as JSON", "report_path"), ("singular values and energy, as a PNG plot",
                                                                  "plot_path")):
         if report.get(key):
@@ -188,7 +248,8 @@ def peft_lora_config(config: BoraConfig, ranks: dict[str, int]) -> dict[str, Any
     return {
         "peft_type": "LORA",
         "task_type": config.task_type,
-        "base_model_name_or_path": config.base_model_name_or_path,
+        # a folder in the Hugging Face cache is recorded as its Hub id, never as the cache's hash
+        "base_model_name_or_path": hub_id_of(config.base_model_name_or_path) or config.base_model_name_or_path,
         "r": default,
         "lora_alpha": default,
         "use_rslora": False,  # the BoRA scaling (rsLoRA or not) is already folded into the factors
@@ -207,13 +268,18 @@ def peft_lora_config(config: BoraConfig, ranks: dict[str, int]) -> dict[str, Any
 def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = None, energy: float | None = None,
             dtype: str = "float32", device: str = "auto", report: str | Path | None = None,
             plot: str | Path | None = None, overwrite: bool = False, route: str = "gram",
-            progress: Progress = no_progress, name: str | None = None) -> ToLoraReport:
+            progress: Progress = no_progress, name: str | None = None, uniform_rank: bool = False,
+            token: str | None = None) -> ToLoraReport:
     """Convert the BoRA adapter at ``adapter`` into a PEFT LoRA adapter directory ``out``.
 
     Everything is validated (options, output paths, the adapter) before any
     computation; ``out``, ``report`` (JSON) and ``plot`` (PNG) appear only
     when everything succeeded. ``name`` names the adapter in the plot's title
-    (default: its folder's name). Returns the report (``ToLoraReport``).
+    (default: its folder's name, or its Hub id). ``adapter`` may be a Hub id (``owner/name[@revision]``,
+    read with ``token``). ``uniform_rank`` writes every module at the same rank (``rank`` K,
+    the largest ``b*r`` for ``full``, the largest kept for ``energy``), zero-padded, with no
+    ``rank_pattern``. Returns the report (``ToLoraReport``); its ``serving`` names vLLM's
+    ``--max-lora-rank``.
 
     Example::
 
@@ -233,7 +299,9 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
     if route not in SVD_ROUTES:
         raise ValidationError(f"route: expected one of {', '.join(SVD_ROUTES)}, found {route!r}")
     dev = resolve_device(device)
-    adapter, out = Path(adapter), Path(out)
+    found = hub_or_local(adapter, kind="adapter", token=token)
+    adapter, out = found.path, Path(out)
+    name = name or found.repo_id
     extras = {"report": Path(report) if report else None, "plot": Path(plot) if plot else None}
     _check_outputs(adapter, out, [p for p in extras.values() if p], overwrite=overwrite)
     if extras["plot"]:
@@ -247,9 +315,13 @@ def to_lora(adapter: str | Path, out: str | Path, *, rank: int | str | None = No
                               hint="a LoRA needs at least one adapted module; use merge to apply whole tensors")
     tensors, results = convert_adapter(bora, policy, device=dev, dtype=torch_dtype, route=route,
                                        progress=progress)
+    if uniform_rank:
+        pad_to_rank(tensors, results, uniform_target(policy, results))
     config = peft_lora_config(bora.config, {r.name: r.rank for r in results})
     result = build_report(adapter=adapter, out=out, policy=policy.to_dict(), dtype=dtype, results=results,
-                          peft_config=config, saved=bora.saved)
+                          peft_config=config, saved=bora.saved, uniform_rank=uniform_rank)
+    for warning in result.warnings:
+        logger.warning(warning)
     capped = [r for r in results if r.capped]
     if capped:
         logger.warning(f"{len(capped)} module(s) kept another rank than asked, e.g. {capped[0].name}: "

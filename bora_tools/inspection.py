@@ -43,8 +43,8 @@ class InspectReport(Report):
 
 
 def inspect_adapter(path: str | Path, *, device: torch.device | str = "cpu",
-                    progress: Progress = no_progress) -> InspectReport:
-    """Describe the adapter at ``path``.
+                    progress: Progress = no_progress, token: str | None = None) -> InspectReport:
+    """Describe the adapter at ``path`` (a folder, or a Hub id ``owner/name[@revision]`` read with ``token``).
 
     Per module: shape ``(m, n)``, ``b``, ``r``, scaling, trainable parameters
     (``r*(m+n) + b*b*r``), the numerical rank of ``dW`` and its Frobenius
@@ -58,7 +58,7 @@ def inspect_adapter(path: str | Path, *, device: torch.device | str = "cpu",
         print(report)              # the table ``bora-tools inspect`` prints
     """
     with one_cpu_thread(device):  # many small products: see devices.one_cpu_thread
-        adapter = load_adapter(path)
+        adapter = load_adapter(path, token=token)
         modules = [_describe(mod, adapter.config.alpha_for(mod.name), device)
                    for mod in progress(list(adapter.modules.values()), label="inspecting")]
     cfg = adapter.config

@@ -98,9 +98,9 @@ class _Job:
         return ST_DTYPES[self.spec.dtype][1]
 
 
-def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dtype: str = "auto", scale: float = 1.0,
-                  device: str = "auto", overwrite: bool = False, progress: Progress = no_progress,
-                  base_name: str | None = None) -> MergeReport:
+def merge_adapter(adapter: str | Path, base: str | Path | None, out: str | Path, *, dtype: str = "auto",
+                  scale: float = 1.0, device: str = "auto", overwrite: bool = False, progress: Progress = no_progress,
+                  base_name: str | None = None, token: str | None = None) -> MergeReport:
     """Merge a BoRA adapter into its base model, writing a complete model directory ``out``.
 
     Every shard keeps its name and its tensors; adapted weights become
@@ -109,12 +109,15 @@ def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dty
     raw bytes (or cast, when ``dtype`` asks for another float dtype). Nothing
     is written before every check passed; ``out`` appears only when complete.
 
-    ``base_name`` (the Hub id the base was downloaded from) is recorded as ``_name_or_path`` in the
-    output's ``config.json``, where ``push`` and transformers look for the base model's name.
+    ``adapter`` and ``base`` may be Hub ids (``owner/name[@revision]``, read with ``token``); ``base``
+    None is the base the adapter records (``base_model_name_or_path``). ``base_name`` (default: the Hub
+    id the base came from) is recorded as ``_name_or_path`` in the output's ``config.json``, where
+    ``push`` and transformers look for the base model's name.
 
     Example::
 
         report = merge_adapter("my-adapter", "base-model", "merged", dtype="bfloat16")
+        merge_adapter("someone/my-bora", None, "merged")   # from the Hub, onto the base it records
         report.merged   # number of weights that received their update
 
     Raises:
@@ -131,6 +134,8 @@ def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dty
         raise ValidationError(f"`scale` {scale}: expected a finite number of magnitude at most {MAX_SCALE:g}")
     dev = resolve_device(device)
     check_target(out, overwrite=overwrite)
+    adapter, base, found_name = resolve_merge_inputs(adapter, base, token=token)
+    base_name = base_name or found_name
     with one_cpu_thread(dev):
         bora = load_adapter(adapter)
         model = ModelDir.open(base)
@@ -143,6 +148,17 @@ def merge_adapter(adapter: str | Path, base: str | Path, out: str | Path, *, dty
                       out_dtype=out_dtype, device=dev, progress=progress, base_name=base_name)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def resolve_merge_inputs(adapter: str | Path, base: str | Path | None, *,
+                         token: str | None = None) -> tuple[Path, Path, str | None]:
+    """The local folders of an adapter and its base (Hub ids downloaded; no ``base``: the one the adapter
+    records), and the base's Hub id when it has one (never a cache folder's hash)."""
+    from bora_tools.io.hub_input import hub_id_of, hub_or_local, recorded_base
+
+    found_adapter = hub_or_local(adapter, kind="adapter", token=token)
+    found_base = hub_or_local(recorded_base(found_adapter.path) if base is None else base, kind="model", token=token)
+    return found_adapter.path, found_base.path, found_base.repo_id or hub_id_of(found_base.path)
 
 
 def _write_output(model: ModelDir, shards: dict[str, list[_Job]], report: MergeReport, *, overwrite: bool,

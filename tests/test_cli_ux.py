@@ -321,10 +321,8 @@ def test_demo_ctrl_c_removes_what_it_wrote(tmp_path):
 # ----- 8. consistency ---------------------------------------------------------------------------
 @pytest.mark.parametrize("args", [
     ["export-gguf", "{base}", "--rank", "4", "--out", "{out}.gguf"],
-    ["export-gguf", "{adapter}", "--merge", "--out", "{out}.gguf"],
     ["export-gguf", "{adapter}", "--base", "{base}", "--merge", "--rank", "4", "--out", "{out}.gguf"],
     ["to-lora", "{adapter}", "--rank", "full", "--energy", "0.5", "--out", "{out}"],
-    ["merge", "{adapter}", "--out", "{out}"],
     ["inspect", "no/such/path/here"],
 ])
 def test_usage_conflicts_exit_2_with_the_usage_line(dirs, tmp_path, args):

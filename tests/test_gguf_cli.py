@@ -66,7 +66,7 @@ def test_existing_output_refused_then_overwritten(dirs, tmp_path):
 
 @pytest.mark.parametrize("extra,fragments,code", [
     ([], ["is an adapter", "--base"], 1),
-    (["--merge"], ["--merge needs --base"], 2),  # an option conflict: a usage error
+    (["--merge"], ["is an adapter", "records no base model", "--base"], 1),  # no --base, none recorded
 ])
 def test_adapter_needs_base(dirs, tmp_path, extra, fragments, code):
     _, _, adapter = dirs

@@ -86,6 +86,16 @@ def cli_batch(hub, home: Path, commands: list[list[str]], *, env: dict[str, str]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _gguf_contents(path: Path) -> dict:
+    """Every key's value and every tensor's type, shape and bytes."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: (t.tensor_type, tuple(t.shape), bytes(t.data.tobytes())) for t in reader.tensors}
+    return {**fields, "tensors": tensors}
+
+
 def one_error_line(result: dict) -> str:
     assert result["code"] == 1, result
     lines = [line for line in result["stderr"].splitlines() if line.strip()]
@@ -208,8 +218,15 @@ def test_commands_from_hub_ids_match_local_copies(hub, local, tmp_path):
     assert hub_merged == local_merged
     assert build_model_card(hub_out / "merged", repo_id="me/merged").data.base_model == "org/base"
     assert _files(hub_out / "lora") == _files(loc / "lora")
-    assert (hub_out / "m.gguf").read_bytes() == (loc / "m.gguf").read_bytes()
-    assert (hub_out / "l.gguf").read_bytes() == (loc / "l.gguf").read_bytes()
+    # the same GGUFs, except that those made from Hub ids name them (general.source.*, general.base_model.*)
+    provenance = {"m.gguf": {"general.source.repo_url": "https://huggingface.co/org/base"},
+                  "l.gguf": {"general.source.repo_url": "https://huggingface.co/org/bora",
+                             "general.base_model.count": 1, "general.base_model.0.name": "base",
+                             "general.base_model.0.organization": "org",
+                             "general.base_model.0.repo_url": "https://huggingface.co/org/base"}}
+    for name, extra in provenance.items():
+        from_hub, here = _gguf_contents(hub_out / name), _gguf_contents(loc / name)
+        assert from_hub == {**here, **extra}, name
     assert not any(f.endswith((".bin", ".gguf")) for f in hub.downloaded())
 
 

@@ -14,6 +14,7 @@ from bora_tools.cli.params import (
     _OuttypeChoice,
     _RankType,
     _resolve,
+    _resolve_base,
     common_options,
     device_option,
     json_option,
@@ -29,7 +30,8 @@ from bora_tools.gguf.outtypes import OUTTYPES
               help="The .gguf file to write, or an existing folder (or one ending in /) to write "
                    "<name>-<outtype>.gguf into.")
 @click.option("--base", type=_InputType("model"), default=None,
-              help="The base model (a folder or a Hub id), when SOURCE is an adapter.")
+              help="The base model (a folder or a Hub id), when SOURCE is an adapter  [default: the adapter's "
+                   "base_model_name_or_path]")
 @click.option("--merge", is_flag=True, help="With an adapter: write the merged model as a full GGUF, in one pass.")
 @click.option("--rank", type=_RankType(), default=None,
               help="LoRA export: 'full' (the default) is the exact form (rank b*r); K keeps the best rank-K "
@@ -48,7 +50,7 @@ from bora_tools.gguf.outtypes import OUTTYPES
 @common_options
 def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: int | str | None, outtype: str,
                     threads: int | None, device: str, token: str | None, overwrite: bool, as_json: bool) -> None:
-    """Export a model directory, or a BoRA adapter (with --base), as GGUF for llama.cpp.
+    """Export a model directory, or a BoRA adapter (onto --base or the base it records), as GGUF for llama.cpp.
 
     \b
     Examples:
@@ -56,18 +58,19 @@ def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: 
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --out lora.gguf
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged.gguf
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged-q4.gguf --outtype q4_k_m
+      bora-tools export-gguf someone/my-bora --merge --out merged.gguf     # the base the adapter records
     """
-    if merge and base is None:
-        raise click.UsageError("--merge needs --base: the base model the adapter was trained on")
-    if rank is not None and base is None:
-        raise click.UsageError("--rank applies only to a LoRA adapter export (an adapter with --base)")
     if rank is not None and merge:
         raise click.UsageError("--rank applies only to a LoRA adapter export, not with --merge")
     from bora_tools.gguf.export import export_gguf
 
     found = _resolve(source, "any" if base is None else "adapter", token=token)
-    found_base = _resolve(base, "model", token=token) if base is not None else None
-    out = _gguf_target(out, source, found.path, base=base, merge=merge, outtype=outtype)
+    is_adapter = (found.path / "adapter_config.json").is_file()
+    if (merge or rank is not None) and not is_adapter:
+        option = "--merge" if merge else "--rank"
+        raise click.UsageError(f"{option} applies only when SOURCE is an adapter (a LoRA adapter export for --rank)")
+    found_base = _resolve_base(base, found, token=token) if base is not None or is_adapter else None
+    out = _gguf_target(out, source, found.path, base=found_base, merge=merge, outtype=outtype)
     report = export_gguf(found.path, out, base=found_base.path if found_base else None, merge=merge,
                          rank=rank or "full", outtype=outtype, overwrite=overwrite, device=device,
                          threads=threads, progress=make_progress(), name=_gguf_name(found_base if merge else found))
@@ -79,7 +82,7 @@ def _gguf_name(found: Any) -> str | None:
     return found.repo_id.split("/")[-1] if found is not None and found.from_hub else None
 
 
-def _gguf_target(out: str, source: str, local: Path, *, base: str | None, merge: bool, outtype: str) -> Path:
+def _gguf_target(out: str, source: str, local: Path, *, base: Any, merge: bool, outtype: str) -> Path:
     """``--out``: a file, or a folder (existing, or written with a trailing /) that gets a default name.
 
     The default name follows llama.cpp's converters: ``<name>-<outtype>.gguf``, where ``<name>`` is the

@@ -122,3 +122,17 @@ def _resolve(spec: str, kind: str, *, token: str | None) -> Any:
         note = found.describe() + ("" if found.from_hub else f", not the Hub repo {spec}")
         click.echo(note, err=True)
     return found
+
+
+def _resolve_base(base: str | None, adapter: Any, *, token: str | None) -> Any:
+    """``--base`` as ``_resolve`` finds it, or, without it, the base the adapter records; stderr says which."""
+    if base is not None:
+        return _resolve(base, "model", token=token)
+    from bora_tools.io.hub_input import recorded_base
+
+    spec = recorded_base(adapter.path)
+    if not _state().quiet:
+        kind = "a local folder" if Path(spec).exists() else "a Hub id"
+        click.echo(f"no --base given: using the base model the adapter records (base_model_name_or_path), "
+                   f"{spec} ({kind})", err=True)
+    return _resolve(spec, "model", token=token)

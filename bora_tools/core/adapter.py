@@ -23,6 +23,7 @@ from bora_tools.core.config import BoraConfig, matches_target
 from bora_tools.core.factors import block_problems
 from bora_tools.errors import BoraError, CheckpointError, ConfigError, ShapeError, raise_if_problems
 from bora_tools.io.atomic import atomic_output
+from bora_tools.io.hub_input import hub_or_local
 from bora_tools.io.kinds import wrong_kind
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -98,19 +99,21 @@ class BoraAdapter:
                 f"modules={len(self.modules)}, parameters={self.num_parameters:,}{saved})")
 
 
-def load_adapter(path: str | Path) -> BoraAdapter:
-    """Read and validate a BoRA adapter directory.
+def load_adapter(path: str | Path, *, token: str | None = None) -> BoraAdapter:
+    """Read and validate a BoRA adapter directory, or one on the Hub (``owner/name[@revision]``, ``token``).
 
     Example::
 
         adapter = load_adapter("out/my-adapter")
         adapter.modules["model.layers.0.self_attn.q_proj"].sigma.shape   # (b, b, r)
+        adapter = load_adapter("someone/my-bora@v1")      # downloaded into the Hugging Face cache
 
     Raises:
         ConfigError: ``adapter_config.json`` is missing, not JSON or inconsistent.
         CheckpointError: tensors are unreadable, missing, unexpected, mis-shaped or non-finite.
+        HubError: a Hub id that cannot be downloaded.
     """
-    path = Path(path)
+    path = hub_or_local(path, kind="adapter", token=token).path
     wrong = wrong_kind(path, expected="adapter")
     if wrong is not None:
         raise (CheckpointError if not path.is_dir() else ConfigError)(wrong)

@@ -43,7 +43,7 @@ from bora_tools.gguf.plan import name_tensors, plan_tensors
 from bora_tools.gguf.quantize import check_threads, require_llama_cpp, write_quantized
 from bora_tools.gguf.report import ExportReport
 from bora_tools.gguf.vocab import read_vocab
-from bora_tools.gguf.writer import PlannedTensor, add_general, tensor_report, write_streaming
+from bora_tools.gguf.writer import PlannedTensor, add_general, add_provenance, hub_name, tensor_report, write_streaming
 from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
 from bora_tools.io.model_dir import ModelDir
 from bora_tools.progress import Progress, logger, no_progress
@@ -51,7 +51,8 @@ from bora_tools.progress import Progress, logger, no_progress
 
 def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None = None, merge: bool = False,
                 rank: int | str = "full", outtype: str = "f16", overwrite: bool = False, device: str = "auto",
-                threads: int | None = None, progress: Progress = no_progress, name: str | None = None) -> ExportReport:
+                threads: int | None = None, progress: Progress = no_progress, name: str | None = None,
+                token: str | None = None) -> ExportReport:
     """Export a model directory, or an adapter (with ``base``), as GGUF for llama.cpp.
 
     Example::
@@ -60,8 +61,12 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
         export_gguf("my-adapter", "lora.gguf", base="models/tiny-llama")       # LoRA adapter
         export_gguf("my-adapter", "merged.gguf", base="models/tiny-llama", merge=True)
         export_gguf("models/tiny-llama", "tiny-q4.gguf", outtype="q4_k_m")       # llama.cpp's quantizer
+        export_gguf("someone/my-bora", "merged.gguf", merge=True)   # from the Hub, onto the base it records
 
     Args:
+        source, base: folders or Hub ids (``owner/name[@revision]``, read with ``token``); without ``base``,
+            an adapter ``source`` applies to the base it records (``base_model_name_or_path``). Files made
+            from Hub ids record them (``general.base_model.*``, ``general.source.repo_url``).
         rank: ``"full"`` (the exact LoRA form, rank ``b*r``) or an int ``K``
             (the best rank-``K`` truncation); LoRA adapters only.
         outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the big matrices (our writer, bit-exact);
@@ -83,7 +88,8 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
         OutputWriteError: ``out`` is, holds or lies inside an input (inputs are never modified).
     """
-    source, out = Path(source), Path(out)
+    source, base = _resolve_inputs(source, base, token=token)
+    out = Path(out)
     rank = parse_rank(rank)
     _check_options(source, base=base, merge=merge, rank=rank, outtype=outtype)
     threads = check_threads(threads)
@@ -94,6 +100,17 @@ def export_gguf(source: str | Path, out: str | Path, *, base: str | Path | None 
                            device=device, threads=threads, progress=progress, name=name)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
+
+
+def _resolve_inputs(source: str | Path, base: str | Path | None, *, token: str | None) -> tuple[Path, Path | None]:
+    """Local folders for ``source`` and ``base`` (Hub ids downloaded); an adapter without ``base``: the one it
+    records."""
+    from bora_tools.io.hub_input import hub_or_local, recorded_base
+
+    found = hub_or_local(source, kind="any" if base is None else "adapter", token=token).path
+    if base is None and (found / CONFIG_NAME).is_file():
+        base = recorded_base(found)
+    return found, (hub_or_local(base, kind="model", token=token).path if base is not None else None)
 
 
 @contextlib.contextmanager
@@ -131,9 +148,7 @@ def _check_options(source: Path, *, base: Any, merge: bool, rank: Any, outtype: 
     if OUTTYPES[outtype].imatrix:
         raise UnsupportedError(f"`outtype` {outtype} needs an importance matrix, which export-gguf does not compute",
                                hint="export f16 and run llama.cpp's llama-imatrix and llama-quantize on it")
-    is_adapter = (source / CONFIG_NAME).is_file()
-    if is_adapter and base is None:
-        raise ValidationError(f"{source} is an adapter: give `base` (the model directory it was trained on)")
+    is_adapter = (source / CONFIG_NAME).is_file()  # without `base`, one was found from the adapter's record
     if not is_adapter and base is not None:
         raise ValidationError(f"{source} has no {CONFIG_NAME}: `base` applies only when `source` is an adapter")
     if merge and base is None:
@@ -146,7 +161,8 @@ def _check_options(source: Path, *, base: Any, merge: bool, rank: Any, outtype: 
 
 def _write_model(model: ModelDir, out: Path, *, outtype: str, overwrite: bool, threads: int,
                  replacements: dict[str, Replacement] | None = None, device: torch.device | str = "cpu",
-                 progress: Progress = no_progress, kind: str = "model", name: str | None = None) -> ExportReport:
+                 progress: Progress = no_progress, kind: str = "model", name: str | None = None,
+                 adapter: Path | None = None) -> ExportReport:
     """Write ``model`` (with ``replacements`` merged in, if any) as a full GGUF file.
 
     ``replacements`` maps base tensor names to a ``BoraModule`` (written as
@@ -169,13 +185,15 @@ def _write_model(model: ModelDir, out: Path, *, outtype: str, overwrite: bool, t
     check_target(out, overwrite=overwrite)
     warnings = _warnings(family, hp, plan, outtype) + vocab.notes
     writer = gguf.GGUFWriter(None, family.name)
-    add_general(writer, kind=gguf.GGUFType.MODEL, name=name or model.path.resolve().name, outtype=outtype)
+    add_general(writer, kind=gguf.GGUFType.MODEL, name=name or hub_name(model.path), outtype=outtype)
     if replacements:
         # Provenance: a merged model is a fine-tune of its base, not a plain conversion of it
-        # (what `bora-tools push` reads to write the model card's base_model_relation).
-        writer.add_base_model_count(1)
-        writer.add_base_model_name(0, model.path.resolve().name)
+        # (what `bora-tools push` reads to write the model card's base_model_relation); its source is the
+        # adapter, when that came from the Hub.
+        add_provenance(writer, bases=[model.path], source=adapter)
         writer.add_tags(["bora", "merged"])
+    else:
+        add_provenance(writer, source=model.path)  # a conversion of a Hub model names it
     family.write_hparams(writer, hp)
     vocab.add_to(writer)
     # One torch thread, as merge runs: the streamed blocks are small, and on a shared CPU the thread pool's
@@ -240,6 +258,6 @@ def _export_merged(
     replacements = merge_plan(adapter, base)
     report = _write_model(base, out, outtype=outtype, overwrite=overwrite, threads=threads,
                           replacements=replacements, device=resolve_device(device), progress=progress,
-                          kind="merged", name=name)
+                          kind="merged", name=name, adapter=adapter_dir)
     report.adapter = str(adapter_dir)
     return report

@@ -46,11 +46,14 @@ from bora_tools.gguf.shapes import check_base_tensors
 from bora_tools.gguf.writer import (
     PlannedTensor,
     add_general,
+    add_provenance,
+    hub_name,
     tensor_report,
     tensor_type,
     write_streaming,
 )
 from bora_tools.io.atomic import atomic_output, check_target
+from bora_tools.io.hub_input import hub_id_of
 from bora_tools.io.model_dir import ModelDir
 from bora_tools.progress import Progress, no_progress
 
@@ -95,7 +98,9 @@ def write_lora(adapter_dir: Path, base_dir: Path, out: Path, *, rank: int | str 
         plan, rows = _plan(modules, prepared, names, alpha=alpha, outtype=outtype,
                            heads_of=lambda g: qk_heads(g, hp) if family.permute_qk else None)
         writer = gguf.GGUFWriter(None, family.name)
-        add_general(writer, kind=gguf.GGUFType.ADAPTER, name=name or adapter_dir.resolve().name, outtype=outtype)
+        add_general(writer, kind=gguf.GGUFType.ADAPTER, name=name or hub_name(adapter_dir), outtype=outtype)
+        if hub_id_of(base_dir) is not None:  # the model it applies to, by its Hub id
+            add_provenance(writer, bases=[base_dir], source=adapter_dir)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         with atomic_output(out, overwrite=overwrite) as tmp:

@@ -214,3 +214,41 @@ def add_general(writer: gguf.GGUFWriter, *, kind: str, name: str, outtype: str) 
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[OUTTYPES[outtype].file_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+HUB_URL = "https://huggingface.co/"
+
+
+def add_provenance(writer: gguf.GGUFWriter, *, bases: Iterable[Path] = (), source: Path | None = None) -> None:
+    """``general.base_model.*`` for each base and ``general.source.repo_url`` for a source from the Hub.
+
+    A folder in huggingface_hub's cache is named by its Hub id (``name``, ``organization`` and
+    ``repo_url``, as llama.cpp's converters write them), never by the cache folder's hash; another
+    folder by its own name.
+    """
+    from bora_tools.io.hub_input import hub_id_of
+
+    bases = list(bases)
+    if bases:
+        writer.add_base_model_count(len(bases))
+    for i, path in enumerate(bases):
+        hub_id = hub_id_of(path)
+        if hub_id is None:
+            writer.add_base_model_name(i, Path(path).resolve().name)
+            continue
+        organization, name = hub_id.split("/")
+        writer.add_base_model_name(i, name)
+        writer.add_base_model_organization(i, organization)
+        writer.add_base_model_repo_url(i, HUB_URL + hub_id)
+    source_id = hub_id_of(source)
+    if source_id is not None:
+        writer.add_source_repo_url(HUB_URL + source_id)
+
+
+def hub_name(path: Path) -> str:
+    """A model's name in a GGUF (``general.name``): its Hub repo's name for a folder in the Hub cache, else the
+    folder's own name."""
+    from bora_tools.io.hub_input import hub_id_of
+
+    hub_id = hub_id_of(path)
+    return hub_id.split("/")[-1] if hub_id else Path(path).resolve().name

@@ -15,16 +15,18 @@ it. Tokens, huggingface_hub's quiet and the mapping of its failures to one-line
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bora_tools.errors import HubError
+from bora_tools.errors import HubError, ValidationError
 from bora_tools.io.hub_client import clean_token, download_errors, hub_messages_silenced, hub_timeout
 from bora_tools.io.paths import check_name_lengths
 from bora_tools.progress import Progress, no_progress
 
-__all__ = ["HubInput", "parse_hub_id", "resolve_input", "revision_problem"]
+__all__ = ["HubInput", "hub_id_of", "hub_or_local", "parse_hub_id", "recorded_base", "resolve_input",
+           "revision_problem"]
 
 #: ``owner/name`` with an optional ``@revision`` (a branch, tag or commit), as mergekit writes it.
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9_.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -227,3 +229,55 @@ def _cached_snapshot(repo_id: str, revision: str | None, *, kind: str, token: st
 
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS[kind], token=token,
                                   endpoint=endpoint, cache_dir=cache_dir, local_files_only=True))
+
+
+def hub_or_local(spec: str | Path, *, kind: str = "any", token: str | None = None) -> HubInput:
+    """The library's reading of an input: a ``Path``, an existing path or anything that cannot be a Hub id is a
+    local path (its own errors come later, from the reader); a string ``owner/name[@revision]`` naming no
+    local path is downloaded (``resolve_input``). What every API function taking a folder does first.
+
+    Example: ``hub_or_local("me/my-bora@v1", kind="adapter").path`` -> ``.../snapshots/<commit>``.
+    """
+    if isinstance(spec, Path) or Path(spec).exists() or parse_hub_id(str(spec)) is None:
+        return HubInput(path=Path(spec))
+    return resolve_input(spec, kind=kind, token=token)
+
+
+def recorded_base(adapter: str | Path) -> str:
+    """The base model an adapter records (``base_model_name_or_path``), for a command given no ``base``.
+
+    A local folder when it exists, else a Hub id, as PEFT's ``AutoPeftModelForCausalLM`` and llama.cpp's
+    ``convert_lora_to_gguf.py`` read it.
+
+    Raises:
+        ValidationError: the adapter records none, or something that is neither (one line asking for ``base``).
+    """
+    path = Path(adapter)
+    try:
+        value = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"{path} is an adapter that records no base model (base_model_name_or_path): give "
+                              "`base`, the model it was trained on")
+    value = value.strip()
+    if not Path(value).exists() and parse_hub_id(value) is None:
+        raise ValidationError(f"{path} is an adapter whose recorded base model {value!r} is neither a local folder "
+                              "nor a Hub id: give `base`, the model it was trained on")
+    return value
+
+
+#: huggingface_hub's cache layout: ``.../models--owner--name/snapshots/<commit>``
+_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}/?$")
+
+
+def hub_id_of(path: str | Path | None) -> str | None:
+    """The Hub id of a folder in huggingface_hub's cache (``models--owner--name/snapshots/<commit>``), else None.
+
+    What provenance records instead of a cache folder's hash. Example:
+    ``hub_id_of("/root/.cache/huggingface/hub/models--org--base/snapshots/" + 40 * "a")`` -> ``"org/base"``.
+    """
+    if path is None:
+        return None
+    m = _CACHE_SNAPSHOT.search(Path(path).as_posix())
+    return f"{m.group('owner')}/{m.group('name')}" if m else None

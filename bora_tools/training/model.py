@@ -102,13 +102,14 @@ def save_bora(model: nn.Module, path: str | Path, *, overwrite: bool = False, st
     return save_adapter(bora_adapter(model, state_dict=state_dict), path, overwrite=overwrite)
 
 
-def load_bora(model: nn.Module, path: str | Path, *, dropout: float = 0.0) -> nn.Module:
-    """Add the BoRA layers of the adapter at ``path`` to ``model`` and load their values.
+def load_bora(model: nn.Module, path: str | Path, *, dropout: float = 0.0, token: str | None = None) -> nn.Module:
+    """Add the BoRA layers of the adapter at ``path`` (a folder, or a Hub id ``owner/name[@revision]`` read
+    with ``token``) to ``model`` and load their values.
 
     Raises:
         ShapeError: the adapter does not fit this model (another base model).
     """
-    adapter = load_adapter(path)
+    adapter = load_adapter(path, token=token)
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     # a quantized layer (bitsandbytes' Linear4bit) stores its weight packed: its shape is the layer's
     shapes.update({f"{n}.weight": (m.out_features, m.in_features) for n, m in linear_modules(model).items()

@@ -35,6 +35,7 @@ from bora_tools.errors import (
     raise_if_problems,
 )
 from bora_tools.io.atomic import check_target, refuse_output_over_inputs
+from bora_tools.io.hub_input import hub_or_local
 from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, human_seconds
 from bora_tools.training import data as sft_data
@@ -113,14 +114,16 @@ def train(
     base_name: str | None = None,
     log: Callable[[str], None] | None = None,
     progress: Progress = no_progress,
+    token: str | None = None,
     **hyperparameters: Any,
 ) -> TrainReport:
     """Fine-tune a BoRA adapter on ``base`` with the JSONL ``data``; write it to ``out``.
 
     ``options`` holds the hyperparameters (``TrainOptions``: rank, blocks, learning rate, steps,
     checkpoints, ...); any of its fields may also be given as a keyword, over ``options`` or the
-    defaults. ``device`` is where training runs (``auto``: CUDA when present); ``base_name`` is what
-    the adapter records as its base (default: the ``base`` path). ``log`` receives one line per
+    defaults. ``base`` may be a Hub id (``owner/name[@revision]``, read with ``token``). ``device`` is
+    where training runs (``auto``: CUDA when present); ``base_name`` is what the adapter records as its
+    base (default: the Hub id, else the ``base`` path). ``log`` receives one line per
     logging step (step, loss, learning rate) on the main process; ``progress`` wraps the steps.
 
     Example::
@@ -139,7 +142,9 @@ def train(
     start = time.perf_counter()
     if options is not None and not isinstance(options, TrainOptions):
         raise ValidationError(f"`options`: expected a TrainOptions, found {type(options).__name__}")
-    run = _prepare(Path(base), Path(data), Path(out), TrainOptions.from_dict(hyperparameters, base=options),
+    found = hub_or_local(base, kind="model", token=token)
+    base_name = base_name or found.repo_id
+    run = _prepare(found.path, Path(data), Path(out), TrainOptions.from_dict(hyperparameters, base=options),
                    device=device, overwrite=overwrite, base_name=base_name)
     trainer, losses, counts, run_dtype = _fit(run, log=log, progress=progress)
     o, state, world = run.options, trainer.state, trainer.args.world_size
