@@ -45,6 +45,7 @@ class _ModulesType(click.ParamType):
 KINDS: dict[str, click.ParamType] = {
     "dtype": _DtypeType(allow_auto=True),
     "directory": click.Path(file_okay=False, path_type=Path),
+    "file": click.Path(dir_okay=False, path_type=Path),
     "modules": _ModulesType(),
 }
 
@@ -84,11 +85,30 @@ def train_options(func: Callable) -> Callable:
     return func
 
 
+#: parameters of ``train`` a config file may not set: the file itself, and how the result is shown
+_NOT_IN_CONFIG = ("config", "as_json", "quiet", "debug", "token", "version", "help")
+
+
+def _read_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """``--config``: the file's values become the defaults of the other options (a flag given wins)."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    from bora_tools.training.config_file import read_config_file
+
+    extra = [p.name for p in ctx.command.params if p.name and p.name not in _NOT_IN_CONFIG]
+    ctx.default_map = {**(ctx.default_map or {}), **read_config_file(value, extra=extra)}
+    return value
+
+
 @click.command("train", short_help="Fine-tune a BoRA adapter with transformers' Trainer (SFT, offline).")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), is_eager=True, expose_value=False,
+              callback=_read_config, metavar="FILE.yaml",
+              help="Options from a YAML file (keys: the options' names, e.g. lr, max_steps, base); flags win.")
 @click.option("--base", required=True, type=_InputType("model"),
               help="The base model: a folder (config.json, safetensors, tokenizer) or a Hub id.")
 @click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="JSONL: one {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"} object per line.")
+              help="JSONL: one {\"text\"}, {\"prompt\", \"completion\"}, {\"messages\"} or ShareGPT "
+                   "{\"conversations\"} object per line.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The BoRA adapter directory to write.")
 @train_options
 @device_option
@@ -107,6 +127,7 @@ def train_cmd(base: str, data: Path, out: Path, device: str, token: str | None, 
     Examples:
       bora-tools train --base ./Llama-3.2-1B --data chats.jsonl --out ./my-bora -r 8 --blocks 4 --epochs 2
       torchrun --nproc_per_node 8 -m bora_tools.cli train --base ./Llama-3.2-1B --data chats.jsonl --out ./my-bora
+      bora-tools train --config run.yaml --max-steps 100
     """
     from bora_tools.training.sft import is_main_process, train
 

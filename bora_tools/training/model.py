@@ -94,9 +94,13 @@ def add_bora(model: nn.Module, config: BoraConfig, *, dropout: float = 0.0) -> n
     return model
 
 
-def save_bora(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Save the model's BoRA adapter in the format of docs/format.md (atomically: ``path`` appears complete)."""
-    return save_adapter(bora_adapter(model), path, overwrite=overwrite)
+def save_bora(model: nn.Module, path: str | Path, *, overwrite: bool = False, tokenizer: Any = None) -> Path:
+    """Save the model's BoRA adapter in the format of docs/format.md (atomically: ``path`` appears complete).
+
+    ``tokenizer`` (a transformers tokenizer): its files are saved beside the adapter, as PEFT and TRL do.
+    """
+    extra = tokenizer.save_pretrained if tokenizer is not None else None
+    return save_adapter(bora_adapter(model), path, overwrite=overwrite, extra=extra)
 
 
 def load_bora(model: nn.Module, path: str | Path, *, dropout: float = 0.0) -> nn.Module:
