@@ -244,8 +244,9 @@ def ckpts(checkpointed, tmp_path) -> Path:
 
 
 def resume_argv(work, checkpointed, ckpts, *extra, max_steps=2):
+    steps = ["--max-steps", max_steps] if max_steps is not None else ["--epochs", 0.5]  # 7 examples: 2 steps
     return ["train", "--base", work["base"], "--data", checkpointed / "data.jsonl", "--out",
-            work["outdir"] / "adapter", "-r", 4, "--blocks", 2, "--max-steps", max_steps, "--save-steps", 1,
+            work["outdir"] / "adapter", "-r", 4, "--blocks", 2, *steps, "--save-steps", 1,
             "--batch-size", 2, "--checkpoint-dir", ckpts, *extra]
 
 
@@ -292,7 +293,7 @@ def test_an_incomplete_latest_checkpoint_falls_back_to_the_last_complete_one(wor
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("max_steps,state_step", [(2, None), (1, None), (1, 999999)])
+@pytest.mark.parametrize("max_steps,state_step", [(2, None), (1, None), (1, 999999), (None, None)])
 def test_resuming_a_finished_run_says_so_and_trains_nothing(work, checkpointed, ckpts, max_steps, state_step):
     if state_step is not None:  # a checkpoint past any plan
         edit_json(ckpts / "checkpoint-2" / "trainer_state.json", lambda s: s.update(global_step=state_step))
@@ -300,7 +301,7 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(work, checkpointed, 
     result = run(*resume_argv(work, checkpointed, ckpts, "--resume", "--json", max_steps=max_steps))
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["step"] == (state_step or 2) and report["planned_steps"] == max_steps
+    assert report["step"] == (state_step or 2) and report["planned_steps"] == (max_steps or 2)
     assert "step" not in result.stderr and "loss" not in result.stdout  # no training line
     assert sorted(p.name for p in work["outdir"].iterdir()) == before  # nothing written
     text = run(*resume_argv(work, checkpointed, ckpts, "--resume", max_steps=max_steps))

@@ -7,7 +7,8 @@ is cut or dropped, and each example keeps its labels (``-100`` where no loss is 
 ``PackedCollator`` lays a batch out as TRL's padding-free collator does: one row holding
 every example of the batch end to end, no padding, and ``position_ids`` that restart at 0
 where each example starts. transformers reads restarting ``position_ids`` without an
-attention mask as packed sequences and attends within each example only, so a packed
+attention mask (and without a KV cache: ``use_cache=False`` goes with the batch) as
+packed sequences and attends within each example only, so a packed
 example's logits are its logits alone. The label of each example's first token is ``-100``:
 no example learns to predict its first token from the end of the one before, as it never
 does unpacked.
@@ -59,5 +60,6 @@ class PackedCollator:
             labels += ex["labels"]
             positions += ex.get("position_ids") or range(len(ex["input_ids"]))
         labels = [IGNORE_INDEX if p == 0 else t for t, p in zip(labels, positions)]
+        # use_cache=False: transformers reads packed position_ids only when no cache is made (in training too)
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions])}
+                "position_ids": torch.tensor([positions]), "use_cache": False}
