@@ -109,6 +109,17 @@ def test_packing_keeps_every_example_whole_and_attends_within_each(tmp_path):
     torch.testing.assert_close(packed_loss, loss, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+def test_every_family_attends_within_each_packed_example(arch):
+    model = build_model(arch).eval()
+    a, b = [0, 5, 6, 7, 8], [0, 9, 10, 11]
+    batch = PackedCollator()([{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}])
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        for ids, part in ((a, packed[:5]), (b, packed[5:])):
+            torch.testing.assert_close(part, model(input_ids=torch.tensor([ids])).logits[0], rtol=0, atol=1e-5)
+
+
 def _segments(rows):
     out = []
     for r in rows:
