@@ -239,3 +239,65 @@ def test_each_bad_input_is_one_line(work, tmp_path, case):
         at = argv.index("--data")
         del argv[at:at + 2]
     clean_failure(work, argv, *culprits)
+
+
+# -- push at the end ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_push_to_hub_at_the_end_uploads_out_with_a_card_recording_the_training(tmp_path, inputs, monkeypatch):
+    import hashlib
+
+    import huggingface_hub.constants
+    from hub_server import FakeHub
+    from huggingface_hub import ModelCard
+
+    from bora_tools.core.adapter import load_adapter
+
+    token = "hf_test_write_token"
+    with FakeHub(tokens={token: "write"}) as hub:
+        # what HF_ENDPOINT and HF_HUB_DISABLE_XET=1 set when huggingface_hub is imported (the fake Hub has no Xet)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setenv("HF_TOKEN", token)
+        out = tmp_path / "out"
+        result = run(*train_args(inputs, out, "--max-steps", 2, "--eval-fraction", 0.2, "--push-to-hub",
+                                 "me/my-bora", "--quiet", "--json"))
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["pushed"]["repo_id"] == "me/my-bora" and report["pushed"]["commit"] is not None
+        files = hub.files("me/my-bora")
+        files.pop(".gitattributes")  # the Hub's own, made with the repo
+    local = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert files == local  # OUT went up whole: adapter, tokenizer and the card written into it
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"):
+        assert name in files, name
+    pushed = tmp_path / "pushed"
+    pushed.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (pushed / name).write_bytes(files[name])
+    assert load_adapter(pushed).state_dict().keys() == load_adapter(out).state_dict().keys()
+    card = ModelCard(files["README.md"].decode())
+    sha = hashlib.sha256(inputs[1].read_bytes()).hexdigest()
+    assert f"`data.jsonl` (sha256 `{sha}`)" in card.text
+    for row in ("| steps | 2 |", f"| final train loss | {report['loss_last']:.4f} |",
+                f"| final eval loss | {report['eval_loss']:.4f} |", "| b (blocks) | 2 |", "| r | 4 |",
+                "| `lr` | `0.02` |", "| `eval_fraction` | `0.2` |"):
+        assert row in card.text, row
+    assert card.data.library_name or card.data.tags  # push's own card metadata is kept
+
+
+@pytest.mark.parametrize("repo,env,culprit", [
+    ("not-a-repo", {"HF_TOKEN": "hf_x"}, "not a Hub repo id"),
+    ("me/../x", {"HF_TOKEN": "hf_x"}, "not a Hub repo id"),
+    ("me/fine", {}, "no Hub token"),
+])
+def test_push_to_hub_is_checked_before_training(work, tmp_path, monkeypatch, repo, env, culprit):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no saved login
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    data = jsonl(tmp_path / "d.jsonl", RECORDS)
+    argv = ["train", "--base", work["base"], "--data", data, "--out", work["outdir"] / "a", "--push-to-hub", repo]
+    clean_failure(work, argv, "--push-to-hub", culprit)

@@ -111,13 +111,15 @@ def _read_config(ctx: click.Context, _param: click.Parameter, value: Path | None
                    "{\"conversations\"} object per line.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The BoRA adapter directory to write.")
 @train_options
+@click.option("--push-to-hub", "push_to_hub", metavar="OWNER/NAME",
+              help="At the end, push OUT to this Hub repo (through push), with a card recording the training.")
 @device_option
 @token_option
 @overwrite_option
 @json_option
 @common_options
-def train_cmd(base: str, data: Path, out: Path, device: str, token: str | None, overwrite: bool, as_json: bool,
-              **fields: Any) -> None:
+def train_cmd(base: str, data: Path, out: Path, push_to_hub: str | None, device: str, token: str | None,
+              overwrite: bool, as_json: bool, **fields: Any) -> None:
     """Fine-tune a BoRA adapter on a causal LM with transformers' Trainer, offline; runs unchanged under torchrun.
 
     Loss is taken on every token of a text, on the completion of a prompt/completion record, and on
@@ -139,6 +141,10 @@ def train_cmd(base: str, data: Path, out: Path, device: str, token: str | None, 
 
     hf_logging.disable_progress_bar()  # loading bars; the loss lines are this command's progress
     main = is_main_process()
+    if push_to_hub is not None and main:
+        from bora_tools.hub.train_card import check_push
+
+        check_push(push_to_hub, token)
     say = (lambda line: click.echo(line, err=True)) if main and not _state().quiet else None
     found = _resolve(base, "model", token=token) if main else None
     if found is None:  # the other processes of a torchrun job: the first one reported it; the cache holds it
@@ -146,7 +152,12 @@ def train_cmd(base: str, data: Path, out: Path, device: str, token: str | None, 
 
         found = resolve_input(base, kind="model", token=token)
     base_name = found.repo_id if found.from_hub else None  # recorded as base_model_name_or_path, for push's cards
-    report = train(found.path, data, out, TrainOptions(**fields), device=device, overwrite=overwrite,
-                   base_name=base_name, log=say)
+    options = TrainOptions(**fields)
+    report = train(found.path, data, out, options, device=device, overwrite=overwrite, base_name=base_name, log=say)
+    if main and push_to_hub is not None and hasattr(report, "pushed"):
+        from bora_tools.hub.train_card import push_trained
+
+        report.pushed = push_trained(out, repo_id=push_to_hub, summary=report.to_dict(), token=token,
+                                     hyperparameters=dataclasses.asdict(options), base_model=base_name).to_dict()
     if main:
         print_report(report, as_json=as_json)

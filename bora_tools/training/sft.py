@@ -69,6 +69,7 @@ class TrainReport(Report):
     eval_loss: float | None = None  # at the end of the run
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss), every `eval_steps`
     packed_rows: int | None = None  # with `packing`: the rows the examples were packed into
+    pushed: dict | None = None  # `bora-tools train --push-to-hub`: what push reported
 
     def to_text(self) -> str:
         resumed = f", resumed from {self.resumed_from}" if self.resumed_from else ""
@@ -85,6 +86,8 @@ class TrainReport(Report):
             lines.append(f"packed into {self.packed_rows} rows of at most max_length tokens")
         if self.eval_loss is not None:
             lines.append(f"eval loss {self.eval_loss:.4f} on {self.eval_examples} examples")
+        if self.pushed is not None:
+            lines.append(f"pushed to {self.pushed['repo_id']}: {self.pushed['commit_url']}")
         if self.checkpoints:
             lines.append(f"checkpoints in {self.checkpoints}")
         return "\n".join(lines)
@@ -117,12 +120,18 @@ def train(
         report = train("Llama-3.2-1B", "chats.jsonl", "my-bora", TrainOptions(r=8, epochs=2), device="cuda")
         print(report)
 
+    Returns:
+        A ``TrainReport``; or, when ``resume`` finds the run already finished (its checkpoint at or past the
+        planned steps), a ``FinishedRun`` and nothing trained or written.
+
     Raises:
         ValidationError: a bad or unknown option, an unreadable or empty data file, records of the
             wrong shape (line numbers named), target modules that match nothing, ``blocks`` not
             dividing a target's dimensions, a checkpoint that does not fit this run.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
-        ModelDirError, UnsupportedError: the base cannot be read or trained here.
+        ModelDirError, UnsupportedError: the base cannot be read or trained here, or is not what its
+            config says (a weight missing or left over at load).
+        OutputWriteError: ``out``'s parent or the checkpoint directory cannot be written.
     """
     start = time.perf_counter()
     if options is not None and not isinstance(options, TrainOptions):
