@@ -76,3 +76,25 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path):
         torch.set_num_threads(os.cpu_count() or 1)
     assert max_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
     assert max_difference(tmp_path / "one", tmp_path / "control") > 1e-3
+
+
+def test_two_processes_evaluate_and_pack_together(tmp_path):
+    """The eval loss (every 2 steps and at the end: collective calls on both ranks) and packed batches under
+    torchrun: one report with the eval loss, no rank left waiting."""
+    base = save_model_dir(build_model("llama"), tmp_path / "base")
+    records = [{"text": line} for line in TEXT.splitlines() if line.strip()]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "bora_tools.cli", "train", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "two"),
+         "-r", "4", "--blocks", "2", "--max-steps", "3", "--batch-size", "1", "--device", "cpu",
+         "--eval-fraction", "0.3", "--eval-steps", "2", "--packing", "--max-length", "128", "--json"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["processes"] == 2 and [s for s, _ in report["eval_losses"]] == [2, 3]
+    assert proc.stderr.count("eval loss") == 2  # logged by rank 0 alone

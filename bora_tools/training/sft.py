@@ -309,9 +309,9 @@ def _fit(run: _Run, *, log: Callable[[str], None] | None, progress: Progress):
     try:
         trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
         reporter.close()
-        if run.eval_rows and not (o.eval_steps and trainer.state.global_step % o.eval_steps == 0):
-            # the final eval loss, unless the trainer has just computed it; decided alike on every process
-            # (evaluate is collective under DDP), and logged through the reporter on the main one
+        if run.eval_rows and not o.eval_steps:
+            # the final eval loss (with `eval_steps` the trainer computes it at the last step itself); decided
+            # alike on every process (evaluate is collective under DDP), logged by the reporter on the main one
             trainer.evaluate()
         if main:
             save_bora(model, run.out, overwrite=run.overwrite, tokenizer=run.tokenizer)
