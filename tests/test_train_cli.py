@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 from cli_support import run
+from transformers import AutoTokenizer
 
 from bora_tools.core.adapter import load_adapter
 from bora_tools.demo.tiny import TEXT, build_model, build_tokenizer, save_model_dir
@@ -54,7 +55,10 @@ def test_train_lowers_the_loss_and_writes_an_adapter_that_inspect_and_load_read(
     assert report["steps"] == 15 and report["examples"] == 9 and report["tokens"] > 0
     assert report["loss_last"] < report["loss_first"] - 0.3, report["losses"]
     assert report["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert not {p.name for p in out.iterdir()} & {"model.safetensors.index.json", "trainer_state.json"}
+    tok, saved = build_tokenizer(), AutoTokenizer.from_pretrained(out)  # the tokenizer travels with the adapter
+    assert saved(TEXT).input_ids == tok(TEXT).input_ids and saved.chat_template == tok.chat_template
     assert not (tmp_path / "adapter-checkpoints").exists()  # no --save-steps, no checkpoints
 
     adapter = load_adapter(out)

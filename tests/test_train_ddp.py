@@ -19,7 +19,7 @@ import torch
 from cli_support import run
 
 from bora_tools.core.adapter import load_adapter
-from bora_tools.demo.tiny import TEXT, build_model, save_model_dir
+from bora_tools.demo.tiny import TEXT, build_model, build_tokenizer, save_model_dir
 
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.slow  # torchrun starts two processes
@@ -41,6 +41,7 @@ def max_difference(a, b):
 
 def test_two_processes_train_the_adapter_one_process_trains(tmp_path):
     base = save_model_dir(build_model("llama"), tmp_path / "base")
+    build_tokenizer().save_pretrained(tmp_path / "one-tok")  # the files a tokenizer saves: OUT holds them too
     records = [{"text": line} for line in TEXT.splitlines() if line.strip()][:7]
     records.append({"prompt": "Q: what jumps? A:", "completion": " the quick brown fox"})
     data = tmp_path / "data.jsonl"  # 8 records: whole global batches of 4, no padded last batch
@@ -58,8 +59,9 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path):
     assert (report["processes"], report["global_batch"], report["steps"]) == (2, 4, 4)
     assert proc.stderr.count("step 1/4 ") == 1  # the loss lines come from rank 0 alone
 
-    # Complete and atomic: the adapter and nothing else, no temporary sibling left by either rank.
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # Complete and atomic: the adapter and the base's tokenizer files, no temporary sibling left by either rank.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        ["adapter_config.json", "adapter_model.safetensors", *(p.name for p in (tmp_path / "one-tok").iterdir())])
     assert not [p.name for p in tmp_path.iterdir() if ".bora-tmp-" in p.name]
     for step in (2, 4):  # checkpoints written once, by rank 0, adapter-only
         ckpt = tmp_path / "two-checkpoints" / f"checkpoint-{step}"
@@ -74,3 +76,25 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path):
         torch.set_num_threads(os.cpu_count() or 1)
     assert max_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
     assert max_difference(tmp_path / "one", tmp_path / "control") > 1e-3
+
+
+def test_two_processes_evaluate_and_pack_together(tmp_path):
+    """The eval loss (every 2 steps and at the end: collective calls on both ranks) and packed batches under
+    torchrun: one report with the eval loss, no rank left waiting."""
+    base = save_model_dir(build_model("llama"), tmp_path / "base")
+    records = [{"text": line} for line in TEXT.splitlines() if line.strip()]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "bora_tools.cli", "train", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "two"),
+         "-r", "4", "--blocks", "2", "--max-steps", "3", "--batch-size", "1", "--device", "cpu",
+         "--eval-fraction", "0.3", "--eval-steps", "2", "--packing", "--max-length", "128", "--json"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["processes"] == 2 and [s for s, _ in report["eval_losses"]] == [2, 3]
+    assert proc.stderr.count("eval loss") == 2  # logged by rank 0 alone

@@ -46,7 +46,8 @@ def test_the_defaults_pass_their_checks_and_the_options_are_frozen():
     ("max_length", 1, "an integer >= 2"),
     ("save_steps", 0, "an integer >= 1"),
     ("logging_steps", 1.5, "an integer >= 1"),
-    ("seed", 1.5, "an integer"),
+    ("seed", 1.5, "an integer in [0, 2**32)"),
+    ("seed", -1, "an integer in [0, 2**32)"),
 ])
 def test_each_bad_value_is_one_problem_naming_the_field(field, value, want):
     problems = TrainOptions(**{field: value}).problems()

@@ -45,6 +45,7 @@ class _ModulesType(click.ParamType):
 KINDS: dict[str, click.ParamType] = {
     "dtype": _DtypeType(allow_auto=True),
     "directory": click.Path(file_okay=False, path_type=Path),
+    "file": click.Path(dir_okay=False, path_type=Path),
     "modules": _ModulesType(),
 }
 
@@ -84,20 +85,41 @@ def train_options(func: Callable) -> Callable:
     return func
 
 
+#: parameters of ``train`` a config file may not set: the file itself, and how the result is shown
+_NOT_IN_CONFIG = ("config", "as_json", "quiet", "debug", "token", "version", "help")
+
+
+def _read_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """``--config``: the file's values become the defaults of the other options (a flag given wins)."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    from bora_tools.training.config_file import read_config_file
+
+    extra = [p.name for p in ctx.command.params if p.name and p.name not in _NOT_IN_CONFIG]
+    ctx.default_map = {**(ctx.default_map or {}), **read_config_file(value, extra=extra)}
+    return value
+
+
 @click.command("train", short_help="Fine-tune a BoRA adapter with transformers' Trainer (SFT, offline).")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), is_eager=True, expose_value=False,
+              callback=_read_config, metavar="FILE.yaml",
+              help="Options from a YAML file (keys: the options' names, e.g. lr, max_steps, base); flags win.")
 @click.option("--base", required=True, type=_InputType("model"),
               help="The base model: a folder (config.json, safetensors, tokenizer) or a Hub id.")
 @click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="JSONL: one {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"} object per line.")
+              help="JSONL: one {\"text\"}, {\"prompt\", \"completion\"}, {\"messages\"} or ShareGPT "
+                   "{\"conversations\"} object per line.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The BoRA adapter directory to write.")
 @train_options
+@click.option("--push-to-hub", "push_to_hub", metavar="OWNER/NAME",
+              help="At the end, push OUT to this Hub repo (through push), with a card recording the training.")
 @device_option
 @token_option
 @overwrite_option
 @json_option
 @common_options
-def train_cmd(base: str, data: Path, out: Path, device: str, token: str | None, overwrite: bool, as_json: bool,
-              **fields: Any) -> None:
+def train_cmd(base: str, data: Path, out: Path, push_to_hub: str | None, device: str, token: str | None,
+              overwrite: bool, as_json: bool, **fields: Any) -> None:
     """Fine-tune a BoRA adapter on a causal LM with transformers' Trainer, offline; runs unchanged under torchrun.
 
     Loss is taken on every token of a text, on the completion of a prompt/completion record, and on
@@ -107,6 +129,7 @@ def train_cmd(base: str, data: Path, out: Path, device: str, token: str | None, 
     Examples:
       bora-tools train --base ./Llama-3.2-1B --data chats.jsonl --out ./my-bora -r 8 --blocks 4 --epochs 2
       torchrun --nproc_per_node 8 -m bora_tools.cli train --base ./Llama-3.2-1B --data chats.jsonl --out ./my-bora
+      bora-tools train --config run.yaml --max-steps 100
     """
     from bora_tools.training.sft import is_main_process, train
 
@@ -118,6 +141,10 @@ def train_cmd(base: str, data: Path, out: Path, device: str, token: str | None, 
 
     hf_logging.disable_progress_bar()  # loading bars; the loss lines are this command's progress
     main = is_main_process()
+    if push_to_hub is not None and main:
+        from bora_tools.hub.train_card import check_push
+
+        check_push(push_to_hub, token)
     say = (lambda line: click.echo(line, err=True)) if main and not _state().quiet else None
     found = _resolve(base, "model", token=token) if main else None
     if found is None:  # the other processes of a torchrun job: the first one reported it; the cache holds it
@@ -125,7 +152,12 @@ def train_cmd(base: str, data: Path, out: Path, device: str, token: str | None, 
 
         found = resolve_input(base, kind="model", token=token)
     base_name = found.repo_id if found.from_hub else None  # recorded as base_model_name_or_path, for push's cards
-    report = train(found.path, data, out, TrainOptions(**fields), device=device, overwrite=overwrite,
-                   base_name=base_name, log=say)
+    options = TrainOptions(**fields)
+    report = train(found.path, data, out, options, device=device, overwrite=overwrite, base_name=base_name, log=say)
+    if main and push_to_hub is not None and hasattr(report, "pushed"):
+        from bora_tools.hub.train_card import push_trained
+
+        report.pushed = push_trained(out, repo_id=push_to_hub, summary=report.to_dict(), token=token,
+                                     hyperparameters=dataclasses.asdict(options), base_model=base_name).to_dict()
     if main:
         print_report(report, as_json=as_json)

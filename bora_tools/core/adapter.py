@@ -355,11 +355,13 @@ def check_against_base(
     raise_if_problems(source, problems, cls=ShapeError)
 
 
-def save_adapter(adapter: BoraAdapter, path: str | Path, *, overwrite: bool = False) -> Path:
+def save_adapter(adapter: BoraAdapter, path: str | Path, *, overwrite: bool = False,
+                 extra: Callable[[Path], object] | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
 
     The adapter is validated first (``adapter_from_tensors``), so a saved
-    directory always loads back.
+    directory always loads back. ``extra(directory)`` writes other files into the
+    directory before it appears (``train`` saves the tokenizer there).
     """
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
     adapter_from_tensors(adapter.config, tensors, source=PREFIX.rstrip("."))
@@ -367,4 +369,6 @@ def save_adapter(adapter: BoraAdapter, path: str | Path, *, overwrite: bool = Fa
     with atomic_output(path, overwrite=overwrite, directory=True) as tmp:
         adapter.config.save(tmp)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if extra is not None:
+            extra(tmp)
     return path

@@ -54,7 +54,25 @@ def check_target(target: Path, *, overwrite: bool) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputWriteError(f"output {target}: {parent} is a file, not a directory")
+            check_writable(parent, what=f"output {target}")
             return
+
+
+def check_writable(directory: Path, *, what: str) -> None:
+    """Refuse, before any work, a directory this process cannot create entries in (or, when it does not
+    exist yet, its nearest existing parent): a read-only mount (``ST_RDONLY``, even for root) or missing
+    write permission. Nothing is written to find out.
+
+    Raises:
+        OutputWriteError: naming ``what`` and the directory.
+    """
+    directory = next((p for p in (Path(directory), *Path(directory).parents) if p.exists()), Path("."))
+    if not directory.is_dir():
+        raise OutputWriteError(f"{what}: {directory} is a file, not a directory")
+    if hasattr(os, "statvfs") and os.statvfs(directory).f_flag & os.ST_RDONLY:
+        raise OutputWriteError(f"{what}: {directory} is on a read-only file system")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"{what}: {directory} is not writable (permission denied)")
 
 
 def _make_parents(target: Path) -> list[Path]:

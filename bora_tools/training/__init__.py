@@ -35,13 +35,13 @@ _EXPORTS = {
     "disable_bora": "model", "merge_bora": "model", "unload_bora": "model",
     "TrainableParameters": "model", "trainable_parameters": "model",
     "TrainOptions": "options",
-    "TrainReport": "sft", "default_target_modules": "sft", "train": "sft",
+    "TrainReport": "sft", "FinishedRun": "sft", "default_target_modules": "sft", "train": "sft",
 }
 
 __all__ = [
     "BoraLinear", "add_bora", "save_bora", "load_bora", "randomize_bora", "bora_modules", "bora_adapter",
     "linear_modules", "trainable_parameters", "TrainableParameters", "merge_bora", "unload_bora", "disable_bora",
-    "train", "TrainOptions", "TrainReport", "default_target_modules",
+    "train", "TrainOptions", "TrainReport", "FinishedRun", "default_target_modules",
 ]
 
 
@@ -73,4 +73,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         unload_bora,
     )
     from bora_tools.training.options import TrainOptions
-    from bora_tools.training.sft import TrainReport, default_target_modules, train
+    from bora_tools.training.sft import FinishedRun, TrainReport, default_target_modules, train

@@ -31,15 +31,16 @@ CHECKPOINT_FILES = re.compile(r"^(adapter_config\.json|adapter_model\.safetensor
 CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+$")
 
 
-def check_data_file(data: Path) -> None:
-    """``data`` names a regular file (not a FIFO, a directory or a device), in names a file system accepts."""
-    check_name_lengths(data, f"`data` {str(data)[:80]}")
+def check_data_file(data: Path, name: str = "data") -> None:
+    """``data`` (the parameter ``name``) names a regular file (not a FIFO, a directory or a device), in names a
+    file system accepts."""
+    check_name_lengths(data, f"`{name}` {str(data)[:80]}")
     problem = regular_file_problem(data)
     if problem is None:
         return
     hint = ("write the records to a file first: every process of a torchrun job reads it, and a pipe can be read "
             "only once" if "FIFO" in problem or "device" in problem else None)
-    raise ValidationError(f"`data` {data}: {problem}", hint=hint)
+    raise ValidationError(f"`{name}` {data}: {problem}", hint=hint)
 
 
 def checkpoint_dir_names(ckpt_dir: Path, *, given: bool) -> None:

@@ -94,12 +94,15 @@ def add_bora(model: nn.Module, config: BoraConfig, *, dropout: float = 0.0) -> n
     return model
 
 
-def save_bora(model: nn.Module, path: str | Path, *, overwrite: bool = False, state_dict=None) -> Path:
+def save_bora(model: nn.Module, path: str | Path, *, overwrite: bool = False, state_dict=None,
+              tokenizer: Any = None) -> Path:
     """Save the model's BoRA adapter in the format of docs/format.md (atomically: ``path`` appears complete).
 
     ``state_dict``: the adapter's tensors gathered from shards (FSDP), read instead of the parameters.
+    ``tokenizer`` (a transformers tokenizer): its files are saved beside the adapter, as PEFT and TRL do.
     """
-    return save_adapter(bora_adapter(model, state_dict=state_dict), path, overwrite=overwrite)
+    extra = tokenizer.save_pretrained if tokenizer is not None else None
+    return save_adapter(bora_adapter(model, state_dict=state_dict), path, overwrite=overwrite, extra=extra)
 
 
 def load_bora(model: nn.Module, path: str | Path, *, dropout: float = 0.0, token: str | None = None) -> nn.Module:

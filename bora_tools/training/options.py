@@ -55,6 +55,9 @@ def integer(minimum: int | None = None) -> Check:
 FINITE = Check("a finite number", _is_number)
 POSITIVE = Check("a number > 0", lambda v: _is_number(v) and v > 0)
 FRACTION = Check("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
+OPEN_FRACTION = Check("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)
+#: what numpy, torch and Python's random all accept as a seed
+SEED = Check("an integer in [0, 2**32)", lambda v: _is_int(v) and 0 <= v < 2**32)
 
 
 def one_of(names: tuple[str, ...]) -> Check:
@@ -112,15 +115,16 @@ class TrainOptions:
         None, "--target-modules", kind="modules", metavar="NAMES",
         help="Comma-separated module names (or one regex); default: every linear projection but the head.")
     dropout: float = option(0.0, "--dropout", check=FRACTION, help="Dropout on the BoRA path's input.")
-    epochs: float = option(1.0, "--epochs", check=POSITIVE, help="Passes over the data.")
+    epochs: float = option(1.0, "--epochs", "--num-train-epochs", check=POSITIVE, help="Passes over the data.")
     max_steps: int | None = option(None, "--max-steps", check=integer(1),
                                    help="Stop after this many optimizer steps (overrides --epochs).")
-    lr: float = option(2e-4, "--lr", check=POSITIVE, help="Peak learning rate (AdamW).")
+    lr: float = option(2e-4, "--lr", "--learning-rate", check=POSITIVE, help="Peak learning rate (AdamW).")
     scheduler: str = option("linear", "--scheduler", choices=SCHEDULERS, help="Learning-rate schedule after warmup.")
     warmup_steps: int = option(0, "--warmup-steps", check=integer(0), help="Linear warmup steps.")
-    batch_size: int = option(4, "--batch-size", check=integer(1),
+    batch_size: int = option(4, "--batch-size", "--per-device-train-batch-size", check=integer(1),
                              help="Examples per process and step; global batch = batch size x grad accum x processes.")
-    grad_accum: int = option(1, "--grad-accum", check=integer(1), help="Gradient accumulation steps.")
+    grad_accum: int = option(1, "--grad-accum", "--gradient-accumulation-steps", check=integer(1),
+                             help="Gradient accumulation steps.")
     max_length: int = option(1024, "--max-length", check=integer(2), help="Cut examples at this many tokens.")
     dtype: str = option("auto", "--dtype", kind="dtype",
                         help="Base weights' dtype (auto: as stored); bfloat16/float16 also train under autocast. "
@@ -141,9 +145,18 @@ class TrainOptions:
     resume: str | Path | None = option(
         None, "--resume", flag_value="last", metavar="[CHECKPOINT]",
         help="Resume from the latest checkpoint, or from the checkpoint-N directory given.")
-    seed: int = option(0, "--seed", check=integer(), help="Seed for the adapter's init and data order.")
+    seed: int = option(0, "--seed", check=SEED, help="Seed for the adapter's init and data order.")
     logging_steps: int | None = option(None, "--logging-steps", check=integer(1),
                                        help="Log the loss every N steps (default: about 20 lines).")
+    eval_data: str | Path | None = option(None, "--eval-data", kind="file", metavar="FILE",
+                                          help="JSONL records to compute the eval loss on (as --data).")
+    eval_fraction: float | None = option(None, "--eval-fraction", check=OPEN_FRACTION, metavar="F",
+                                         help="Hold out this fraction of --data (seeded) as the eval set.")
+    eval_steps: int | None = option(None, "--eval-steps", check=integer(1),
+                                    help="Compute the eval loss every N steps (it is always computed at the end).")
+    packing: bool = option(False, "--packing",
+                           help="Pack examples into rows of up to --max-length tokens (TRL's bfd packing; "
+                                "attention stays within each example).")
 
     def problems(self) -> list[str]:
         """One line per field whose value fails its check (``"`lr`: expected a number > 0, found 0"``)."""
@@ -152,6 +165,10 @@ class TrainOptions:
             check, value = f.metadata["check"], getattr(self, f.name)
             if check is not None and not (value is None and f.default is None) and not check.ok(value):
                 found.append(f"`{f.name}`: expected {check.want}, found {value!r}")
+        if self.eval_data is not None and self.eval_fraction is not None:
+            found.append("`eval_data` and `eval_fraction` together: give one eval set")
+        if self.eval_steps is not None and self.eval_data is None and self.eval_fraction is None:
+            found.append("`eval_steps` without an eval set: give `eval_data` or `eval_fraction`")
         return found
 
     @classmethod

@@ -62,9 +62,9 @@ def load_base(base, options, *, dtype: torch.dtype | None, device: torch.device)
     """The base for training: quantized at load when ``options`` say so, else as transformers loads it."""
     if options.load_in_4bit or options.load_in_8bit:
         return load_quantized(base, load_in_4bit=options.load_in_4bit, dtype=dtype, device=device)
-    from transformers import AutoModelForCausalLM
+    from bora_tools.training.base_model import load_model
 
-    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype if dtype is not None else "auto")
+    return load_model(base, dtype)
 
 
 def load_quantized(base, *, load_in_4bit: bool, dtype: torch.dtype | None, device: torch.device):
@@ -72,15 +72,16 @@ def load_quantized(base, *, load_in_4bit: bool, dtype: torch.dtype | None, devic
 
     ``dtype`` None (``auto``) computes in the dtype the base is stored in (float32 when it says none).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     require_bitsandbytes("load_in_4bit" if load_in_4bit else "load_in_8bit")
     config = AutoConfig.from_pretrained(base)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     compute = dtype or (stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored)))
-    return AutoModelForCausalLM.from_pretrained(
-        base, dtype=compute, device_map={"": str(device)},
-        quantization_config=quantization_config(load_in_4bit=load_in_4bit, compute_dtype=compute))
+    from bora_tools.training.base_model import load_model
+
+    return load_model(base, compute, device_map={"": str(device)},
+                      quantization_config=quantization_config(load_in_4bit=load_in_4bit, compute_dtype=compute))
 
 
 def is_quantized_layer(module: nn.Module) -> bool:

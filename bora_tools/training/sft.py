@@ -21,28 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from bora_tools.core.config import BoraConfig, matches_target
+from bora_tools.core.config import BoraConfig
 from bora_tools.core.devices import resolve_device
 from bora_tools.core.dtypes import parse_dtype
-from bora_tools.core.factors import block_problems
-from bora_tools.errors import (
-    ConfigError,
-    ModelDirError,
-    UnsupportedError,
-    ValidationError,
-    raise_if_problems,
-)
-from bora_tools.io.atomic import check_target, refuse_output_over_inputs
+from bora_tools.errors import ModelDirError, UnsupportedError, ValidationError, raise_if_problems
+from bora_tools.io.atomic import check_target, check_writable, refuse_output_over_inputs
 from bora_tools.io.hub_input import hub_or_local
 from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, human_seconds
+from bora_tools.training import base_model, evaluation, fsdp, guards, packing, quantized, resume
 from bora_tools.training import data as sft_data
-from bora_tools.training import fsdp, guards, quantized
-from bora_tools.training.layers import is_conv1d
-from bora_tools.training.model import add_bora, linear_modules, save_bora, trainable_parameters
+from bora_tools.training.base_model import default_target_modules
+from bora_tools.training.model import add_bora, save_bora, trainable_parameters
 from bora_tools.training.options import TrainOptions
+
+__all__ = ["FinishedRun", "TrainReport", "default_target_modules", "is_main_process", "train"]
 
 
 @dataclass
@@ -72,6 +66,11 @@ class TrainReport(Report):
     checkpoints: Path | None = None
     resumed_from: str | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) as logged
+    eval_examples: int = 0
+    eval_loss: float | None = None  # at the end of the run
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss), every `eval_steps`
+    packed_rows: int | None = None  # with `packing`: the rows the examples were packed into
+    pushed: dict | None = None  # `bora-tools train --push-to-hub`: what push reported
 
     def to_text(self) -> str:
         resumed = f", resumed from {self.resumed_from}" if self.resumed_from else ""
@@ -84,23 +83,15 @@ class TrainReport(Report):
             f"loss {self.loss_first:.4f} -> {self.loss_last:.4f}; {self.tokens:,} tokens in "
             f"{human_seconds(self.seconds)}",
         ]
+        if self.packed_rows is not None:
+            lines.append(f"packed into {self.packed_rows} rows of at most max_length tokens")
+        if self.eval_loss is not None:
+            lines.append(f"eval loss {self.eval_loss:.4f} on {self.eval_examples} examples")
+        if self.pushed is not None:
+            lines.append(f"pushed to {self.pushed['repo_id']}: {self.pushed['commit_url']}")
         if self.checkpoints:
             lines.append(f"checkpoints in {self.checkpoints}")
         return "\n".join(lines)
-
-
-def default_target_modules(model: nn.Module) -> list[str]:
-    """Every linear projection of the model's family, by last name component, without the output head.
-
-    Example: a Llama gives ``["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]``.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names: list[str] = []
-    for name, module in linear_modules(model).items():
-        short = name.rsplit(".", 1)[-1]
-        if module is not head and short not in names:
-            names.append(short)
-    return names
 
 
 def train(
@@ -132,12 +123,18 @@ def train(
         report = train("Llama-3.2-1B", "chats.jsonl", "my-bora", TrainOptions(r=8, epochs=2), device="cuda")
         print(report)
 
+    Returns:
+        A ``TrainReport``; or, when ``resume`` finds the run already finished (its checkpoint at or past the
+        planned steps), a ``FinishedRun`` and nothing trained or written.
+
     Raises:
         ValidationError: a bad or unknown option, an unreadable or empty data file, records of the
             wrong shape (line numbers named), target modules that match nothing, ``blocks`` not
             dividing a target's dimensions, a checkpoint that does not fit this run.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
-        ModelDirError, UnsupportedError: the base cannot be read or trained here.
+        ModelDirError, UnsupportedError: the base cannot be read or trained here, or is not what its
+            config says (a weight missing or left over at load).
+        OutputWriteError: ``out``'s parent or the checkpoint directory cannot be written.
     """
     start = time.perf_counter()
     if options is not None and not isinstance(options, TrainOptions):
@@ -146,10 +143,12 @@ def train(
     base_name = base_name or found.repo_id
     run = _prepare(found.path, Path(data), Path(out), TrainOptions.from_dict(hyperparameters, base=options),
                    device=device, overwrite=overwrite, base_name=base_name)
-    trainer, losses, counts, run_dtype = _fit(run, log=log, progress=progress)
+    if isinstance(run, FinishedRun):
+        return run
+    trainer, losses, counts, run_dtype, evals = _fit(run, log=log, progress=progress)
     o, state, world = run.options, trainer.state, trainer.args.world_size
     return TrainReport(
-        out=run.out, base=str(run.base), data=str(run.data), examples=len(run.examples), steps=state.global_step,
+        out=run.out, base=str(run.base), data=str(run.data), examples=run.examples, steps=state.global_step,
         epochs=float(state.epoch or 0.0), tokens=int(state.num_input_tokens_seen),
         loss_first=losses[0][1] if losses else float("nan"), loss_last=losses[-1][1] if losses else float("nan"),
         seconds=time.perf_counter() - start, trainable_parameters=counts.trainable, total_parameters=counts.total,
@@ -158,7 +157,25 @@ def train(
         dtype=str(run_dtype).replace("torch.", ""), device=str(trainer.args.device),
         checkpoints=run.checkpoint_dir if o.save_steps else None,
         resumed_from=str(run.resume) if run.resume else None, losses=losses,
+        eval_examples=len(run.eval_rows), eval_loss=evals[-1][1] if evals else None, eval_losses=evals,
+        packed_rows=len(run.rows) if o.packing else None,
     )
+
+
+@dataclass
+class FinishedRun(Report):
+    """``resume`` found the run already finished: nothing was trained and nothing written."""
+
+    out: Path
+    checkpoint: Path
+    step: int
+    planned_steps: int
+
+    def to_text(self) -> str:
+        where = (f"{self.out} is left as it is" if self.out.exists()
+                 else f"its adapter is in {self.checkpoint} ({self.out} not written)")
+        return (f"the run is already finished: {self.checkpoint} is at step {self.step} of {self.planned_steps}; "
+                f"nothing trained, {where}")
 
 
 @dataclass
@@ -177,12 +194,15 @@ class _Run:
     targets: list[str] | str
     modules: int
     resume: Path | None
-    examples: list
+    examples: int  # tokenized examples trained on
+    rows: list  # what the trainer iterates: the examples, or their packed rows
+    eval_rows: list
     pad: int
+    tokenizer: Any
 
 
 def _prepare(base: Path, data: Path, out: Path, o: TrainOptions, *, device: str, overwrite: bool,
-             base_name: str | None) -> _Run:
+             base_name: str | None) -> _Run | FinishedRun:
     """Every check ``train`` can make before any work: options, paths, data, targets, dtype, checkpoints."""
     problems = o.problems()
     if o.resume is not None and overwrite:
@@ -192,11 +212,14 @@ def _prepare(base: Path, data: Path, out: Path, o: TrainOptions, *, device: str,
     o = fsdp.check(o)
     if not base.is_dir():
         raise ModelDirError(f"`base` {base}: not a model directory")
-    guards.check_data_file(data)
+    for name, path in (("data", data), ("eval_data", o.eval_data)):
+        if path is not None:
+            guards.check_data_file(Path(path), name=name)
     torch_dtype = parse_dtype(o.dtype, allow_auto=True)
     dev = resolve_device(device)
-    check_target(out, overwrite=overwrite)
-    refuse_output_over_inputs(out, base, data)
+    if o.resume is None:
+        check_target(out, overwrite=overwrite)
+    refuse_output_over_inputs(out, base, data, *([o.eval_data] if o.eval_data is not None else []))
     ckpt_dir = Path(o.checkpoint_dir) if o.checkpoint_dir is not None else out.parent / f"{out.name}-checkpoints"
     if overwrite:
         guards.check_overwrite(out, ckpt_dir if o.save_steps is not None else None)
@@ -206,31 +229,58 @@ def _prepare(base: Path, data: Path, out: Path, o: TrainOptions, *, device: str,
         if ckpt_dir.resolve().is_relative_to(out.resolve()) or out.resolve().is_relative_to(ckpt_dir.resolve()):
             raise ValidationError(f"`checkpoint_dir` {ckpt_dir} and `out` {out} overlap; OUT appears only when "
                                   f"training is done", hint="give the checkpoints a directory of their own")
-    records = sft_data.read_records(data)
-    config_hf = _read_config(base)
-    targets, n_modules = _check_targets(config_hf, o.target_modules, o.blocks, base, r=o.r)
+    if o.save_steps is not None:
+        check_writable(ckpt_dir, what=f"`checkpoint_dir` {ckpt_dir}")
+    records = _read(data)
+    eval_records = _read(Path(o.eval_data)) if o.eval_data is not None else []
+    config_hf = base_model.read_config(base)
+    targets, n_modules, _ = base_model.check_targets(config_hf, o.target_modules, o.blocks, base, r=o.r)
+    base_model.check_weights(base)
     config = BoraConfig(r=o.r, bora_blocks=o.blocks, lora_alpha=o.alpha, use_rslora=o.rslora, target_modules=targets,
                         task_type="CAUSAL_LM", base_model_name_or_path=base_name or str(base))
     stored = getattr(config_hf, "dtype", None) or getattr(config_hf, "torch_dtype", None)
     if (torch_dtype or stored) in (torch.float16, "float16") and dev.type != "cuda":
         raise UnsupportedError(f"`dtype` float16 training needs a CUDA device ({base} would train in float16 on "
                                f"{dev.type})", hint="pass `dtype` float32 or bfloat16")
-    resume_path = _check_resume(o.resume, ckpt_dir, config, save_steps=o.save_steps, overwrite=overwrite)
-    tokenizer = _load_tokenizer(base)
-    sft_data.check_chat_template(records, tokenizer, source=str(base))
-    examples, stats = sft_data.tokenize(records, tokenizer, max_length=o.max_length)
-    if not examples:
-        raise ValidationError(f"`data` {data}: no record keeps a token to learn within `max_length` {o.max_length}")
-    if stats.dropped:
-        logger.warning(f"`data` {data}: {len(stats.dropped)} record(s) left without a completion token within "
-                       f"`max_length` {o.max_length} are skipped (first: line {stats.dropped[0]})")
+    resume_path = resume.resolve(o.resume, ckpt_dir, save_steps=o.save_steps, overwrite=overwrite)
+    step = resume.check(resume_path, config) if resume_path is not None else 0
+    tokenizer = base_model.load_tokenizer(base)
+    examples = _tokenize(records, tokenizer, o, data, base=base)
+    eval_rows = _tokenize(eval_records, tokenizer, o, Path(o.eval_data), base=base, name="eval_data") if eval_records \
+        else []
+    if o.eval_fraction is not None:
+        examples, eval_rows = evaluation.split(examples, o.eval_fraction, seed=o.seed, data=data)
+    rows = packing.pack(examples, o.max_length) if o.packing else examples
+    if resume_path is not None:
+        planned = resume.planned_steps(len(rows), batch_size=o.batch_size, grad_accum=o.grad_accum, epochs=o.epochs,
+                                       max_steps=o.max_steps, world=int(os.environ.get("WORLD_SIZE", "1")))
+        if step >= planned:
+            return FinishedRun(out=out, checkpoint=resume_path, step=step, planned_steps=planned)
+        check_target(out, overwrite=overwrite)
     if tokenizer.pad_token_id is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     else:
         pad = tokenizer.pad_token_id
     return _Run(base=base, data=data, out=out, options=o, overwrite=overwrite, device=dev, dtype=torch_dtype,
                 checkpoint_dir=ckpt_dir, config=config, targets=targets, modules=n_modules, resume=resume_path,
-                examples=examples, pad=pad)
+                examples=len(examples), rows=rows, eval_rows=eval_rows, pad=pad, tokenizer=tokenizer)
+
+
+def _read(path: Path) -> list:
+    sft_data.check_record_sizes(path)
+    return sft_data.read_records(path)
+
+
+def _tokenize(records: list, tokenizer, o: TrainOptions, path: Path, *, base: Path, name: str = "data") -> list:
+    """Tokenized examples of ``records`` (the file ``name`` at ``path``), with the template and the cut checked."""
+    sft_data.check_chat_template(records, tokenizer, source=str(base))
+    examples, stats = sft_data.tokenize(records, tokenizer, max_length=o.max_length)
+    if not examples:
+        raise ValidationError(f"`{name}` {path}: no record keeps a token to learn within `max_length` {o.max_length}")
+    if stats.dropped:
+        logger.warning(f"`{name}` {path}: {len(stats.dropped)} record(s) left without a completion token within "
+                       f"`max_length` {o.max_length} are skipped (first: line {stats.dropped[0]})")
+    return examples
 
 
 def _fit(run: _Run, *, log: Callable[[str], None] | None, progress: Progress):
@@ -252,10 +302,12 @@ def _fit(run: _Run, *, log: Callable[[str], None] | None, progress: Progress):
     scratch = None if o.save_steps else tempfile.TemporaryDirectory(prefix="bora-train-")
     args = _training_arguments(run, str(ckpt_dir) if scratch is None else scratch.name, run_dtype=run_dtype)
     losses: list[tuple[int, float]] = []
-    reporter = _reporter(losses, log, progress)
+    evals: list[tuple[int, float]] = []
+    reporter = _reporter(losses, evals, log, progress)
+    collator = packing.PackedCollator() if o.packing else sft_data.Collator(run.pad)
     trainer_cls = fsdp.trainer_class() if o.fsdp else Trainer
-    trainer = trainer_cls(model=model, args=args, train_dataset=run.examples, data_collator=sft_data.Collator(run.pad),
-                          callbacks=[reporter, guards.kept_checkpoints(run.out)])
+    trainer = trainer_cls(model=model, args=args, train_dataset=run.rows, eval_dataset=run.eval_rows or None,
+                          data_collator=collator, callbacks=[reporter, guards.kept_checkpoints(run.out)])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     main = trainer.accelerator.is_main_process
@@ -268,14 +320,18 @@ def _fit(run: _Run, *, log: Callable[[str], None] | None, progress: Progress):
     try:
         trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
         reporter.close()
+        if run.eval_rows and not o.eval_steps:
+            # the final eval loss (with `eval_steps` the trainer computes it at the last step itself); decided
+            # alike on every process (evaluate is collective under DDP), logged by the reporter on the main one
+            trainer.evaluate()
         state = fsdp.full_adapter_state(model) if o.fsdp else None  # every rank: a collective gather
         if main:
-            save_bora(model, run.out, overwrite=run.overwrite, state_dict=state)
+            save_bora(model, run.out, overwrite=run.overwrite, state_dict=state, tokenizer=run.tokenizer)
         trainer.accelerator.wait_for_everyone()
     finally:
         if scratch is not None:
             scratch.cleanup()
-    return trainer, losses, counts, run_dtype
+    return trainer, losses, counts, run_dtype, evals
 
 
 def _training_arguments(run: _Run, output_dir: str, *, run_dtype: torch.dtype):
@@ -283,7 +339,7 @@ def _training_arguments(run: _Run, output_dir: str, *, run_dtype: torch.dtype):
     from transformers import TrainingArguments
 
     o = run.options
-    total_steps_hint = o.max_steps or max(1, math.ceil(len(run.examples) / o.batch_size / o.grad_accum * o.epochs))
+    total_steps_hint = o.max_steps or max(1, math.ceil(len(run.rows) / o.batch_size / o.grad_accum * o.epochs))
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=o.batch_size, gradient_accumulation_steps=o.grad_accum,
         num_train_epochs=o.epochs, max_steps=o.max_steps if o.max_steps is not None else -1,
@@ -295,7 +351,8 @@ def _training_arguments(run: _Run, output_dir: str, *, run_dtype: torch.dtype):
         **{_checkpointing_argument(TrainingArguments): o.gradient_checkpointing},
         report_to="none", disable_tqdm=True, remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, ddp_find_unused_parameters=False,
-        save_only_model=False,
+        save_only_model=False, eval_strategy="steps" if o.eval_steps else "no", eval_steps=o.eval_steps,
+        per_device_eval_batch_size=o.batch_size, prediction_loss_only=True,
     )
 
 
@@ -305,7 +362,7 @@ def _checkpointing_argument(arguments_cls) -> str:
     return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
-def _reporter(losses: list, log: Callable[[str], None] | None, progress: Progress):
+def _reporter(losses: list, evals: list, log: Callable[[str], None] | None, progress: Progress):
     """A ``TrainerCallback`` (defined here: transformers is imported only when training) for losses and progress."""
     from transformers import TrainerCallback
 
@@ -325,6 +382,10 @@ def _reporter(losses: list, log: Callable[[str], None] | None, progress: Progres
                 next(self.bar, None)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "eval_loss" in logs:
+                evals.append((state.global_step, float(logs["eval_loss"])))
+                if log is not None:
+                    log(f"step {state.global_step}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}")
             if not state.is_world_process_zero or not logs or "loss" not in logs:
                 return
             losses.append((state.global_step, float(logs["loss"])))
@@ -339,102 +400,6 @@ def _reporter(losses: list, log: Callable[[str], None] | None, progress: Progres
                 self.bar = None
 
     return Reporter()
-
-
-def _read_config(base: Path):
-    from transformers import AutoConfig
-
-    if not (base / "config.json").is_file():
-        raise ModelDirError(f"`base` {base}: no config.json (not a Hugging Face model directory)")
-    try:
-        return AutoConfig.from_pretrained(base)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelDirError(f"`base` {base}/config.json: cannot be read ({' '.join(str(e).split())[:200]})") from None
-
-
-def _meta_model(config_hf, base: Path) -> nn.Module:
-    """The model's modules and shapes, without weights (no memory, no reading)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config_hf)
-    except ValueError as e:
-        raise UnsupportedError(f"`base` {base}: not a causal language model transformers can build "
-                               f"({' '.join(str(e).split())[:200]})") from None
-
-
-def _check_targets(config_hf, target_modules, blocks: int, base: Path, *, r: int = 1) -> tuple[list[str] | str, int]:
-    """The target modules (default: every linear projection but the head), each checked to match and to fit ``b``."""
-    model = _meta_model(config_hf, base)
-    linear = linear_modules(model)
-    targets = default_target_modules(model) if target_modules is None else target_modules
-    if isinstance(targets, str):
-        unmatched = [] if any(matches_target(targets, n) for n in linear) else [targets]
-    else:
-        unmatched = [t for t in targets if not any(matches_target([t], n) for n in linear)]
-    if unmatched:
-        known = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise ValidationError(f"`target_modules` {', '.join(map(repr, unmatched))} match(es) no linear module of "
-                              f"{type(model).__name__} (its linear modules: {', '.join(known)})")
-    matched = [n for n in linear if matches_target(targets, n)]
-    guards.check_rank(r, {n: tuple(linear[n].weight.shape[::-1 if is_conv1d(linear[n]) else 1]) for n in matched})
-    problems, seen = [], set()
-    for name in matched:
-        module = linear[name]
-        n_in, m_out = module.weight.shape if is_conv1d(module) else module.weight.shape[::-1]
-        short = name.rsplit(".", 1)[-1]
-        if short not in seen:
-            found = block_problems(m_out, n_in, blocks, name=name)
-            if found:
-                seen.add(short)
-                problems += found
-    if problems:
-        raise ValidationError(f"`blocks` {blocks} does not fit: " + "; ".join(problems[:3])
-                              + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""),
-                              hint="b must divide every adapted module's in and out features")
-    return targets, len(matched)
-
-
-def _check_resume(resume, ckpt_dir: Path, config: BoraConfig, *, save_steps, overwrite: bool) -> Path | None:
-    from bora_tools.core.config import CONFIG_NAME
-
-    if resume is None:
-        if save_steps and ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*")) and not overwrite:
-            raise ValidationError(f"checkpoint directory {ckpt_dir} holds checkpoints of an earlier run",
-                                  hint="pass `resume` to continue it, or `overwrite` to start afresh")
-        return None
-    if str(resume) == "last":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-        if last is None:
-            raise ValidationError(f"`resume`: no checkpoint-N directory in {ckpt_dir}")
-        path = Path(last)
-    else:
-        path = Path(resume)
-    if not (path / CONFIG_NAME).is_file() or not (path / "trainer_state.json").is_file():
-        raise ValidationError(f"`resume` {path}: not a training checkpoint (needs {CONFIG_NAME} and "
-                              f"trainer_state.json)")
-    try:
-        saved = BoraConfig.load(path)
-    except ConfigError as e:
-        raise ValidationError(f"`resume` {path}: {e}") from None
-    keys = ("r", "bora_blocks", "lora_alpha", "use_rslora", "target_modules")
-    differ = [f"{k} {getattr(saved, k)!r} there, {getattr(config, k)!r} here" for k in keys
-              if getattr(saved, k) != getattr(config, k)]
-    if differ:
-        raise ValidationError(f"`resume` {path}: the checkpoint was trained with other settings: {'; '.join(differ)}")
-    return path
-
-
-def _load_tokenizer(base: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelDirError(f"`base` {base}: no usable tokenizer ({' '.join(str(e).split())[:200]})") from None
 
 
 def is_main_process() -> bool:
