@@ -160,9 +160,11 @@ def test_train_options_are_made_from_the_train_options_fields():
         flag, param = f.metadata["flag"], params[f.name]
         assert (param.opts + param.secondary_opts, param.default, param.help) == (list(flag.names), f.default,
                                                                                    flag.help), f.name
-    # Every other option of train is a path or a flag every command shares: no hyperparameter bypasses the fields.
+    # Every other option of train is a path, the config file, the push at the end or a flag every command shares:
+    # no hyperparameter bypasses the fields.
     others = [name for name in params if name not in {f.name for f in fields}]
-    assert others == ["base", "data", "out", "device", "token", "overwrite", "as_json", "debug", "quiet"]
+    assert others == ["config", "base", "data", "out", "push_to_hub", "device", "token", "overwrite", "as_json",
+                      "debug", "quiet"]
     assert isinstance(params["dtype"].type, _DtypeType) and params["rslora"].is_flag
     assert list(params["scheduler"].type.choices) == ["linear", "cosine", "constant"]
     assert (params["max_steps"].type, params["alpha"].type) == (click.INT, click.FLOAT)
