@@ -35,12 +35,11 @@ from bora_tools.gguf.outtypes import OUTTYPES
               help="LoRA export: 'full' (the default) is the exact form (rank b*r); K keeps the best rank-K "
                    "truncation.")
 @click.option("--outtype", "outtypes", type=_OuttypeChoice(list(OUTTYPES)), multiple=True, metavar="TYPE",
-              help="[default: f16] Repeat it (with --out a folder) for one file per type, "
-                   "<name>-<type>.gguf, from one read of the source. "
-                   "Type of the weight matrices, case-insensitive: f32, f16, bf16, q8_0 (norms and 1-D tensors stay "
+              help="Type of the weight matrices, case-insensitive: f32, f16, bf16, q8_0 (norms and 1-D tensors stay "
                    "f32; q8_0 falls back to f16 where a row is not a multiple of 32). Full and merged models also "
                    "take llama.cpp's quantizations, made by its own quantizer (the 'llama' extra): q4_0, q4_1, q5_0, "
-                   "q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k.")
+                   "q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k. Repeat it (with --out a "
+                   "folder) for one file per type, <name>-<type>.gguf, from one read of the source  [default: f16]")
 @click.option("--split-max-size", "split_max_size", metavar="SIZE", default=None,
               help="Split a full or merged model into llama.cpp's NAME-00001-of-0000N.gguf files of at most SIZE "
                    "tensor data each (bytes, or with K, M, G: 500M, 4G; powers of 1000, as llama.cpp's gguf-split); "

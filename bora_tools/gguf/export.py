@@ -167,12 +167,12 @@ def _export(source: str | Path, outs: dict[str, Path], *, base: str | Path | Non
         if modelfile:
             check_modelfile_target(out, overwrite=overwrite)
     start = time.perf_counter()
+    folder = Path(base) if base is not None else source  # the tokenizer: the base's for adapters
+    vocab = tokenizer_vocab(folder) if modelfile else None  # read before anything is written
     with _quiet_gguf_py():
         reports = _dispatch(source, outs, base=base, merge=merge, rank=rank, overwrite=overwrite,
                             device=device, threads=threads, progress=progress, name=name, split=split)
-    if modelfile:
-        folder = Path(base) if base is not None else source  # the tokenizer: the base's for adapters
-        vocab = tokenizer_vocab(folder)
+    if vocab is not None:
         lora = base is not None and not merge
         for report in reports:
             report.modelfile = str(write_modelfile(

@@ -227,12 +227,13 @@ def _create_or_reuse(api: Any, repo_id: str, *, private: bool) -> tuple[Any, str
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=False)
+        # Not private: the namespace's default visibility (an organisation may default to private).
+        url = api.create_repo(repo_id, private=True if private else None, exist_ok=False)
     except HfHubHTTPError as e:
         if getattr(e.response, "status_code", None) != 409:
             raise
         return api.create_repo(repo_id, exist_ok=True), None
-    return url, "created private" if private else "created public"
+    return url, "created private" if private else "created with the Hub's default visibility"
 
 
 def _visibility_of_existing(api: Any, repo_id: str, *, private: bool) -> str:
