@@ -296,7 +296,7 @@ def _write_models(model: ModelDir, outs: dict[str, Path], *, overwrite: bool, th
             f"writing {len(files)} GGUF files"
         write_streaming_many(files, progress=progress, label=label)
         pass_seconds = time.perf_counter() - start
-        warnings = {t: _warnings(model, family, hp, plans[t], t, log=i == 0) + vocab.notes
+        warnings = {t: _warnings(model, family, hp, plans[t], t, first=i == 0) + vocab.notes
                     for i, t in enumerate(outs)}
         for t in plain_types:
             reports[t] = _report(outs[t], paths[t], family, model, t, plans[t], kind, vocab, warnings[t],
@@ -382,7 +382,8 @@ def _report(out: Path, path: Path, family: Family, model: ModelDir, outtype: str
 
 
 def _warnings(model: ModelDir, family: Family, hp: Hparams, plan: list[PlannedTensor], outtype: str, *,
-              log: bool = True) -> list[str]:
+              first: bool = True) -> list[str]:
+    """This file's warnings, logged; those about the model rather than the type only for the ``first`` file."""
     out = []
     fallbacks = [p.name for p in plan if p.fallback]
     if fallbacks:
@@ -391,6 +392,7 @@ def _warnings(model: ModelDir, family: Family, hp: Hparams, plan: list[PlannedTe
             f"{len(fallbacks)} tensor(s) written as F16 instead of {outtype.upper()}: their rows are not a "
             f"multiple of 32 ({shown})"
         )
+        logger.warning(out[-1])
     window = model.config.get("sliding_window")
     if model.config.get("use_sliding_window") is False:
         window = None
@@ -399,8 +401,8 @@ def _warnings(model: ModelDir, family: Family, hp: Hparams, plan: list[PlannedTe
             f"sliding_window {window}: llama.cpp runs this model with full attention; sequences longer "
             f"than {window} tokens will differ"
         )
-    for w in out if log else [w for w in out if w.startswith(f"{len(fallbacks)} tensor(s)")]:
-        logger.warning(w)
+        if first:
+            logger.warning(out[-1])
     return out
 
 
