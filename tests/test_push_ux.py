@@ -120,10 +120,13 @@ def test_other_errors_do_not_mention_xet(hub):  # noqa: F811
 
 
 # ----- cards: what the folder is, nothing else -----------------------------------------------------------
-def ordinary_model(d: Path, *, name_or_path: str = "meta-llama/Llama-3.2-1B") -> Path:
-    """A model folder as transformers' save_pretrained leaves it: no record of any merge."""
+def ordinary_model(d: Path, *, name_or_path: str | None = None) -> Path:
+    """A model folder as transformers' save_pretrained leaves it: no record of any merge (transformers 5 writes
+    no ``_name_or_path``; older versions wrote the model a fine-tune started from)."""
     d.mkdir(parents=True)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "_name_or_path": name_or_path}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    if name_or_path:
+        config["_name_or_path"] = name_or_path
     (d / "config.json").write_text(json.dumps(config))
     save_file({"model.embed_tokens.weight": np.ones((8, 16), np.float32)}, str(d / "model.safetensors"))
     return d
@@ -134,6 +137,9 @@ def test_an_ordinary_model_is_not_called_a_merge(tmp_path):
     text = str(card).lower()
     assert "merg" not in text and "bora adapter" not in text and "base_model" not in card.data.to_dict()
     assert "a **transformers model**." in text
+    older = build_model_card(ordinary_model(tmp_path / "o", name_or_path="org/started-from"), repo_id="me/o")
+    assert older.data.base_model == "org/started-from" and older.data.base_model_relation == "finetune"
+    assert "derived from" in older.text and "merg" not in older.text.lower()
 
 
 def test_a_merge_says_so_and_names_its_recorded_base(tmp_path):

@@ -121,7 +121,8 @@ def _model(d: dict[str, Any], ctx: dict[str, Any]) -> list[str]:
                f'model = AutoModelForCausalLM.from_pretrained("{ctx["repo"]}")\n'
                f'tokenizer = AutoTokenizer.from_pretrained("{ctx["repo"]}")\n```')
     intro = (f"A **transformers model**: {_base_link(ctx)} with a BoRA adapter ({PAPER}) merged into its weights."
-             if d.get("merged") else "A **transformers model**.")
+             if d.get("merged") else f"A **transformers model**, derived from {_base_link(ctx)}." if ctx["base"]
+             else "A **transformers model**.")
     made = (["## How it was made",
              "`bora-tools merge ADAPTER --base BASE --out DIR` computes `W + dW` in float32 and rounds once to the "
              "base dtype; the directory keeps the base's config, tokenizer and shard layout."]

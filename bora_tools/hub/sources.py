@@ -116,14 +116,17 @@ def _adapter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
 
 
 def _describe_model(config: dict[str, Any], weights: list[str]) -> Source:
-    # bora-tools merge records the base it merged into as base_model_name_or_path (PEFT's name for it);
-    # an ordinary model's _name_or_path is where it was loaded from, not a base, and is not used.
-    base = _text(config.get("base_model_name_or_path"))
+    # bora-tools merge records the base it merged into as base_model_name_or_path (PEFT's name for it):
+    # only that makes the folder a merge. Otherwise _name_or_path (older transformers saved the model a
+    # fine-tune started from there; transformers 5 saves none) names what it derives from, if anything.
+    merged = _text(config.get("base_model_name_or_path"))
+    base = merged or _text(config.get("_name_or_path"))
     details = {"architectures": config.get("architectures") or [],
                "model_type": _text(config.get("model_type")),
                "dtype": _text(config.get("dtype") or config.get("torch_dtype")), "weights": weights,
-               "merged": base is not None}
-    return Source("model", [base] if base else [], details, base_from="config.json base_model_name_or_path")
+               "merged": merged is not None}
+    return Source("model", [base] if base else [], details,
+                  base_from=f"config.json {'base_model_name_or_path' if merged else '_name_or_path'}")
 
 
 def _text(value: Any) -> str | None:
