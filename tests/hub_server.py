@@ -244,6 +244,18 @@ def create_repo(hub: FakeHub, req: Request) -> tuple[int, Any]:
     return 200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id, "id": repo_id}
 
 
+def repo_settings(hub: FakeHub, req: Request) -> tuple[int, Any]:
+    """``PUT /api/models/{repo}/settings``: the visibility (``{"visibility": "private"}``, or the older ``private``)."""
+    hub.require(req.headers, write=True)
+    repo = hub.repo(req.groups["repo"], req.headers)
+    data = req.json()
+    if "visibility" in data:
+        repo.private = data["visibility"] == "private"
+    elif "private" in data:
+        repo.private = bool(data["private"])
+    return 200, {}
+
+
 def repo_info(hub: FakeHub, req: Request) -> tuple[int, Any]:
     repo = hub.repo(req.groups["repo"], req.headers)
     oid = hub.revision(repo, req.groups.get("rev") or "main")
@@ -456,6 +468,7 @@ _ROUTES: list[tuple[str, str, re.Pattern, Callable[[FakeHub, Request], tuple[int
         ("POST", "create_repo", r"^/api/repos/create$", create_repo),
         ("POST", "validate_yaml", r"^/api/validate-yaml$", validate_yaml),
         ("GET", "repo_info", r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$", repo_info),
+        ("PUT", "settings", r"^/api/models/(?P<repo>[^/]+/[^/]+)/settings$", repo_settings),
         ("GET", "refs", r"^/api/models/(?P<repo>[^/]+/[^/]+)/refs$", list_refs),
         ("GET", "tree", r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?P<path>/.*)?$", list_tree),
         ("GET", "resolve", r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", resolve_file),

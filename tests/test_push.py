@@ -69,10 +69,11 @@ def lora_adapter(d: Path, *, base: str = "org/tiny-llama") -> Path:
 
 
 def merged_model(d: Path, *, name_or_path: str | None = "org/tiny-llama") -> Path:
+    """A folder as bora-tools merge writes it: config.json records the base as base_model_name_or_path."""
     d.mkdir(parents=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16, "dtype": "float32"}
     if name_or_path:
-        config["_name_or_path"] = name_or_path
+        config["base_model_name_or_path"] = name_or_path
     (d / "config.json").write_text(json.dumps(config))
     (d / "generation_config.json").write_text("{}")
     save_file({"model.embed_tokens.weight": np.ones((8, 16), np.float32)}, str(d / "model.safetensors"))
@@ -398,14 +399,14 @@ CARDS = {
                                 "bora-tools merge", "bora-tools export-gguf"]),
     "lora": (lambda p: lora_adapter(p), {"library_name": "peft", "base_model": "org/tiny-llama",
                                          "base_model_relation": "adapter"},
-             ["lora", "peft"], ['PeftModel.from_pretrained(base, "me/card")', "bora-tools to-lora"]),
+             ["lora", "peft"], ['PeftModel.from_pretrained(base, "me/card")', "bora-tools export-gguf"]),
     "merged": (lambda p: merged_model(p), {"library_name": "transformers", "base_model": "org/tiny-llama",
                                            "base_model_relation": "finetune", "pipeline_tag": "text-generation"},
                ["bora-tools"], ['AutoModelForCausalLM.from_pretrained("me/card")', "bora-tools merge"]),
     "gguf-model": (lambda p: gguf_file(p / "tiny-f32.gguf", kind="model",
                                        source_url="https://huggingface.co/org/tiny-llama-merged"),
                    {"library_name": "gguf", "base_model": "org/tiny-llama-merged", "base_model_relation": "quantized"},
-                   ["gguf"], ["llama-cli -m tiny-f32.gguf", "bora-tools export-gguf"]),
+                   ["gguf"], ["llama-cli -m tiny-f32.gguf"]),
     "gguf-lora": (lambda p: gguf_file(p / "adapter-f32.gguf", kind="adapter"),
                   {"library_name": "gguf", "base_model": "org/tiny-llama", "base_model_relation": "adapter"},
                   ["gguf", "lora"], ["--lora adapter-f32.gguf", "`adapter.lora.alpha`: 8"]),

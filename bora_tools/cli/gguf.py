@@ -36,11 +36,19 @@ from bora_tools.gguf.outtypes import OUTTYPES
 @click.option("--rank", type=_RankType(), default=None,
               help="LoRA export: 'full' (the default) is the exact form (rank b*r); K keeps the best rank-K "
                    "truncation.")
-@click.option("--outtype", type=_OuttypeChoice(list(OUTTYPES)), default="f16", show_default=True, metavar="TYPE",
+@click.option("--outtype", "outtypes", type=_OuttypeChoice(list(OUTTYPES)), multiple=True, metavar="TYPE",
               help="Type of the weight matrices, case-insensitive: f32, f16, bf16, q8_0 (norms and 1-D tensors stay "
                    "f32; q8_0 falls back to f16 where a row is not a multiple of 32). Full and merged models also "
                    "take llama.cpp's quantizations, made by its own quantizer (the 'llama' extra): q4_0, q4_1, q5_0, "
-                   "q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k.")
+                   "q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k. Repeat it (with --out a "
+                   "folder) for one file per type, <name>-<type>.gguf, from one read of the source  [default: f16]")
+@click.option("--split-max-size", "split_max_size", metavar="SIZE", default=None,
+              help="Split a full or merged model into llama.cpp's NAME-00001-of-0000N.gguf files of at most SIZE "
+                   "tensor data each (bytes, or with K, M, G: 500M, 4G; powers of 1000, as llama.cpp's gguf-split); "
+                   "llama.cpp loads them from the first file.")
+@click.option("--modelfile", is_flag=True,
+              help="Also write an Ollama Modelfile beside each GGUF (<name>.Modelfile): FROM the GGUF (a LoRA: FROM "
+                   "the base, ADAPTER the GGUF), PARAMETER stop for the tokenizer's end-of-turn tokens.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Threads of llama.cpp's quantizer  [default: all cores]")
 @device_option
@@ -48,8 +56,9 @@ from bora_tools.gguf.outtypes import OUTTYPES
 @overwrite_option
 @json_option
 @common_options
-def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: int | str | None, outtype: str,
-                    threads: int | None, device: str, token: str | None, overwrite: bool, as_json: bool) -> None:
+def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: int | str | None,
+                    outtypes: tuple[str, ...], split_max_size: str | None, modelfile: bool, threads: int | None,
+                    device: str, token: str | None, overwrite: bool, as_json: bool) -> None:
     """Export a model directory, or a BoRA adapter (onto --base or the base it records), as GGUF for llama.cpp.
 
     \b
@@ -59,10 +68,18 @@ def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: 
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged.gguf
       bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out merged-q4.gguf --outtype q4_k_m
       bora-tools export-gguf someone/my-bora --merge --out merged.gguf     # the base the adapter records
+      bora-tools export-gguf ./Llama-3.2-1B --out gguf/ --outtype q4_k_m --outtype q5_k_m --outtype q8_0
+      bora-tools export-gguf ./Llama-3.1-70B --out gguf/ --outtype q4_k_m --split-max-size 40G
+      bora-tools export-gguf ./my-bora-adapter --base ./Llama-3.2-1B --merge --out gguf/ --modelfile
     """
     if rank is not None and merge:
         raise click.UsageError("--rank applies only to a LoRA adapter export, not with --merge")
-    from bora_tools.gguf.export import export_gguf
+    outtypes = outtypes or ("f16",)
+    if len(set(outtypes)) < len(outtypes):
+        raise click.UsageError("--outtype: each type once")
+    if len(outtypes) > 1 and not (Path(out).is_dir() or out.endswith(("/", os.sep))):
+        raise click.UsageError("several --outtype write one file each: give --out a folder (existing, or ending in /)")
+    from bora_tools.gguf.export import export_gguf, export_gguf_many
 
     found = _resolve(source, "any" if base is None else "adapter", token=token)
     is_adapter = (found.path / "adapter_config.json").is_file()
@@ -70,10 +87,18 @@ def export_gguf_cmd(source: str, out: str, base: str | None, merge: bool, rank: 
         option = "--merge" if merge else "--rank"
         raise click.UsageError(f"{option} applies only when SOURCE is an adapter (a LoRA adapter export for --rank)")
     found_base = _resolve_base(base, found, token=token) if base is not None or is_adapter else None
-    out = _gguf_target(out, source, found.path, base=found_base, merge=merge, outtype=outtype)
-    report = export_gguf(found.path, out, base=found_base.path if found_base else None, merge=merge,
-                         rank=rank or "full", outtype=outtype, overwrite=overwrite, device=device,
-                         threads=threads, progress=make_progress(), name=_gguf_name(found_base if merge else found))
+    common: dict[str, Any] = dict(base=found_base.path if found_base else None, merge=merge, rank=rank or "full",
+                                  overwrite=overwrite, device=device, threads=threads, progress=make_progress(),
+                                  name=_gguf_name(found_base if merge else found), split_max_size=split_max_size,
+                                  modelfile=modelfile)
+    if modelfile and found_base is not None and not merge:  # a LoRA: FROM names the base as Ollama finds it
+        common["modelfile_base"] = f"hf.co/{found_base.repo_id}" if found_base.from_hub else None
+    if len(outtypes) > 1:
+        stem = _gguf_target(out, source, found.path, base=found_base, merge=merge, outtype="").name[:-len("-.gguf")]
+        report: Any = export_gguf_many(found.path, out, outtypes=list(outtypes), stem=stem, **common)
+    else:
+        target = _gguf_target(out, source, found.path, base=found_base, merge=merge, outtype=outtypes[0])
+        report = export_gguf(found.path, target, outtype=outtypes[0], **common)
     print_report(report, as_json=as_json)
 
 

@@ -3,7 +3,7 @@
 ``llama-cpp-python`` (the ``llama`` extra) ships llama.cpp's ``llama_model_quantize``:
 the code behind ``llama-quantize``, with its per-tensor recipes (Q4_K_M keeps
 ``output.weight`` and part of ``attn_v`` / ``ffn_down`` in Q6_K, ...). The
-pipeline of a quantized export (``write_quantized``):
+pipeline of a quantized export (``bora_tools.gguf.export._write_models``):
 
 1. our streaming writer writes an intermediate GGUF into a hidden scratch
    sibling of the final temporary (``io.atomic.scratch_sibling``). Its tensor
@@ -13,8 +13,9 @@ pipeline of a quantized export (``write_quantized``):
    it to the base dtype first would round twice). The quantizer converts every
    tensor to float32 before quantizing anyway, so nothing is gained by a wider
    type and nothing is lost by this one;
-2. ``llama_model_quantize`` writes the final temporary of ``atomic_output``;
-3. the intermediate is removed, and ``atomic_output`` renames the result into place.
+2. ``llama_model_quantize`` (``quantize_file``) writes the final temporary of ``atomic_output``, once
+   per quantized type asked for (one intermediate serves them all);
+3. the intermediate is removed, and ``atomic_output`` renames the results into place.
 
 A failure removes both files; a killed run leaves both hidden, and the next run
 on the same target removes them (they carry the dead process's id).
@@ -35,7 +36,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,42 +104,6 @@ class Quantized:
     phases: dict[str, float]  # seconds: write_intermediate, quantize
     threads: int
     fallbacks: list[dict[str, str]] = field(default_factory=list)  # tensor, type, reason: llama.cpp's own fallbacks
-
-
-def write_quantized(write_intermediate: Callable[[Path], None], tmp: Path, *, outtype: str, threads: int,
-                    tensors: int, progress: Progress = no_progress) -> Quantized:
-    """Write the intermediate GGUF with ``write_intermediate(path)``, quantize it into ``tmp``, remove it.
-
-    ``tmp`` is ``atomic_output``'s temporary; the intermediate is its scratch
-    sibling and is removed whatever happens (a kill leaves it to the next run).
-
-    Example::
-
-        with atomic_output(out) as tmp:
-            done = write_quantized(lambda p: write_streaming(writer, p, plan), tmp, outtype="q4_k_m",
-                                   threads=2, tensors=len(plan))
-
-    Raises:
-        OSError: the disk refused llama.cpp's writes (``atomic_output`` reports it).
-        UnsupportedError: llama.cpp's quantizer failed otherwise (its error line is quoted).
-    """
-    intermediate = scratch_sibling(tmp, "intermediate")
-    try:
-        start = time.perf_counter()
-        write_intermediate(intermediate)
-        written = time.perf_counter()
-        intermediate_bytes = intermediate.stat().st_size
-        fallbacks = quantize_file(intermediate, tmp, outtype=outtype, threads=threads, tensors=tensors,
-                                 progress=progress)
-        done = time.perf_counter()
-        peak = intermediate_bytes + tmp.stat().st_size
-    finally:
-        remove_scratch(intermediate)
-    summary = read_summary(tmp)
-    return Quantized(types=summary["types"], tensors=summary["tensors"], bits_per_weight=summary["bits_per_weight"],
-                     intermediate_bytes=intermediate_bytes, peak_disk_bytes=peak,
-                     phases={"write_intermediate": round(written - start, 3), "quantize": round(done - written, 3)},
-                     threads=threads, fallbacks=fallbacks)
 
 
 def read_summary(path: Path) -> dict[str, Any]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bora_tools.report import Report, human_bytes, human_seconds
 
 #: Fields that only some kinds of export have; absent from ``to_dict()`` when unset.
 _OPTIONAL = ("merged_tensors", "vocab", "alpha", "rank", "modules", "adapter", "notes", "bits_per_weight",
-             "intermediate", "peak_disk_bytes", "phases", "threads")
+             "intermediate", "peak_disk_bytes", "phases", "threads", "shards", "modelfile")
 
 
 @dataclass
@@ -38,6 +39,8 @@ class ExportReport(Report):
     peak_disk_bytes: int | None = None  # intermediate + output, on disk together while quantizing
     phases: dict[str, float] | None = None  # seconds: write_intermediate, quantize
     threads: int | None = None  # quantizer threads
+    modelfile: str | None = None  # --modelfile: the Ollama Modelfile written beside the file
+    shards: list[str] | None = None  # --split-max-size: every file of the split, first (``out``) first
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -47,6 +50,23 @@ class ExportReport(Report):
     def to_text(self) -> str:
         """A few human-readable lines."""
         return _lines(self.to_dict())
+
+
+@dataclass
+class ExportSetReport(Report):
+    """Several GGUF files from one pass over the source (``export_gguf_many``): one report per file."""
+
+    files: list[ExportReport]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"files": [f.to_dict() for f in self.files], "seconds": self.seconds}
+
+    def to_text(self) -> str:
+        """Each file's lines, a blank line between them, then the total."""
+        return "\n\n".join(f.to_text() for f in self.files) + (
+            f"\n{len(self.files)} files from one read of the source in {human_seconds(self.seconds)}"
+            if len(self.files) > 1 else "")
 
 
 _KINDS = {"model": "a full model", "merged": "the merged model, as a full model", "lora": "a LoRA adapter"}
@@ -84,6 +104,11 @@ def _lines(report: dict[str, Any]) -> str:
         kept = sorted({f["type"] for f in report["fallbacks"]})
         lines.append(f"{len(report['fallbacks'])} tensor(s) kept as {'/'.join(kept)}: "
                      f"{report['fallbacks'][0]['reason']} (see fallbacks)")
+    if report.get("shards"):
+        lines.append(f"split: {len(report['shards'])} files, llama.cpp loads them from the first: "
+                     + ", ".join(Path(s).name for s in report["shards"]))
+    if report.get("modelfile"):
+        lines.append(f"Ollama: ollama create NAME -f {report['modelfile']}")
     lines.append(f"wrote {report['out']} ({human_bytes(report['bytes'])}, {_KINDS.get(report['kind'], report['kind'])}"
                  f" for llama.cpp, architecture {report['architecture']}) in {human_seconds(report.get('seconds', 0))}")
     return "\n".join(lines)

@@ -178,25 +178,91 @@ def write_streaming(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTenso
                     progress: Progress = no_progress, label: str = "writing GGUF") -> None:
     """Write ``writer``'s key-values and ``plan``'s tensors to ``path``, a block of rows in memory at a time.
 
+    ``writer`` may split (``split_max_size``): the shards are then named after ``path`` as gguf-py does
+    (``NAME-00001-of-0000N.gguf``).
+
     Example: ``write_streaming(gguf.GGUFWriter(None, "llama"), Path("m.gguf"), plan, progress=bar)``
 
     Raises:
         UnsupportedError: a value overflows its tensor's GGUF type (the file is then incomplete:
             write to a temporary path, as ``atomic_output`` does).
     """
-    for p in plan:
-        # The dtype argument only matters without raw_dtype; the shape is the logical one.
-        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+    write_streaming_many([(writer, Path(path), plan)], progress=progress, label=label)
+
+
+def write_streaming_many(files: list[tuple[gguf.GGUFWriter, Path, list[PlannedTensor]]], *,
+                         progress: Progress = no_progress, label: str = "writing GGUF") -> None:
+    """Write several GGUF files in one pass over the tensors: each block of rows is produced once.
+
+    Every plan names the same tensors in the same order (only their types differ, one plan per
+    ``outtype``); the first plan's ``chunks()`` produce the rows, which each file converts to its own type.
+    So the source is read, and an adapter merged, once whatever the number of files.
+
+    Example: ``write_streaming_many([(w16, Path("m-f16.gguf"), plan16), (w8, Path("m-q8_0.gguf"), plan8)])``
+
+    Raises:
+        UnsupportedError: a value overflows a tensor's GGUF type (the files are then incomplete).
+    """
+    plans = [plan for _, _, plan in files]
+    first = plans[0]
+    for plan in plans[1:]:
+        if [(p.name, p.shape) for p in plan] != [(p.name, p.shape) for p in first]:
+            raise AssertionError("plans of one pass must name the same tensors in the same order")
+    for writer, _, plan in files:
+        for p in plan:
+            # The dtype argument only matters without raw_dtype; the shape is the logical one.
+            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
     with ExitStack() as stack:
-        stack.callback(writer.close)
-        # The pool lives for this file only: no thread outlives the export.
-        pool = stack.enter_context(quantize_pool()) if any(p.qtype == Q.Q8_0 for p in plan) else None
-        writer.write_header_to_file(path=Path(path))
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for p in progress(plan, total=len(plan), label=label):
-            writer.write_tensor_data(_Streamed(p, pool))  # type: ignore[arg-type]  # duck-typed array
-        writer.flush()
+        for writer, _, _ in files:
+            stack.callback(writer.close)
+        # The pool lives for these files only: no thread outlives the export.
+        pool = stack.enter_context(quantize_pool()) if any(p.qtype == Q.Q8_0 for pl in plans for p in pl) else None
+        for writer, path, _ in files:
+            writer.write_header_to_file(path=Path(path))
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        for i in progress(range(len(first)), total=len(first), label=label):
+            if len(files) == 1:
+                files[0][0].write_tensor_data(_Streamed(first[i], pool))  # type: ignore[arg-type]  # duck-typed
+            else:
+                _write_fanned_out([(writer, plan[i]) for writer, _, plan in files], pool)
+        for writer, _, _ in files:
+            writer.flush()
+
+
+def _write_fanned_out(targets: list[tuple[gguf.GGUFWriter, PlannedTensor]], pool: Executor | None) -> None:
+    """One tensor into several writers: what ``GGUFWriter.write_tensor_data`` does, a block of rows at a time."""
+    outs = [_tensor_file(writer, p) for writer, p in targets]
+    written = [0] * len(targets)
+    source = targets[0][1]
+    chunks = iter(source.chunks())
+    try:
+        for block in chunks:
+            for k, (_, p) in enumerate(targets):
+                name = f"{p.name} ({p.source})" if p.source else p.name
+                data = to_gguf_array(block, p.qtype, name=name, pool=pool)
+                data.tofile(outs[k])
+                written[k] += data.nbytes
+    finally:
+        if hasattr(chunks, "close"):
+            chunks.close()
+    for k, (writer, p) in enumerate(targets):
+        if written[k] != p.nbytes:
+            raise AssertionError(f"{p.name}: produced {written[k]} bytes, declared {p.nbytes}")
+        writer.write_padding(outs[k], p.nbytes)
+        writer.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
+def _tensor_file(writer: gguf.GGUFWriter, p: PlannedTensor) -> BinaryIO:
+    # GGUFWriter.write_tensor_data's bookkeeping: the first shard with tensors left holds this one.
+    assert writer.fout is not None
+    file_id = next(i for i, tensors in enumerate(writer.tensors) if tensors)
+    fout = writer.fout[file_id]
+    info = writer.tensors[file_id].pop(next(iter(writer.tensors[file_id])))
+    if info.nbytes != p.nbytes:
+        raise AssertionError(f"{p.name}: declared {info.nbytes} bytes, planned {p.nbytes}")
+    writer.write_padding(fout, fout.tell())
+    return fout
 
 
 def tensor_report(plan: list[PlannedTensor]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bora_tools.errors import ValidationError
 from bora_tools.hub.sources import KINDS, Source, describe_source
 from bora_tools.progress import logger
 
@@ -21,6 +22,25 @@ if TYPE_CHECKING:
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 _HUB_URL = re.compile(r"^https://huggingface\.co/(?:models/)?([^/]+/[^/]+?)/?$")
+
+def is_hub_model_id(value: Any) -> bool:
+    """``value`` names a model on the Hub (``owner/name`` or its https://huggingface.co URL), not a local path.
+
+    Example: ``is_hub_model_id("meta-llama/Llama-3.2-1B")`` -> True; ``is_hub_model_id("./base")`` -> False.
+    """
+    return _as_hub_id(value) is not None
+
+
+def _as_hub_id(value: Any) -> str | None:
+    if not value:
+        return None
+    text = str(value).strip()
+    match = _HUB_URL.match(text)
+    if match:
+        text = match.group(1)
+    local = os.path.isabs(text) or text.startswith((".", "/", "~")) or os.path.exists(text)
+    return None if local or not _HUB_ID.match(text) else text
+
 
 def hub_model_id(value: Any, *, what: str) -> str | None:
     """``value`` when it names a model on the Hub (``owner/name``), else ``None`` with a warning.
@@ -32,16 +52,11 @@ def hub_model_id(value: Any, *, what: str) -> str | None:
     """
     if not value:
         return None
-    text = str(value).strip()
-    match = _HUB_URL.match(text)
-    if match:
-        text = match.group(1)
-    local = os.path.isabs(text) or text.startswith((".", "/", "~")) or os.path.exists(text)
-    if local or not _HUB_ID.match(text):
-        logger.warning(f"{what} {text!r} is not a Hub model id (owner/name), so the model card leaves "
-                       "base_model out (give the base model's Hub id with `base_model` to record it)")
-        return None
-    return text
+    found = _as_hub_id(value)
+    if found is None:
+        logger.warning(f"{what} {str(value).strip()!r} is not a Hub model id (owner/name), so the model card "
+                       "leaves base_model out (give the base model's Hub id with `base_model` to record it)")
+    return found
 
 
 def card_base_models(source: Source, *, base_model: str | None = None) -> list[str]:
@@ -63,11 +78,16 @@ def build_model_card(path: Path, *, repo_id: str | None = None, base_model: str 
 
     ``base_model`` (a Hub id) replaces whatever the files say about their base model.
 
+    Raises:
+        ValidationError: ``base_model`` is not a Hub model id.
+
     Example::
 
         card = build_model_card(Path("out/adapter"), repo_id="me/my-bora")
         card.data.base_model_relation   # "adapter"
     """
+    if base_model is not None and not is_hub_model_id(base_model):
+        raise ValidationError(f"`base_model` {base_model!r} is not a Hub model id (owner/name)")
     source = describe_source(Path(path))
     title = (repo_id or Path(path).name).split("/")[-1]
     return render_card(source, title=title, repo_id=repo_id, base_model=base_model)

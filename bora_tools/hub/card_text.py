@@ -1,13 +1,16 @@
 """The Markdown body of the model cards ``bora-tools push`` writes (metadata: ``hub/card.py``).
 
-One function per kind of source. Each tells a reader what the files are, how to
-use them (the PEFT snippet, the llama.cpp command) and which bora-tools
-commands make or convert them. Nothing here depends on time or machine, so the
-same source always gives the same text.
+One function per kind of source. Each tells a reader what the files are and how to
+use them (the PEFT snippet, the llama.cpp command), and nothing else: how the files
+were made only where they say so themselves (a BoRA adapter; a merge, which records
+its base as ``base_model_name_or_path`` or is tagged ``bora``/``merged`` in a GGUF),
+never for an ordinary model, LoRA adapter or GGUF. Nothing here depends on time or
+machine, so the same source always gives the same text.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -106,12 +109,8 @@ def _lora(d: dict[str, Any], ctx: dict[str, Any]) -> list[str]:
         f"A **PEFT adapter** for {_base_link(ctx)}.",
         "## Parameters", _table(rows),
         "## How to use it", _peft_snippet(ctx["base"], ctx["repo"]),
-        "## How it was made",
-        f"bora-tools writes PEFT LoRA adapters from BoRA adapters ({PAPER}): "
-        "`bora-tools to-lora ADAPTER --out DIR --rank full` gives the exact form (rank `b*r`, no loss); "
-        "`--rank K` or `--energy F` give the optimal truncation, with `rank_pattern` / `alpha_pattern` "
-        "when ranks differ per module. For llama.cpp: "
-        "`bora-tools export-gguf DIR --base BASE --out adapter.gguf`.",
+        "For llama.cpp's `--lora`: `bora-tools export-gguf DIR --base BASE --out adapter.gguf` "
+        "(DIR: this repo downloaded, BASE: its base model).",
     ]
 
 
@@ -121,16 +120,20 @@ def _model(d: dict[str, Any], ctx: dict[str, Any]) -> list[str]:
     snippet = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                f'model = AutoModelForCausalLM.from_pretrained("{ctx["repo"]}")\n'
                f'tokenizer = AutoTokenizer.from_pretrained("{ctx["repo"]}")\n```')
+    intro = (f"A **transformers model**: {_base_link(ctx)} with a BoRA adapter ({PAPER}) merged into its weights."
+             if d.get("merged") else f"A **transformers model**, derived from {_base_link(ctx)}." if ctx["base"]
+             else "A **transformers model**.")
+    made = (["## How it was made",
+             "`bora-tools merge ADAPTER --base BASE --out DIR` computes `W + dW` in float32 and rounds once to the "
+             "base dtype; the directory keeps the base's config, tokenizer and shard layout."]
+            if d.get("merged") else [])
     return [
-        f"A **transformers model**, derived from {_base_link(ctx)}.",
+        intro,
         "## Model", _table(rows),
         "## How to use it", snippet,
         f"For llama.cpp: `hf download {ctx['repo']} --local-dir model && "
         "bora-tools export-gguf model --out model.gguf --outtype f16`.",
-        "## How it was made",
-        f"bora-tools makes such directories by merging a BoRA adapter ({PAPER}) into its base: "
-        "`bora-tools merge ADAPTER --base BASE --out DIR` computes `W + dW` in float32 and rounds once to the "
-        "base dtype; the directory keeps the base's config, tokenizer and shard layout.",
+        *made,
     ]
 
 
@@ -146,16 +149,21 @@ def _gguf_model(d: dict[str, Any], ctx: dict[str, Any]) -> list[str]:
     quantized = [f for f in files if f["type"] != "adapter" and f.get("file_type") not in (None, "F32", "F16", "BF16")]
     quantization = (["Quantization: " + ", ".join(f"**{f['file_type']}** (`{f['file']}`)" for f in quantized)
                      + ", as llama.cpp's quantizer makes it."] if quantized else [])
+    what = (f"the merge of a BoRA adapter ({PAPER}) into {_base_link(ctx)}" if d.get("merged")
+            else _base_link(ctx) if ctx["base"] else "a model")
+    made = (["## How it was made",
+             "`bora-tools export-gguf ADAPTER --base BASE --merge --out FILE.gguf` merges the adapter and converts "
+             "in one pass; `--outtype q4_k_m` (or q5_k_m, q6_k, ...) quantizes with llama.cpp's own quantizer."]
+            if d.get("merged") else [])
+    shard = re.match(r"^(.+)-00001-of-\d{5}\.gguf$", first)
+    # A split model: every shard is downloaded; llama.cpp opens the first and finds the others beside it.
+    fetch = f"--include '{shard.group(1)}-*-of-*.gguf'" if shard else first
     return [
-        f"**GGUF** files for [llama.cpp](https://github.com/ggml-org/llama.cpp), from {_base_link(ctx)}.",
+        f"**GGUF** files for [llama.cpp](https://github.com/ggml-org/llama.cpp): {what}.",
         "## Files", _gguf_rows(files), *quantization,
         "## How to use it",
-        f"```bash\nhf download {ctx['repo']} {first} --local-dir .\nllama-cli -m {first} -p \"Hello\"\n```",
-        "## How it was made",
-        "`bora-tools export-gguf MODEL_DIR --out FILE.gguf --outtype f32|f16|bf16|q8_0` converts a model "
-        f"directory (for example one made by `bora-tools merge`); `bora-tools export-gguf ADAPTER --base BASE "
-        f"--merge --out FILE.gguf` merges a BoRA adapter ({PAPER}) and converts in one pass; `--outtype q4_k_m` "
-        "(or q5_k_m, q6_k, ...) quantizes the result with llama.cpp's own quantizer.",
+        f"```bash\nhf download {ctx['repo']} {fetch} --local-dir .\nllama-cli -m {first} -p \"Hello\"\n```",
+        *made,
     ]
 
 
@@ -174,9 +182,6 @@ def _gguf_lora(d: dict[str, Any], ctx: dict[str, Any]) -> list[str]:
         "Apply it on a GGUF of the base model:",
         f"```bash\nhf download {ctx['repo']} {first} --local-dir .\n"
         f"llama-cli -m BASE.gguf --lora {first} -p \"Hello\"\n```",
-        "## How it was made",
-        f"`bora-tools export-gguf ADAPTER --base BASE --out {first}` writes the exact LoRA form of a BoRA "
-        f"adapter ({PAPER}) as a llama.cpp adapter; `bora-tools export-gguf BASE --out BASE.gguf` writes the base.",
     ]
 
 

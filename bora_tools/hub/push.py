@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bora_tools.errors import UnsafePathError, UnsupportedError
-from bora_tools.hub.card import build_model_card, describe_source, render_card
+from bora_tools.errors import UnsafePathError, UnsupportedError, ValidationError
+from bora_tools.hub.card import build_model_card, describe_source, is_hub_model_id, render_card
 from bora_tools.io.hub_client import clean_token, hub_messages_silenced, upload_errors
 from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, human_bytes
@@ -52,17 +52,21 @@ class PushReport(Report):
     commit: dict[str, str] | None = None  # {"oid", "url"} of the new commit; None: nothing to upload
     unchanged: list[str] = field(default_factory=list)  # files already on the Hub with the same content
     bytes_uploaded: int = 0  # size of the files the commit carried
+    visibility: str = ""  # what became of the repo's visibility (created private/public, made private, kept)
 
     def to_text(self) -> str:
         where = f"{self.repo_id}@{self.revision}"
         if self.commit is None:
-            return f"nothing to upload: {where} is already up to date ({len(self.unchanged)} file(s) unchanged)"
+            return (f"nothing to upload: {where} is already up to date ({len(self.unchanged)} file(s) unchanged)"
+                    + (f"\nRepo: {self.visibility}" if self.visibility else ""))
         lines = [f"  {name}" for name in self.files]
         lines.append(f"Pushed {len(self.files)} file(s), {human_bytes(self.bytes_uploaded)}, to {where}"
                      + (" as a pull request" if self.pr_url else "")
                      + (", with a generated model card (README.md)" if self.card_written else "")
                      + (f"; {len(self.unchanged)} file(s) were already up to date" if self.unchanged else ""))
         lines.append(f"Commit: {self.commit_url}")
+        if self.visibility:
+            lines.append(f"Repo: {self.visibility}")
         if self.pr_url:
             lines.append(f"Pull request: {self.pr_url}")
         return "\n".join(lines)
@@ -80,7 +84,10 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
 
     Args:
         path: a directory, or a single ``.gguf`` file.
-        repo_id: ``owner/name`` on the Hub; created (private if ``private``) when missing.
+        repo_id: ``owner/name`` on the Hub; created (private if ``private``) when missing. An existing
+            repo that holds nothing yet (made by an earlier push that failed before its commit) counts
+            as created by this one: ``private`` makes it private. An existing repo with files keeps
+            its visibility (a warning says so when ``private`` asks otherwise).
         revision: the branch to commit to (created from the default branch when missing); with
             ``create_pr``, the existing branch the pull request targets.
         create_pr: open a pull request instead of committing to the branch.
@@ -98,6 +105,7 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
     Raises:
         HubError: missing or rejected token, no write access, unknown repo or revision, Hub unreachable.
         UnsupportedError: ``path`` is neither a directory nor a ``.gguf`` file, or nothing is left to upload.
+        ValidationError: ``base_model`` is not a Hub model id (``owner/name``).
         UnsafePathError: a symlink in ``path`` leads outside it.
 
     Example::
@@ -108,6 +116,9 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
     from huggingface_hub import CommitOperationAdd, HfApi
 
     token = clean_token(token)
+    if base_model is not None and not is_hub_model_id(base_model):
+        raise ValidationError(f"`base_model` {base_model!r} is not a Hub model id (owner/name)",
+                              hint="give the base model's id on the Hub, e.g. meta-llama/Llama-3.2-1B")
     path = Path(path)
     files = upload_files(path, include=include, exclude=exclude)
     source = describe_source(path)
@@ -125,10 +136,10 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
     api = HfApi(endpoint=endpoint, token=token)
     with upload_errors(endpoint=api.endpoint, repo_id=repo_id, revision=revision, token=token), \
             hub_messages_silenced():
-        repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+        repo_url, visibility = _create_or_reuse(api, repo_id, private=private)
         repo_id = repo_url.repo_id or repo_id  # a bare name resolves to the token owner's namespace
-        if private:
-            _warn_if_public(api, repo_id)
+        if visibility is None:
+            visibility = _visibility_of_existing(api, repo_id, private=private)
         if revision and revision != "main" and not revision.startswith("refs/") and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         _validate_card_first(api, operations)
@@ -146,7 +157,8 @@ def push(*, path: str | Path, repo_id: str, private: bool = False, revision: str
                       files=names, card_written=made and card is not None and CARD_NAME in names,
                       commit={"oid": info.oid, "url": info.commit_url} if made else None,
                       unchanged=sorted(op.path_in_repo for op in operations if op.path_in_repo not in names),
-                      bytes_uploaded=sum(op.upload_info.size for op in carried) if made else 0)
+                      bytes_uploaded=sum(op.upload_info.size for op in carried) if made else 0,
+                      visibility=visibility)
 
 
 def _validate_card_first(api: Any, operations: list[Any]) -> None:
@@ -210,7 +222,32 @@ def _has_readme(path: Path) -> bool:
     return path.is_dir() and (path / CARD_NAME).is_file()
 
 
-def _warn_if_public(api: Any, repo_id: str) -> None:
-    if api.repo_info(repo_id).private is False:
+def _create_or_reuse(api: Any, repo_id: str, *, private: bool) -> tuple[Any, str | None]:
+    """Create the repo with the visibility asked for; ``(url, what was done)``, or ``(url, None)`` when it existed."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        # Not private: the namespace's default visibility (an organisation may default to private).
+        url = api.create_repo(repo_id, private=True if private else None, exist_ok=False)
+    except HfHubHTTPError as e:
+        if getattr(e.response, "status_code", None) != 409:
+            raise
+        return api.create_repo(repo_id, exist_ok=True), None
+    return url, "created private" if private else "created with the Hub's default visibility"
+
+
+def _visibility_of_existing(api: Any, repo_id: str, *, private: bool) -> str:
+    """An existing repo: an empty one (an earlier push failed after creating it) follows ``private``."""
+    info = api.repo_info(repo_id)
+    empty = {s.rfilename for s in info.siblings or []} <= {".gitattributes"}
+    if private and info.private is False:
+        if empty:
+            api.update_repo_settings(repo_id, private=True)
+            return "made private (it existed empty: an earlier push that failed had created it)"
         logger.warning(f"{repo_id} already exists and is public; private only applies when the repo is created "
                        "(change its visibility in the repo's settings on the Hub)")
+        return "kept public (it existed with files)"
+    if not private and info.private and empty:
+        return ("kept private (it existed empty, created private by an earlier push that failed; bora-tools "
+                "never makes a repo public)")
+    return f"kept {'private' if info.private else 'public'} (it existed)"

@@ -116,11 +116,17 @@ def _adapter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
 
 
 def _describe_model(config: dict[str, Any], weights: list[str]) -> Source:
-    base = _text(config.get("_name_or_path"))
+    # bora-tools merge records the base it merged into as base_model_name_or_path (PEFT's name for it):
+    # only that makes the folder a merge. Otherwise _name_or_path (older transformers saved the model a
+    # fine-tune started from there; transformers 5 saves none) names what it derives from, if anything.
+    merged = _text(config.get("base_model_name_or_path"))
+    base = merged or _text(config.get("_name_or_path"))
     details = {"architectures": config.get("architectures") or [],
                "model_type": _text(config.get("model_type")),
-               "dtype": _text(config.get("dtype") or config.get("torch_dtype")), "weights": weights}
-    return Source("model", [base] if base else [], details, base_from="config.json _name_or_path")
+               "dtype": _text(config.get("dtype") or config.get("torch_dtype")), "weights": weights,
+               "merged": merged is not None}
+    return Source("model", [base] if base else [], details,
+                  base_from=f"config.json {'base_model_name_or_path' if merged else '_name_or_path'}")
 
 
 def _text(value: Any) -> str | None:
@@ -136,7 +142,8 @@ def _describe_gguf(files: list[Path]) -> Source:
     # known, the file is a fine-tune of them. An adapter's general.base_model.* is what it applies to.
     refs = [ref for e in entries for ref in (e["bases"] if adapters else e["source"] or e["bases"])]
     finetune = not adapters and any(e["derived"] and not e["source"] for e in entries)
-    return Source("gguf-lora" if adapters else "gguf-model", refs, {"files": entries},
+    merged = not adapters and any({"bora", "merged"} <= set(e["tags"]) for e in entries)
+    return Source("gguf-lora" if adapters else "gguf-model", refs, {"files": entries, "merged": merged},
                   "finetune" if finetune else None, base_from="GGUF base model")
 
 
@@ -164,4 +171,5 @@ def _read_gguf(path: Path) -> dict[str, Any]:
     return {"file": path.name, "type": kind, "architecture": value(general.ARCHITECTURE),
             "name": value(general.NAME), "file_type": type_name, "lora_alpha": value(gguf.Keys.Adapter.LORA_ALPHA),
             "source": [s for s in [value(general.SOURCE_REPO_URL)] if s], "bases": [b for b in bases if b],
-            "derived": count > 0}  # names a base model, even one known only by name: a fine-tune of it
+            # derived: names a base model, even one known only by name: a fine-tune of it
+            "derived": count > 0, "tags": list(value(general.TAGS) or [])}

@@ -305,3 +305,82 @@ def _os_reason(e: OSError) -> str:
     if e.errno is None and "requested and" in str(e):  # numpy's short write: the kernel stopped accepting bytes
         return f"short write ({e}): file too large or no space left on device"
     return names.get(e.errno, e.strerror or str(e))
+
+
+#: The shard names llama.cpp and gguf-py write: ``NAME-00001-of-00003.gguf``.
+SHARD_PATTERN = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def existing_shards(target: Path) -> list[Path]:
+    """The files of an earlier split of ``target`` (``STEM-NNNNN-of-NNNNN.gguf`` beside it), sorted."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    found = []
+    for p in target.parent.glob(f"{glob_escape(target.stem)}-*-of-*.gguf"):
+        m = SHARD_PATTERN.match(p.name)
+        if m and m.group("stem") == target.stem:
+            found.append(p)
+    return sorted(found)
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob's special characters taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+@contextlib.contextmanager
+def atomic_shards(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a path in a hidden temporary folder beside ``target``; move what was written there into place.
+
+    For a writer that may split its output (gguf-py's ``GGUFWriter`` with ``split_max_size``): it writes
+    either the one file ``target`` names or ``STEM-00001-of-0000N.gguf`` and its siblings. Each file is
+    renamed into ``target``'s folder, the first shard last (what llama.cpp opens appears only when the
+    rest is there). An existing ``target`` or earlier split of it is refused unless ``overwrite``, which
+    replaces it whole (every file of the old split goes). A failure leaves nothing.
+
+    Example::
+
+        with atomic_shards(Path("out/m.gguf")) as path:
+            write_streaming(gguf.GGUFWriter(None, "llama", split_max_size=10**9), path, plan)
+        # out/m-00001-of-00002.gguf, out/m-00002-of-00002.gguf
+
+    Raises:
+        OutputExistsError: ``target`` or a shard of it exists and ``overwrite`` is false.
+        OutputWriteError: the disk refused a write.
+    """
+    target = Path(target)
+    check_target(target, overwrite=overwrite)
+    old = existing_shards(target)
+    if old and not overwrite:
+        raise OutputExistsError(f"output {old[0]} already exists (a split of {target.name})",
+                                hint="pass `overwrite` to replace it")
+    try:
+        created = _make_parents(target)
+    except OSError as e:
+        raise OutputWriteError(f"cannot create the folder {target.parent}: {_os_reason(e)}") from e
+    _clean_stale(target)
+    tmp = target.parent / f"{_tmp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        yield tmp / target.name
+        written = sorted(p for p in tmp.iterdir() if p.is_file())
+        names = {p.name for p in written}
+        with _signals_deferred():
+            for p in [*existing_shards(target), *([target] if target.exists() else [])]:
+                if p.name not in names:
+                    _remove(p)  # overwrite: the old output goes whole
+            for p in reversed(written):  # the first shard, what llama.cpp opens, last
+                os.replace(p, target.parent / p.name)
+                COMMITTED.append(target.parent / p.name)
+        _remove(tmp)
+    except OSError as e:
+        _remove(tmp)
+        _remove_created(created)
+        if isinstance(e, BoraError):
+            raise
+        raise OutputWriteError(f"writing {target} failed: {_os_reason(e)}; nothing was written") from e
+    except BaseException:
+        _remove(tmp)
+        _remove_created(created)
+        raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -152,7 +153,7 @@ def _translated(translate: Callable[[Exception], HubError | None]) -> Iterator[N
         yield
     except BaseException as e:
         scrub_chain(e)
-        error = translate(e) if isinstance(e, Exception) else None
+        error = (_xet_error(e) or translate(e)) if isinstance(e, Exception) else None
         if error is None:
             raise
         raise error from e
@@ -290,6 +291,32 @@ def _unauthorized(endpoint: str, token: str | None, *, write: bool) -> HubError:
         return HubError(f"no Hugging Face token found; {endpoint} answered 401 Unauthorized", hint=LOGIN_HINT)
     return HubError(f"{endpoint} rejected the token (401 Unauthorized)",
                     hint=f"the token is invalid or expired: {LOGIN_HINT}" + (" with a write token" if write else ""))
+
+
+_XET_WORD = re.compile(r"(?<![a-z])xet", re.IGNORECASE)  # hf_xet, xethub, xet-write-token
+XET_HINT = ("set HF_HUB_DISABLE_XET=1 to transfer through the Hub's LFS path instead "
+            "(a server without Xet storage needs it)")
+
+
+def _xet_error(e: Exception) -> HubError | None:
+    """A failure of the Xet storage step (hf_xet, or a request to a Xet endpoint): named, with the way around it.
+
+    A server without Xet storage answers its token request with 404, and hf_xet's own errors read like
+    a network failure; both would otherwise become "repository not found" or "cannot reach the Hub".
+    """
+    seen: list[BaseException] = []
+    cause: BaseException | None = e
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for err in seen:
+        response = getattr(err, "response", None)
+        url = str(getattr(response, "url", "") or "") if response is not None else ""
+        if type(err).__module__.split(".")[0] == "hf_xet" or _XET_WORD.search(f"{url} {err}"):
+            status = _status(err) if isinstance(err, Exception) else None
+            what = f"HTTP {status}" if status else type(err).__name__
+            return HubError(f"the Hub's Xet storage step failed ({what}: {_detail(err)[:200]})", hint=XET_HINT)
+    return None
 
 
 def _unreachable(endpoint: str, e: BaseException | None, then: str = "") -> HubError:
