@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from bora_tools.core.adapter import PREFIX, SUFFIX_A, SUFFIX_B, WEIGHTS_NAME, BoraAdapter, load_adapter
 from bora_tools.core.config import CONFIG_NAME, BoraConfig
@@ -38,6 +37,7 @@ from bora_tools.core.lowrank import SVD_ROUTES, ModuleResult, RankPolicy, conver
 from bora_tools.errors import ValidationError
 from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
 from bora_tools.io.hub_input import hub_id_of, hub_or_local
+from bora_tools.io.safetensors import save_tensors
 from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, json_text
 
@@ -366,7 +366,8 @@ def _write_all(out: Path, tensors: dict[str, Tensor], config: dict, report: ToLo
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_output(out, overwrite=overwrite, directory=True))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", PREDICTED_KEY: predicted_error(report)})
+        # Our writer: safetensors' own orders two metadata keys differently from run to run.
+        save_tensors(tensors, tmp / WEIGHTS_NAME, {"format": "pt", PREDICTED_KEY: predicted_error(report)})
         if extras["report"]:
             tmp_report = stack.enter_context(atomic_output(extras["report"], overwrite=overwrite))
             tmp_report.write_text(json_text(report.to_dict()) + "\n")

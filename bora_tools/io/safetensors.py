@@ -237,3 +237,13 @@ def _copy(src: int, dst: int, offset: int, nbytes: int) -> None:
 def st_dtype(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
     return TORCH_TO_ST[dtype]
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+    """``safetensors.torch.save_file`` with a reproducible header: tensors by name, ``metadata`` in its given order
+    (safetensors' own writer orders several metadata keys differently from run to run)."""
+    names = sorted(tensors)
+    specs = [TensorSpec(n, st_dtype(tensors[n].dtype), tuple(tensors[n].shape)) for n in names]
+    with SafetensorsWriter(path, specs, metadata=metadata) as w:
+        for n in names:
+            w.write(n, tensors[n])
