@@ -17,8 +17,8 @@ PACKAGE = Path(bora_tools.__file__).parent
 FLOORS = [
     ("cli", ("bora_tools.cli",)),
     ("demo", ("bora_tools.demo",)),
-    ("command", ("bora_tools.inspection", "bora_tools.merge", "bora_tools.conversion", "bora_tools.training",
-                 "bora_tools.gguf", "bora_tools.hub")),
+    ("command", ("bora_tools.inspection", "bora_tools.merge", "bora_tools.conversion", "bora_tools.combine",
+                 "bora_tools.training", "bora_tools.gguf", "bora_tools.hub")),
     ("drawing", ("bora_tools.plot",)),
     ("core", ("bora_tools.core",)),
     ("io", ("bora_tools.io",)),

@@ -1,0 +1,130 @@
+"""TIES, DARE and magnitude pruning of several updates of one module, as mergekit defines them.
+
+Each method sparsifies every task vector ``dW_k`` of a module to ``density`` (the share of its elements
+kept), weights it by ``w_k`` and sums:
+
+- ``magnitude_prune``: keep the ``density`` largest ``|dW_k|`` of the tensor, no rescale; plain sum.
+- ``dare_linear``: keep each element with probability ``density`` (a seeded Bernoulli draw) and divide the
+  kept ones by ``density``; plain sum (``density = 1`` is the linear merge).
+- ``ties``: magnitude sparsification, then sign election: each element's sign is the sign of the weighted
+  sum; only contributions of that sign are kept, and the sum is divided by the weights of the agreeing
+  contributions (mergekit's ``normalize: true``; a divisor under ``1e-8`` counts as 1).
+- ``dare_ties``: the DARE draw, then the TIES election.
+
+These need a module's whole update at once: ``K`` dense ``(m, n)`` tensors for ``K`` adapters, in
+float32 (float64 for a float64 base); ``working_bytes`` is that figure, which bounds the memory of a
+merge by its largest module, never by the model.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+
+from bora_tools.core.adapter import BoraModule
+from bora_tools.core.factors import delta_weight
+from bora_tools.errors import ValidationError
+
+Tensor = torch.Tensor
+
+#: The merge methods: ``linear`` streams rows (core.row_merge); the others are computed here, per module.
+METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+TASK_METHODS = METHODS[1:]
+_MAGNITUDE = ("ties", "magnitude_prune")
+_ELECT = ("ties", "dare_ties")
+_DARE = ("dare_linear", "dare_ties")
+
+
+def check_method(method: str, density: Sequence[float] | None, count: int) -> list[float]:
+    """The per-adapter densities of ``method`` (all 1.0 for ``linear``), validated.
+
+    Raises:
+        ValidationError: an unknown ``method``; a ``density`` outside (0, 1], of the wrong count, or given
+            to ``linear``.
+    """
+    if method not in METHODS:
+        raise ValidationError(f"`method`: expected one of {', '.join(METHODS)}, found {method!r}")
+    if density is None:
+        return [1.0] * count
+    values = list(density)
+    if method == "linear":
+        raise ValidationError("`density` applies to ties, dare_linear, dare_ties and magnitude_prune, not linear")
+    if len(values) == 1:
+        values *= count
+    if len(values) != count:
+        raise ValidationError(f"`density`: {len(values)} values for {count} adapters (give one, or one per adapter)")
+    for d in values:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1.0:
+            raise ValidationError(f"`density`: expected a fraction in (0, 1], found {d!r}")
+    return [float(d) for d in values]
+
+
+def module_seed(seed: int, name: str) -> int:
+    """The seed of one module's DARE draws: the same for a module whatever order the modules are merged in."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def sparsify(delta: Tensor, density: float, method: str, generator: torch.Generator | None = None) -> Tensor:
+    """``delta`` with all but a ``density`` share of its elements set to zero (in place where possible).
+
+    ``ties`` / ``magnitude_prune``: the ``int(density * numel)`` largest magnitudes are kept, as mergekit's
+    ``magnitude`` does. ``dare_*``: each element kept with probability ``density``, the kept ones divided
+    by ``density`` (mergekit's ``bernoulli`` with ``rescale``).
+    """
+    if density >= 1.0:
+        return delta
+    if method in _DARE:
+        keep = torch.rand(delta.shape, generator=generator, dtype=delta.dtype, device=delta.device) < density
+        return delta.mul_(keep).div_(density)
+    k = int(density * delta.numel())
+    if k == 0:
+        return delta.zero_()
+    flat = delta.reshape(-1)
+    threshold = flat.abs().kthvalue(flat.numel() - k + 1).values
+    return delta.mul_(delta.abs() >= threshold)
+
+
+def combine_deltas(deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], method: str,
+                   *, generator: torch.Generator | None = None) -> Tensor:
+    """The merged update of one module from its task vectors ``deltas`` (consumed: sparsified in place)."""
+    total = torch.zeros_like(deltas[0])
+    if method in _ELECT:
+        kept = [sparsify(d, dens, method, generator) for d, dens in zip(deltas, densities)]
+        for d, w in zip(kept, weights):
+            total.add_(d, alpha=w)
+        sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)  # mergekit: sign of the sum, 0 counts as +
+        total.zero_()
+        divisor = torch.zeros_like(total)
+        for d, w in zip(kept, weights):
+            agree = (torch.sign(d * w) == sign).to(d.dtype)
+            total.add_(d * agree, alpha=w)
+            divisor.add_(agree, alpha=w)
+        divisor[divisor.abs() < 1e-8] = 1.0
+        return total.div_(divisor)
+    for d, w, dens in zip(deltas, weights, densities):
+        total.add_(sparsify(d, dens, method, generator), alpha=w)
+    return total
+
+
+def module_update(terms: Sequence[tuple[BoraModule, float]], densities: Sequence[float], method: str, *,
+                  fan_in_fan_out: bool, seed: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> Tensor:
+    """The merged update of one module in its stored orientation (``(n, m)`` with ``fan_in_fan_out``).
+
+    ``terms`` are ``(module, weight)`` pairs of the adapters that adapt it, ``densities`` theirs.
+    """
+    generator = torch.Generator(device=device).manual_seed(module_seed(seed, terms[0][0].name))
+    deltas = [delta_weight(*(t.to(device) for t in (mod.A, mod.B, mod.sigma)), mod.scaling, dtype=dtype)
+              for mod, _ in terms]
+    merged = combine_deltas(deltas, [w for _, w in terms], densities, method, generator=generator)
+    return merged.T if fan_in_fan_out else merged
+
+
+def working_bytes(shape: tuple[int, int], count: int, dtype: torch.dtype = torch.float32) -> int:
+    """The dense memory ``module_update`` holds for one module of ``shape`` merged from ``count`` adapters.
+
+    ``count`` task vectors, the sum and (TIES) the divisor and one temporary: ``(count + 3) * m * n`` values.
+    """
+    return (count + 3) * shape[0] * shape[1] * torch.finfo(dtype).bits // 8
