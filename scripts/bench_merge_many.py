@@ -15,7 +15,8 @@ before it; then, per module, ``||sum - B A||_F / ||sum||_F`` of each result, com
 
 Usage (a 2-core CPU; merge about 5 minutes, combine about 5 minutes for one layer):
 
-    python scripts/bench_merge_many.py merge --layers 10 --repeats 3
+    python scripts/bench_merge_many.py merge --layers 10 --repeats 3 --kinds merge-1 merge-2 merge-4
+    python scripts/bench_merge_many.py merge --layers 1 --repeats 1 --kinds merge-1 ties-2
     python scripts/bench_merge_many.py combine --layers 1
 
 Files live in ``--workdir`` (default ``/dev/shm/bench-merge-many``) and are removed at the end. Never
@@ -185,15 +186,15 @@ def helper(*args: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def bench_merge(work: Path, layers: int, repeats: int) -> dict:
+def bench_merge(work: Path, layers: int, repeats: int, kinds: list[str]) -> dict:
     helper("setup-merge", str(work), str(layers))
-    kinds = ["merge-1", "merge-2", "merge-4", "ties-2"]
     runs: dict[str, list] = {k: [] for k in kinds}
     for rep in range(repeats):
-        for kind in kinds[rep % 4:] + kinds[: rep % 4]:
+        for kind in kinds[rep % len(kinds):] + kinds[: rep % len(kinds)]:
             runs[kind].append(run_child("merge", str(work), kind))
             shutil.rmtree(work / "out")
-    med = {k: {f: statistics.median(r[f] for r in v) for f in ("seconds", "wall", "rss_mib")} for k, v in runs.items()}
+    med = {k: {f: statistics.median(r[f] for r in v) for f in ("seconds", "wall", "rss_mib", "module_bytes")}
+           for k, v in runs.items()}
     return {"layers": layers, "runs": runs, "median": med}
 
 
@@ -228,13 +229,15 @@ def main() -> None:
     parser.add_argument("part", choices=["merge", "combine"])
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kinds", nargs="+", default=["merge-1", "merge-2", "merge-4", "ties-2"],
+                        help="merge: which runs (merge-1, merge-2, merge-4, ties-2)")
     parser.add_argument("--workdir", type=Path, default=Path("/dev/shm/bench-merge-many"))
     args = parser.parse_args()
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        result = bench_merge(work, args.layers, args.repeats) if args.part == "merge" else \
+        result = bench_merge(work, args.layers, args.repeats, args.kinds) if args.part == "merge" else \
             bench_combine(work, args.layers)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -67,7 +67,7 @@ def module_seed(seed: int, name: str) -> int:
 
 
 def sparsify(delta: Tensor, density: float, method: str, generator: torch.Generator | None = None) -> Tensor:
-    """``delta`` with all but a ``density`` share of its elements set to zero (in place where possible).
+    """``delta`` with all but a ``density`` share of its elements set to zero, in place.
 
     ``ties`` / ``magnitude_prune``: the ``int(density * numel)`` largest magnitudes are kept, as mergekit's
     ``magnitude`` does. ``dare_*``: each element kept with probability ``density``, the kept ones divided
@@ -81,31 +81,37 @@ def sparsify(delta: Tensor, density: float, method: str, generator: torch.Genera
     k = int(density * delta.numel())
     if k == 0:
         return delta.zero_()
-    flat = delta.reshape(-1)
-    threshold = flat.abs().kthvalue(flat.numel() - k + 1).values
-    return delta.mul_(delta.abs() >= threshold)
+    magnitude = delta.abs()
+    threshold = magnitude.reshape(-1).kthvalue(delta.numel() - k + 1).values
+    return delta.mul_(magnitude >= threshold)
 
 
 def combine_deltas(deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], method: str,
                    *, generator: torch.Generator | None = None) -> Tensor:
-    """The merged update of one module from its task vectors ``deltas`` (consumed: sparsified in place)."""
+    """The merged update of one module from its task vectors ``deltas`` (consumed: sparsified in place).
+
+    At most ``len(deltas) + 3`` dense tensors at once (``working_bytes``): the task vectors, the sum, the
+    divisor and one temporary.
+    """
+    for d, dens in zip(deltas, densities):
+        sparsify(d, dens, method, generator)
     total = torch.zeros_like(deltas[0])
-    if method in _ELECT:
-        kept = [sparsify(d, dens, method, generator) for d, dens in zip(deltas, densities)]
-        for d, w in zip(kept, weights):
-            total.add_(d, alpha=w)
-        sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)  # mergekit: sign of the sum, 0 counts as +
-        total.zero_()
-        divisor = torch.zeros_like(total)
-        for d, w in zip(kept, weights):
-            agree = (torch.sign(d * w) == sign).to(d.dtype)
-            total.add_(d * agree, alpha=w)
-            divisor.add_(agree, alpha=w)
-        divisor[divisor.abs() < 1e-8] = 1.0
-        return total.div_(divisor)
-    for d, w, dens in zip(deltas, weights, densities):
-        total.add_(sparsify(d, dens, method, generator), alpha=w)
-    return total
+    for d, w in zip(deltas, weights):
+        total.add_(d, alpha=w)
+    if method not in _ELECT:
+        return total
+    positive = total >= 0  # mergekit: the sign of the weighted sum elects, 0 counting as +
+    total.zero_()
+    divisor = torch.zeros_like(total)
+    for d, w in zip(deltas, weights):
+        if w == 0:
+            continue
+        agree = (d > 0) if w > 0 else (d < 0)  # sign(w * d) is +
+        agree = torch.where(positive, agree, (d < 0) if w > 0 else (d > 0))  # or - where the sum was negative
+        total.add_(d.mul_(agree), alpha=w)
+        divisor.add_(agree.to(divisor.dtype), alpha=w)
+    divisor[divisor.abs() < 1e-8] = 1.0
+    return total.div_(divisor)
 
 
 def module_update(terms: Sequence[tuple[BoraModule, float]], densities: Sequence[float], method: str, *,
@@ -125,6 +131,7 @@ def module_update(terms: Sequence[tuple[BoraModule, float]], densities: Sequence
 def working_bytes(shape: tuple[int, int], count: int, dtype: torch.dtype = torch.float32) -> int:
     """The dense memory ``module_update`` holds for one module of ``shape`` merged from ``count`` adapters.
 
-    ``count`` task vectors, the sum and (TIES) the divisor and one temporary: ``(count + 3) * m * n`` values.
+    ``count`` task vectors, the sum, (TIES) the divisor, and one temporary (a magnitude, a cast mask):
+    ``(count + 3) * m * n`` values; boolean masks add a byte per element.
     """
     return (count + 3) * shape[0] * shape[1] * torch.finfo(dtype).bits // 8
