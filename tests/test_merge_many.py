@@ -260,7 +260,7 @@ def test_task_methods_meet_mergekits_definitions(tiny, tmp_path, lora_root, llam
                                                                     method, [m.double() for m in masks])
         assert float((got[name + ".weight"].double() - want).abs().max()) < ATOL_WEIGHTS, name
     m, n = max((d.shape for d in per_adapter[0].values()), key=lambda s: s[0] * s[1])
-    assert report.module_bytes == (3 + 3) * m * n * 4
+    assert report.module_bytes == ((3 + 3) * 4 + 3) * m * n
 
 
 def test_dare_with_density_one_is_linear_and_a_seed_is_reproducible(tiny, tmp_path, llama_sharded):

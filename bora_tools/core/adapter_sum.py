@@ -60,10 +60,11 @@ class Inputs:
 
     def __post_init__(self) -> None:
         problems = []
-        fifo = {a.config.fan_in_fan_out for a in self.adapters}
-        if len(fifo) > 1:
-            problems.append("fan_in_fan_out differs between the adapters (they were made for different layer "
-                            "types, so for different bases)")
+        first = self.adapters[0].config.fan_in_fan_out
+        for adapter, name in zip(self.adapters, self.names):
+            if adapter.config.fan_in_fan_out != first:
+                problems.append(f"fan_in_fan_out is {adapter.config.fan_in_fan_out} in {name} but {first} in "
+                                f"{self.names[0]} (adapters for different layer types, so for different bases)")
         shapes: dict[str, tuple[tuple[int, int], str]] = {}
         for adapter, name in zip(self.adapters, self.names):
             for mod in adapter.modules.values():

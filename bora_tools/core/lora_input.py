@@ -53,8 +53,8 @@ def read_adapter(path: str | Path) -> BoraAdapter:
     if kind != "peft":
         return load_adapter(path)
     if detail != "LORA":
-        raise UnsupportedError(f"{path}: a PEFT {detail} adapter (peft_type {detail}); only BoRA and plain LoRA "
-                               "adapters can be merged or combined")
+        raise UnsupportedError(f"{path} is a PEFT {detail} adapter (peft_type {detail}), not BoRA nor a plain LoRA; "
+                               "only those can be merged or combined")
     return lora_as_bora(read_json(path / CONFIG_NAME), read_tensors(path), source=path)
 
 

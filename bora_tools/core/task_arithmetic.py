@@ -81,34 +81,52 @@ def sparsify(delta: Tensor, density: float, method: str, generator: torch.Genera
     k = int(density * delta.numel())
     if k == 0:
         return delta.zero_()
-    magnitude = delta.abs()
-    threshold = magnitude.reshape(-1).kthvalue(delta.numel() - k + 1).values
-    return delta.mul_(magnitude >= threshold)
+    bits = _magnitude_bits(delta)
+    return delta.mul_(bits >= kth_largest(bits, k))
+
+
+def _magnitude_bits(delta: Tensor) -> Tensor:
+    """``|delta|`` as integers of the same width: for non-negative floats they order as the values do."""
+    return delta.abs().view(torch.int64 if delta.element_size() == 8 else torch.int32)
+
+
+def kth_largest(values: Tensor, k: int) -> int:
+    """The ``k``-th largest of non-negative integer ``values``, exactly, by bisection on counts.
+
+    Each step is one pass with a boolean mask (a byte per element), where a sort or ``kthvalue`` would
+    copy the tensor and add int64 indices (three times its float32 size): the bound of ``working_bytes``.
+    """
+    lo, hi = 0, int(values.max())  # count(values >= lo) >= k always; the answer is at most hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int((values >= mid).sum()) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def combine_deltas(deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], method: str,
                    *, generator: torch.Generator | None = None) -> Tensor:
-    """The merged update of one module from its task vectors ``deltas`` (consumed: sparsified in place).
+    """The merged update of one module from its task vectors ``deltas`` (consumed: sparsified and weighted in place).
 
-    At most ``len(deltas) + 3`` dense tensors at once (``working_bytes``): the task vectors, the sum, the
-    divisor and one temporary.
+    At most ``len(deltas) + 3`` dense tensors at once, and boolean masks (``working_bytes``).
     """
-    for d, dens in zip(deltas, densities):
-        sparsify(d, dens, method, generator)
+    for d, dens, w in zip(deltas, densities, weights):
+        sparsify(d, dens, method, generator).mul_(w)  # w_k * sparse(dW_k), as mergekit weights them
     total = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weights):
-        total.add_(d, alpha=w)
+    for d in deltas:
+        total.add_(d)
     if method not in _ELECT:
         return total
     positive = total >= 0  # mergekit: the sign of the weighted sum elects, 0 counting as +
     total.zero_()
     divisor = torch.zeros_like(total)
     for d, w in zip(deltas, weights):
-        if w == 0:
-            continue
-        agree = (d > 0) if w > 0 else (d < 0)  # sign(w * d) is +
-        agree = torch.where(positive, agree, (d < 0) if w > 0 else (d > 0))  # or - where the sum was negative
-        total.add_(d.mul_(agree), alpha=w)
+        agree = d > 0
+        torch.eq(agree, positive, out=agree)  # the sign of w_k * dW_k is the elected one ...
+        agree.logical_and_(d != 0)  # ... and not zero (mergekit: sign 0 never agrees)
+        total.add_(d.mul_(agree))
         divisor.add_(agree.to(divisor.dtype), alpha=w)
     divisor[divisor.abs() < 1e-8] = 1.0
     return total.div_(divisor)
@@ -129,9 +147,10 @@ def module_update(terms: Sequence[tuple[BoraModule, float]], densities: Sequence
 
 
 def working_bytes(shape: tuple[int, int], count: int, dtype: torch.dtype = torch.float32) -> int:
-    """The dense memory ``module_update`` holds for one module of ``shape`` merged from ``count`` adapters.
+    """The dense memory ``module_update`` holds at most for one module of ``shape`` merged from ``count`` adapters.
 
-    ``count`` task vectors, the sum, (TIES) the divisor, and one temporary (a magnitude, a cast mask):
-    ``(count + 3) * m * n`` values; boolean masks add a byte per element.
+    ``count`` task vectors, the sum, (TIES) the divisor and one temporary (a magnitude, a random draw, a
+    cast mask): ``count + 3`` tensors of ``m * n`` values, and up to three boolean masks, a byte per element.
     """
-    return (count + 3) * shape[0] * shape[1] * torch.finfo(dtype).bits // 8
+    m, n = shape
+    return ((count + 3) * torch.finfo(dtype).bits // 8 + 3) * m * n
