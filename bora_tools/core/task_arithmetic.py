@@ -77,12 +77,12 @@ def sparsify(delta: Tensor, density: float, method: str, generator: torch.Genera
         return delta
     if method in _DARE:
         keep = torch.rand(delta.shape, generator=generator, dtype=delta.dtype, device=delta.device) < density
-        return delta.mul_(keep).div_(density)
+        return delta.masked_fill_(~keep, 0.0).div_(density)
     k = int(density * delta.numel())
     if k == 0:
         return delta.zero_()
     bits = _magnitude_bits(delta)
-    return delta.mul_(bits >= kth_largest(bits, k))
+    return delta.masked_fill_(bits < kth_largest(bits, k), 0.0)
 
 
 def _magnitude_bits(delta: Tensor) -> Tensor:
@@ -99,18 +99,20 @@ def kth_largest(values: Tensor, k: int) -> int:
     lo, hi = 0, int(values.max())  # count(values >= lo) >= k always; the answer is at most hi
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if int((values >= mid).sum()) >= k:
+        if int(torch.count_nonzero(values >= mid)) >= k:  # (a bool .sum() would widen to int64)
             lo = mid
         else:
             hi = mid - 1
     return lo
 
 
-def combine_deltas(deltas: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], method: str,
+def combine_deltas(deltas: list[Tensor], weights: Sequence[float], densities: Sequence[float], method: str,
                    *, generator: torch.Generator | None = None) -> Tensor:
-    """The merged update of one module from its task vectors ``deltas`` (consumed: sparsified and weighted in place).
+    """The merged update of one module from its task vectors ``deltas``.
 
-    At most ``len(deltas) + 3`` dense tensors at once, and boolean masks (``working_bytes``).
+    ``deltas`` is consumed: each is sparsified and weighted in place, and the list is emptied as they are
+    used, so that at most ``len(deltas) + 3`` dense tensors and a few boolean masks live at once
+    (``working_bytes``).
     """
     for d, dens, w in zip(deltas, densities, weights):
         sparsify(d, dens, method, generator).mul_(w)  # w_k * sparse(dW_k), as mergekit weights them
@@ -118,17 +120,21 @@ def combine_deltas(deltas: Sequence[Tensor], weights: Sequence[float], densities
     for d in deltas:
         total.add_(d)
     if method not in _ELECT:
+        deltas.clear()
         return total
     positive = total >= 0  # mergekit: the sign of the weighted sum elects, 0 counting as +
     total.zero_()
     divisor = torch.zeros_like(total)
-    for d, w in zip(deltas, weights):
+    for w in weights:
+        d = deltas.pop(0)  # freed after its use
         agree = d > 0
         torch.eq(agree, positive, out=agree)  # the sign of w_k * dW_k is the elected one ...
         agree.logical_and_(d != 0)  # ... and not zero (mergekit: sign 0 never agrees)
-        total.add_(d.mul_(agree))
-        divisor.add_(agree.to(divisor.dtype), alpha=w)
-    divisor[divisor.abs() < 1e-8] = 1.0
+        mask = agree.to(d.dtype)  # the one float temporary (multiplying by a bool tensor would make another)
+        total.add_(d.mul_(mask))
+        divisor.add_(mask, alpha=w)
+        del d, agree, mask
+    divisor.masked_fill_(divisor.abs() < 1e-8, 1.0)
     return total.div_(divisor)
 
 
