@@ -11,7 +11,8 @@ rotating the order; medians.
 LoRAs (rank ``b*r = 64``, scaling folded in), loaded into a model of those shapes (vocabulary 320, so the
 carrier model is small). Each in its own subprocess: the operation's time and its peak RSS above the RSS
 before it; then, per module, ``||sum - B A||_F / ||sum||_F`` of each result, computed from the factors
-(traces of small Gram products, no dense matrix).
+(traces of small Gram products, no dense matrix). PEFT runs with ``svd_full_matrices=False``, the faster
+of its settings (its default, ``True``, also computes the full square ``U`` and ``V``).
 
 Usage (a 2-core CPU; merge about 5 minutes, combine about 5 minutes for one layer):
 
@@ -129,7 +130,8 @@ def child_combine(work: Path, kind: str) -> dict:
             model.load_adapter(work / f"lora-{k}", adapter_name=f"a{k}")
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
-        model.add_weighted_adapter([f"a{k}" for k in range(4)], weights, "sum", combination_type="svd", svd_rank=64)
+        model.add_weighted_adapter([f"a{k}" for k in range(4)], weights, "sum", combination_type="svd", svd_rank=64,
+                                   svd_full_matrices=kind == "peft-full")
         seconds = time.perf_counter() - start
         state = get_peft_model_state_dict(model, adapter_name="sum")
         (work / "out-peft").mkdir()
@@ -200,7 +202,9 @@ def bench_merge(work: Path, layers: int, repeats: int, kinds: list[str]) -> dict
 
 def bench_combine(work: Path, layers: int) -> dict:
     helper("setup-combine", str(work), str(layers))
-    res = {"combine": run_child("combine", str(work), "combine"), "peft_svd": run_child("combine", str(work), "peft")}
+    res = {"combine": run_child("combine", str(work), "combine")}
+    print(json.dumps(res), file=sys.stderr, flush=True)  # as it comes: the PEFT run is long
+    res["peft_svd"] = run_child("combine", str(work), "peft-thin")
     res["errors"] = json.loads(helper("errors", str(work)))
     return res
 
