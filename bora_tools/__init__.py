@@ -45,6 +45,8 @@ _EXPORTS = {
     "merge_adapter": "bora_tools.merge",
     "MergeReport": "bora_tools.merge",
     "merged_weight": "bora_tools.core.row_merge",
+    "combine_adapters": "bora_tools.combine",
+    "CombineReport": "bora_tools.combine",
     "to_lora": "bora_tools.conversion",
     "ToLoraReport": "bora_tools.conversion",
     "export_gguf": "bora_tools.gguf.export",
@@ -93,6 +95,7 @@ __all__ = [
     "BoraError",
     "ConfigError", "CheckpointError", "ShapeError", "ModelDirError", "UnsafePathError", "OutputExistsError",
     "OutputWriteError", "UnsupportedError", "HubError", "ValidationError",
+    "combine_adapters", "CombineReport",
 ]
 
 
@@ -110,6 +113,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from bora_tools.combine import CombineReport, combine_adapters
     from bora_tools.conversion import ToLoraReport, to_lora
     from bora_tools.core.adapter import BoraAdapter, BoraModule, load_adapter, save_adapter
     from bora_tools.core.config import BoraConfig

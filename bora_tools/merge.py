@@ -21,17 +21,27 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from bora_tools.core.adapter import BoraModule, load_adapter
+from bora_tools.core.adapter import BoraModule
+from bora_tools.core.adapter_sum import Inputs, parse_weights, recipe, recipe_card
 from bora_tools.core.devices import one_cpu_thread, resolve_device
-from bora_tools.core.dtypes import cast_finite, dtype_name, parse_dtype
-from bora_tools.core.row_merge import MERGEABLE_DTYPES, Replacement, chunk_elements, merge_plan, stream_rows
+from bora_tools.core.dtypes import cast_finite, check_finite_update, dtype_name, parse_dtype
+from bora_tools.core.lora_input import is_lora, read_adapter
+from bora_tools.core.row_merge import (
+    MERGEABLE_DTYPES,
+    Replacement,
+    WeightedSum,
+    chunk_elements,
+    merge_plan,
+    stream_rows,
+)
+from bora_tools.core.task_arithmetic import check_method, module_update, working_bytes
 from bora_tools.errors import ModelDirError, ValidationError
 from bora_tools.io.atomic import atomic_output, check_target, refuse_output_over_inputs
 from bora_tools.io.model_dir import INDEX_FILE, ModelDir, TensorEntry
@@ -60,9 +70,17 @@ class MergeReport(Report):
     bytes_written: int
     other_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    adapters: int = 1
+    method: str = "linear"
+    weights: list[float] = field(default_factory=lambda: [1.0])
+    recipe: dict | None = None  # several adapters or a task method: what config.json and README.md record
+    module_bytes: int = 0  # task methods: dense working memory of the largest module (the bound of the merge)
 
     def to_text(self) -> str:
         update = "W + dW" if self.scale == 1 else f"W + {self.scale:g} * dW"
+        if self.adapters > 1 or self.method != "linear":
+            update = f"W + {self.method} merge of {self.adapters} adapter(s), weights " + \
+                ", ".join(f"{w * self.scale:g}" for w in self.weights)
         parts = [f"{self.merged} weights merged ({update}, computed in float32 on {self.device})"]
         if self.replaced:
             parts.append(f"{self.replaced} replaced whole (modules_to_save)")
@@ -71,8 +89,13 @@ class MergeReport(Report):
         if self.converted:
             parts.append(f"{self.converted} cast to {self.dtype}")
         others = f", {len(self.other_files)} other file(s) such as config and tokenizer" if self.other_files else ""
+        lines = ["  " + ", ".join(parts)]
+        if self.module_bytes:
+            lines.append(f"  largest module's dense working memory: {human_bytes(self.module_bytes)}")
+        if self.recipe is not None:
+            lines.append("  the recipe is recorded in config.json (bora_tools_recipe) and README.md")
         return "\n".join([
-            "  " + ", ".join(parts),
+            *lines,
             f"wrote {self.out}: a complete model folder ({self.shards} weight file(s), "
             f"{human_bytes(self.bytes_written)}{others}) in {human_seconds(self.seconds)}"])
 
@@ -87,7 +110,7 @@ class _Job:
 
     @property
     def kind(self) -> str:
-        if isinstance(self.replacement, BoraModule):
+        if isinstance(self.replacement, (BoraModule, WeightedSum, TaskUpdate)):
             return "merged"
         if self.replacement is not None:
             return "replaced"
@@ -98,10 +121,23 @@ class _Job:
         return ST_DTYPES[self.spec.dtype][1]
 
 
-def merge_adapter(adapter: str | Path, base: str | Path | None, out: str | Path, *, dtype: str = "auto",
-                  scale: float = 1.0, device: str = "auto", overwrite: bool = False, progress: Progress = no_progress,
-                  base_name: str | None = None, token: str | None = None) -> MergeReport:
-    """Merge a BoRA adapter into its base model, writing a complete model directory ``out``.
+@dataclass(frozen=True)
+class TaskUpdate:
+    """A module merged by a task method (ties, dare_*, magnitude_prune): computed whole when written."""
+
+    terms: WeightedSum
+    densities: tuple[float, ...]
+    method: str
+    seed: int
+
+
+def merge_adapter(adapter: str | Path | Sequence[str | Path], base: str | Path | None, out: str | Path, *,
+                  dtype: str = "auto", scale: float = 1.0, device: str = "auto", overwrite: bool = False,
+                  progress: Progress = no_progress, base_name: str | None = None,
+                  weights: Sequence[float] | None = None, method: str = "linear",
+                  density: float | Sequence[float] | None = None, seed: int = 0,
+                  sources: Sequence[dict] | None = None, token: str | None = None) -> MergeReport:
+    """Merge one or several BoRA (or PEFT LoRA) adapters into their base model, writing a model directory ``out``.
 
     Every shard keeps its name and its tensors; adapted weights become
     ``W + scale * dW`` (float32 on ``device``, rounded once to the output dtype),
@@ -114,11 +150,19 @@ def merge_adapter(adapter: str | Path, base: str | Path | None, out: str | Path,
     id the base came from) is recorded as ``_name_or_path`` in the output's ``config.json``, where
     ``push`` and transformers look for the base model's name.
 
+    Several adapters (a list; a LoRA counts as a BoRA with ``b = 1``, ``sigma = 1``) give
+    ``W + scale * sum_k weights[k] * dW_k``: ``method`` ``linear`` streams rows like one adapter; ``ties``,
+    ``dare_linear``, ``dare_ties`` and ``magnitude_prune`` (``density``, one value or one per adapter;
+    ``seed`` for the DARE draws) compute each module's update whole (docs/cli.md). Then ``config.json``
+    (``bora_tools_recipe``) and ``README.md`` record the recipe; ``sources`` (one ``{"adapter": name,
+    "revision": commit}`` per adapter) names the adapters there (default: their paths).
+
     Example::
 
         report = merge_adapter("my-adapter", "base-model", "merged", dtype="bfloat16")
         merge_adapter("someone/my-bora", None, "merged")   # from the Hub, onto the base it records
         report.merged   # number of weights that received their update
+        merge_adapter(["task", "style"], "base-model", "merged2", weights=[1.0, -0.5])
 
     Raises:
         ConfigError, CheckpointError: the adapter is unreadable or inconsistent.
@@ -132,33 +176,66 @@ def merge_adapter(adapter: str | Path, base: str | Path | None, out: str | Path,
     out_dtype = parse_dtype(dtype, allow_auto=True)
     if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
         raise ValidationError(f"`scale` {scale}: expected a finite number of magnitude at most {MAX_SCALE:g}")
+    given = [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
+    if not given:
+        raise ValidationError("`adapter`: give at least one adapter")
+    factors = parse_weights(weights, len(given))
+    densities = check_method(method, [density] if isinstance(density, (int, float)) else density, len(given))
+    several = len(given) > 1 or method != "linear"
     dev = resolve_device(device)
     check_target(out, overwrite=overwrite)
-    adapter, base, found_name = resolve_merge_inputs(adapter, base, token=token)
+    paths, base, found_name = resolve_merge_inputs(given, base, token=token)
     base_name = base_name or found_name
     with one_cpu_thread(dev):
-        bora = load_adapter(adapter)
+        adapters = [read_adapter(p) for p in paths]
         model = ModelDir.open(base)
-        refuse_output_over_inputs(out, model.path, adapter)
-        plan = merge_plan(bora, model)
+        refuse_output_over_inputs(out, model.path, *paths)
+        plans = [merge_plan(a, model) for a in adapters]  # every input against the base, before anything is written
+        # One adapter without weights is the merge of one adapter, byte for byte.
+        plan = plans[0] if not several and weights is None else \
+            _sum_plan(adapters, factors, paths, method, densities, seed)
         shards = {shard: _jobs(model, shard, plan, out_dtype) for shard in model.shard_names}
         report = MergeReport(out=out, device=str(dev), dtype=dtype, scale=scale, shards=len(shards), merged=0,
-                             replaced=0, copied=0, converted=0, bytes_written=0)
-        _write_output(model, shards, report, overwrite=overwrite, fan_in_fan_out=bora.config.fan_in_fan_out,
+                             replaced=0, copied=0, converted=0, bytes_written=0, adapters=len(paths),
+                             method=method, weights=factors)
+        if several:
+            names = [(s or {}).get("adapter") or str(p) for s, p in zip(sources or [None] * len(paths), paths)]
+            revs = [(s or {}).get("revision") for s in (sources or [None] * len(paths))]
+            report.recipe = recipe(command="merge", names=names, revisions=revs,
+                                   kinds=["lora" if is_lora(a) else "bora" for a in adapters], weights=factors,
+                                   method=method, densities=densities, seed=seed, scale=scale, base=base_name)
+            report.module_bytes = max((working_bytes(j.replacement.terms.shape, len(j.replacement.terms.terms))
+                                       for jobs in shards.values() for j in jobs
+                                       if isinstance(j.replacement, TaskUpdate)), default=0)
+        _write_output(model, shards, report, overwrite=overwrite, fan_in_fan_out=adapters[0].config.fan_in_fan_out,
                       out_dtype=out_dtype, device=dev, progress=progress, base_name=base_name)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def resolve_merge_inputs(adapter: str | Path, base: str | Path | None, *,
-                         token: str | None = None) -> tuple[Path, Path, str | None]:
-    """The local folders of an adapter and its base (Hub ids downloaded; no ``base``: the one the adapter
-    records), and the base's Hub id when it has one (never a cache folder's hash)."""
+def resolve_merge_inputs(adapter: str | Path | Sequence[str | Path], base: str | Path | None, *,
+                         token: str | None = None) -> tuple[list[Path], Path, str | None]:
+    """The local folders of the adapters and their base (Hub ids downloaded; no ``base``: the one the first
+    adapter records), and the base's Hub id when it has one (never a cache folder's hash)."""
     from bora_tools.io.hub_input import hub_id_of, hub_or_local, recorded_base
 
-    found_adapter = hub_or_local(adapter, kind="adapter", token=token)
-    found_base = hub_or_local(recorded_base(found_adapter.path) if base is None else base, kind="model", token=token)
-    return found_adapter.path, found_base.path, found_base.repo_id or hub_id_of(found_base.path)
+    given = [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
+    found = [hub_or_local(a, kind="adapter", token=token).path for a in given]
+    found_base = hub_or_local(recorded_base(found[0]) if base is None else base, kind="model", token=token)
+    return found, found_base.path, found_base.repo_id or hub_id_of(found_base.path)
+
+
+def _sum_plan(adapters: list, weights: list[float], paths: list[Path],
+              method: str, densities: list[float], seed: int) -> dict[str, Replacement]:
+    """One plan for several adapters: a ``WeightedSum`` (linear) or ``TaskUpdate`` per adapted weight."""
+    inputs = Inputs(adapters, weights, [str(p) for p in paths])
+    plan: dict[str, Replacement] = {}
+    for name, terms in inputs.terms().items():  # the terms of the adapters that adapt it, in their order
+        plan[name + ".weight"] = WeightedSum(tuple(terms)) if method == "linear" else TaskUpdate(
+            WeightedSum(tuple(terms)), tuple(d for a, d in zip(adapters, densities) if name in a.modules), method,
+            seed)
+    plan.update(inputs.saved)
+    return plan
 
 
 def _write_output(model: ModelDir, shards: dict[str, list[_Job]], report: MergeReport, *, overwrite: bool,
@@ -183,6 +260,8 @@ def _write_output(model: ModelDir, shards: dict[str, list[_Job]], report: MergeR
                 setattr(report, job.kind, getattr(report, job.kind) + 1)
             report.bytes_written += (tmp / shard).stat().st_size
         report.other_files = _copy_other_files(model, tmp, dtype=out_dtype, base_name=base_name)
+        if report.recipe is not None:
+            _record_recipe(tmp, report.recipe, base_name=base_name)
         if model.index is not None:
             _write_index(model, tmp, shards)
     for _ in ticks:  # finish the bar
@@ -236,8 +315,11 @@ def _write_merged(writer: SafetensorsWriter, job: _Job, *, fan_in_fan_out: bool,
                   device: torch.device) -> None:
     # float32 work, float64 for a float64 base: never rounded below the base's own precision.
     acc = torch.float64 if job.entry.torch_dtype == torch.float64 else torch.float32
-    blocks = stream_rows(job.entry, job.replacement, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device,
-                         dtype=acc)
+    if isinstance(job.replacement, TaskUpdate):
+        blocks = _task_rows(job, fan_in_fan_out=fan_in_fan_out, scale=scale, device=device, dtype=acc)
+    else:
+        blocks = stream_rows(job.entry, job.replacement, fan_in_fan_out=fan_in_fan_out, scale=scale,
+                             device=device, dtype=acc)
     # Two rounded outputs reused in turn, so that the writer thread saves one while the next is merged.
     # Pinned host memory lets the GPU copies run at full speed.
     ring: list[torch.Tensor] = []
@@ -251,6 +333,32 @@ def _write_merged(writer: SafetensorsWriter, job: _Job, *, fan_in_fan_out: bool,
             if busy[slot] is not None:
                 busy[slot].result()  # the writer is done with this buffer
             busy[slot] = writer.write(job.spec.name, _round(merged, ring[slot][:merged.shape[0]], job.spec.name))
+
+
+def _task_rows(job: _Job, *, fan_in_fan_out: bool, scale: float, device: torch.device,
+               dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """``W + scale * update`` a block of stored rows at a time, the update of a task method computed whole."""
+    task: TaskUpdate = job.replacement
+    update = module_update(task.terms.terms, task.densities, task.method, fan_in_fan_out=fan_in_fan_out,
+                           seed=task.seed, dtype=dtype, device=device)
+    if scale != 1.0:
+        update.mul_(scale)
+    start = 0
+    with contextlib.closing(stream_rows(job.entry, device=device)) as raw:
+        for block in raw:
+            stop = start + block.shape[0]
+            work = block.to(device=device, dtype=dtype, copy=True).add_(update[start:stop])
+            check_finite_update(work, block, "base_model.model." + task.terms.name, cause=f"{task.method} merge")
+            yield work
+            start = stop
+
+
+def _record_recipe(tmp: Path, rec: dict, *, base_name: str | None) -> None:
+    """The recipe in config.json (``bora_tools_recipe``) and a README.md that states it."""
+    config = json.loads((tmp / "config.json").read_text())
+    config["bora_tools_recipe"] = rec
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (tmp / "README.md").write_text(recipe_card(rec, base_model=base_name))
 
 
 def _round(merged: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:

@@ -48,14 +48,15 @@ COMMANDS: dict[str, Callable[[Work], list]] = {
     "inspect": lambda w: ["inspect", w["adapter"]],
     "merge": lambda w: ["merge", w["adapter"], "--base", w["base"], "--out", w["outdir"] / "merged"],
     "to-lora": lambda w: ["to-lora", w["adapter"], "--out", w["outdir"] / "lora", "--rank", "full"],
+    "combine": lambda w: ["combine", w["adapter"], w["adapter"], "--weights", "1,-0.5", "--out", w["outdir"] / "sum"],
     "gguf-lora": lambda w: ["export-gguf", w["adapter"], "--base", w["base"], "--out", w["outdir"] / "lora.gguf"],
     "gguf-merge": lambda w: ["export-gguf", w["adapter"], "--base", w["base"], "--merge",
                              "--out", w["outdir"] / "m.gguf"],
     "gguf-full": lambda w: ["export-gguf", w["base"], "--out", w["outdir"] / "base.gguf"],
 }
-READS_ADAPTER = ["inspect", "merge", "to-lora", "gguf-lora", "gguf-merge"]
+READS_ADAPTER = ["inspect", "merge", "to-lora", "gguf-lora", "gguf-merge", "combine"]
 READS_BASE = ["merge", "gguf-lora", "gguf-merge", "gguf-full"]
-WRITES = ["merge", "to-lora", "gguf-lora", "gguf-merge", "gguf-full"]
+WRITES = ["merge", "to-lora", "gguf-lora", "gguf-merge", "gguf-full", "combine"]
 GGUF = ["gguf-full", "gguf-lora", "gguf-merge"]
 
 

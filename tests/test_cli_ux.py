@@ -132,8 +132,9 @@ def wrong_inputs(dirs, tmp_path_factory):
     ("empty", ["empty folder"]),
 ])
 def test_wrong_kind_of_adapter_is_named(wrong_inputs, dirs, tmp_path, kind, words):
-    for args in (["inspect", wrong_inputs[kind]],
-                 ["merge", wrong_inputs[kind], "--base", dirs["base"], "--out", tmp_path / "m"],
+    merge = ["merge", wrong_inputs[kind], "--base", dirs["base"], "--out", tmp_path / "m"]
+    # merge reads a plain PEFT LoRA as BoRA with b = 1 (issue 19; tests/test_merge_many.py)
+    for args in (["inspect", wrong_inputs[kind]], *([merge] if kind != "lora" else []),
                  ["to-lora", wrong_inputs[kind], "--out", tmp_path / "l"]):
         line = one_error(run(*args))
         assert all(w in line for w in words), line

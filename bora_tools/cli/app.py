@@ -37,7 +37,7 @@ def cli() -> None:
 
 
 for _command in (adapters.inspect_cmd, demo.demo_cmd, hub.push_cmd, adapters.merge_cmd, gguf.export_gguf_cmd,
-                 adapters.to_lora_cmd, train.train_cmd, verify.verify_cmd):
+                 adapters.to_lora_cmd, train.train_cmd, verify.verify_cmd, adapters.combine_cmd):
     cli.add_command(_command)
 
 

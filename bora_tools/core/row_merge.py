@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -24,9 +25,30 @@ from bora_tools.errors import ShapeError, UnsupportedError, raise_if_problems
 from bora_tools.io.model_dir import ModelDir, TensorEntry, read_rows
 
 Tensor = torch.Tensor
-#: What replaces a base tensor: an adapted module (``W + dW``) or a whole
+
+
+@dataclass(frozen=True)
+class WeightedSum:
+    """Several adapters' updates of one base weight: ``sum_k weight_k * dW_k`` (``merge A B --weights``).
+
+    ``terms`` holds ``(module, weight)`` pairs, all of the same shape; a ``RowMerger`` adds every term to
+    the same float32 rows before the one rounding.
+    """
+
+    terms: tuple[tuple[BoraModule, float], ...]
+
+    @property
+    def name(self) -> str:
+        return self.terms[0][0].name
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.terms[0][0].shape
+
+
+#: What replaces a base tensor: an adapted module (``W + dW``), several (``W + sum_k w_k dW_k``) or a whole
 #: ``modules_to_save`` tensor.
-Replacement = Union[BoraModule, Tensor]
+Replacement = Union[BoraModule, WeightedSum, Tensor]
 
 #: Dtypes a merged weight may be stored in; quantised or integer weights are refused.
 MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -97,16 +119,16 @@ class RowMerger:
     ``W^T`` ``(n, m)`` (GPT-2 ``Conv1D``): stored row ``k`` is input column ``k``.
     """
 
-    def __init__(self, module: BoraModule, *, fan_in_fan_out: bool, scale: float = 1.0,
+    def __init__(self, module: BoraModule | WeightedSum, *, fan_in_fan_out: bool, scale: float = 1.0,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.module, self.fan_in_fan_out, self.device = module, fan_in_fan_out, torch.device(device)
         self.dtype = dtype  # float32, or float64 for a float64 base (never rounded below it)
-        self.cause = f"scaling {module.scaling:g} x scale {scale:g}"
+        terms = module.terms if isinstance(module, WeightedSum) else ((module, 1.0),)
+        self.cause = " + ".join(f"scaling {mod.scaling:g} x scale {scale * w:g}" for mod, w in terms)
         f32 = dict(device=self.device, dtype=dtype)
-        b, m = module.b, module.shape[0]
-        # Fold the scaling into the small factor, never into the big matrix.
-        self.mixed = mixed_row_blocks(module.A.to(**f32), module.sigma.to(**f32)) * (module.scaling * scale)
-        self.b_rows = module.B.to(**f32).reshape(b, m // b, module.r)  # B_i
+        # Per term: the mixed factor with the scaling folded in (never into the big matrix), and B_i.
+        self.parts = [(mixed_row_blocks(mod.A.to(**f32), mod.sigma.to(**f32)) * (mod.scaling * scale * w),
+                       mod.B.to(**f32).reshape(mod.b, mod.shape[0] // mod.b, mod.r)) for mod, w in terms]
 
     @property
     def stored_shape(self) -> tuple[int, int]:
@@ -124,16 +146,16 @@ class RowMerger:
             work = torch.empty(w_rows.shape, dtype=self.dtype, device=self.device)
         w = work.copy_(w_rows, non_blocking=True)
         stop = start + w.shape[0]
-        if self.fan_in_fan_out:
-            # Stored rows are input columns: W^T[a:c] += (B_i @ A'_i[:, a:c])^T per output block i.
-            height = self.b_rows.shape[1]
-            for i in range(self.module.b):
-                w[:, i * height:(i + 1) * height].addmm_(self.mixed[i, :, start:stop].T, self.b_rows[i].T)
-        else:
-            height = self.b_rows.shape[1]
-            for i in range(start // height, (stop - 1) // height + 1):
-                lo, hi = max(start, i * height), min(stop, (i + 1) * height)
-                w[lo - start:hi - start].addmm_(self.b_rows[i, lo - i * height:hi - i * height], self.mixed[i])
+        for mixed, b_rows in self.parts:  # every term onto the same float32 rows: one rounding in the end
+            b, height = b_rows.shape[:2]
+            if self.fan_in_fan_out:
+                # Stored rows are input columns: W^T[a:c] += (B_i @ A'_i[:, a:c])^T per output block i.
+                for i in range(b):
+                    w[:, i * height:(i + 1) * height].addmm_(mixed[i, :, start:stop].T, b_rows[i].T)
+            else:
+                for i in range(start // height, (stop - 1) // height + 1):
+                    lo, hi = max(start, i * height), min(stop, (i + 1) * height)
+                    w[lo - start:hi - start].addmm_(b_rows[i, lo - i * height:hi - i * height], mixed[i])
         # Checked where the value is made: an overflow here would otherwise be written as inf.
         check_finite_update(w, w_rows, PREFIX + self.module.name, cause=self.cause)
         return w
@@ -158,7 +180,7 @@ def row_chunks(rows: int, cols: int, *, chunk: int | None = None, align: int = 1
         yield start, min(rows, start + step)
 
 
-def stream_rows(entry: TensorEntry, module: BoraModule | None = None, *, fan_in_fan_out: bool = False,
+def stream_rows(entry: TensorEntry, module: BoraModule | WeightedSum | None = None, *, fan_in_fan_out: bool = False,
                 scale: float = 1.0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 align: int = 1) -> Iterator[Tensor]:
     """``entry``'s stored rows, a block at a time, read from its shard; merged with ``module`` when given.
