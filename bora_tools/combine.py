@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from bora_tools.core.adapter import PREFIX, SUFFIX_A, SUFFIX_B, WEIGHTS_NAME, BoraAdapter, save_adapter
-from bora_tools.core.adapter_sum import Inputs, bora_sum, common_blocks, lora_stack, parse_weights, pattern_keys
-from bora_tools.core.config import CONFIG_NAME, BoraConfig
+from bora_tools.core.adapter_sum import Inputs, bora_sum, common_blocks, lora_stack, parse_weights
+from bora_tools.core.config import CONFIG_NAME, BoraConfig, pattern_keys
 from bora_tools.core.devices import one_cpu_thread, resolve_device
 from bora_tools.core.dtypes import dtype_name, parse_dtype
 from bora_tools.core.factors import block_problems

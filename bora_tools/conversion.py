@@ -20,7 +20,6 @@ loaders and converters which read one global ``r`` and ``lora_alpha`` need
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from bora_tools.core.adapter import PREFIX, SUFFIX_A, SUFFIX_B, WEIGHTS_NAME, BoraAdapter, load_adapter
-from bora_tools.core.config import CONFIG_NAME, BoraConfig
+from bora_tools.core.config import CONFIG_NAME, BoraConfig, pattern_keys
 from bora_tools.core.devices import one_cpu_thread, resolve_device
 from bora_tools.core.dtypes import dtype_name, parse_dtype
 from bora_tools.core.lowrank import SVD_ROUTES, ModuleResult, RankPolicy, convert_module
@@ -212,26 +211,6 @@ def policy_text(policy: dict) -> str:
     parts = ([f"--energy {policy['energy']:g}"] if policy["energy"] is not None else []) + \
             ([f"--rank {policy['rank']}"] if policy["rank"] is not None else [])
     return " ".join(parts)
-
-
-def pattern_keys(names: list[str]) -> dict[str, str]:
-    """A ``rank_pattern`` / ``alpha_pattern`` key per module that PEFT matches to that module only.
-
-    PEFT matches ``re.match(rf"(.*\\.)?({key})$", name)``: the escaped full name
-    matches the module itself (also inside a wrapping model); where it would
-    also match another adapted module (one name a dotted suffix of another),
-    ``^`` anchors it at the start.
-
-    Example: ``pattern_keys(["model.layers.0.mlp.up_proj"])`` ->
-    ``{"model.layers.0.mlp.up_proj": "model\\.layers\\.0\\.mlp\\.up_proj"}``
-    """
-    keys = {}
-    for name in names:
-        key = re.escape(name)
-        if any(other != name and re.match(rf"(.*\.)?({key})$", other) for other in names):
-            key = "^" + key
-        keys[name] = key
-    return keys
 
 
 def peft_lora_config(config: BoraConfig, ranks: dict[str, int]) -> dict[str, Any]:

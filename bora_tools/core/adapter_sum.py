@@ -17,7 +17,6 @@ merged model records to be made again.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,25 +147,6 @@ def lora_stack(terms: Sequence[tuple[BoraModule, float]]) -> BoraModule:
         as_.append(a_full)
         sig.append(torch.full((a_full.shape[0],), mod.scaling * w, dtype=torch.float64))
     return BoraModule(terms[0][0].name, torch.cat(as_), torch.cat(bs, dim=1), torch.cat(sig).reshape(1, 1, -1), 1.0)
-
-
-def pattern_keys(names: list[str]) -> dict[str, str]:
-    """A ``rank_pattern`` / ``alpha_pattern`` key per module that PEFT matches to that module only.
-
-    PEFT matches ``re.match(rf"(.*\\.)?({key})$", name)``: the escaped full name matches the module itself;
-    where it would also match another module (one name a dotted suffix of another), ``^`` anchors it.
-    (The rule of ``to-lora``'s configs.)
-
-    Example: ``pattern_keys(["model.layers.0.mlp.up_proj"])`` ->
-    ``{"model.layers.0.mlp.up_proj": "model\\.layers\\.0\\.mlp\\.up_proj"}``
-    """
-    keys = {}
-    for name in names:
-        key = re.escape(name)
-        if any(other != name and re.match(rf"(.*\.)?({key})$", other) for other in names):
-            key = "^" + key
-        keys[name] = key
-    return keys
 
 
 def recipe(*, command: str, names: Sequence[str], revisions: Sequence[str | None], kinds: Sequence[str],

@@ -257,3 +257,23 @@ def _pattern_problems(key: str, pattern: Any, *, integer: bool) -> list[str]:
             want = "an integer >= 1" if integer else f"a finite number of magnitude at most {MAX_ALPHA:g}"
             out.append(f"{key}[{name!r}]: expected {want}, found {value!r}")
     return out
+
+
+def pattern_keys(names: list[str]) -> dict[str, str]:
+    """A ``rank_pattern`` / ``alpha_pattern`` key per module that PEFT matches to that module only.
+
+    PEFT matches ``re.match(rf"(.*\\.)?({key})$", name)``: the escaped full name
+    matches the module itself (also inside a wrapping model); where it would
+    also match another adapted module (one name a dotted suffix of another),
+    ``^`` anchors it at the start.
+
+    Example: ``pattern_keys(["model.layers.0.mlp.up_proj"])`` ->
+    ``{"model.layers.0.mlp.up_proj": "model\\.layers\\.0\\.mlp\\.up_proj"}``
+    """
+    keys = {}
+    for name in names:
+        key = re.escape(name)
+        if any(other != name and re.match(rf"(.*\.)?({key})$", other) for other in names):
+            key = "^" + key
+        keys[name] = key
+    return keys
