@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_support import run
+from test_train_report import assert_same, scalars
 
 from bora_tools.core.adapter import load_adapter
 from bora_tools.demo.tiny import TEXT, build_model, build_tokenizer, save_model_dir
@@ -80,7 +81,8 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path):
 
 def test_two_processes_evaluate_and_pack_together(tmp_path):
     """The eval loss (every 2 steps and at the end: collective calls on both ranks) and packed batches under
-    torchrun: one report with the eval loss, no rank left waiting."""
+    torchrun: one report with the eval loss, no rank left waiting; the tensorboard event file written by rank 0
+    alone."""
     base = save_model_dir(build_model("llama"), tmp_path / "base")
     records = [{"text": line} for line in TEXT.splitlines() if line.strip()]
     data = tmp_path / "data.jsonl"
@@ -91,10 +93,18 @@ def test_two_processes_evaluate_and_pack_together(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "bora_tools.cli", "train", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "two"),
          "-r", "4", "--blocks", "2", "--max-steps", "3", "--batch-size", "1", "--device", "cpu",
-         "--eval-fraction", "0.3", "--eval-steps", "2", "--packing", "--max-length", "128", "--json"],
+         "--eval-fraction", "0.3", "--eval-steps", "2", "--packing", "--max-length", "128", "--json",
+         "--logging-steps", "1", "--report-to", "tensorboard"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["processes"] == 2 and [s for s, _ in report["eval_losses"]] == [2, 3]
     assert proc.stderr.count("eval loss") == 2  # logged by rank 0 alone
+    assert "gemm_4bit" not in proc.stderr  # bitsandbytes' kernel noise kept off every rank's stderr
+    # --report-to tensorboard: one event file, written by rank 0, in OUT-checkpoints/runs/DATE_HOST
+    runs = list((tmp_path / "two-checkpoints" / "runs").iterdir())
+    assert len(runs) == 1 and len(list(runs[0].iterdir())) == 1 and report["logging_dir"] == str(runs[0])
+    found = scalars(runs[0])
+    assert_same(report["losses"], found["train/loss"])
+    assert_same(report["eval_losses"], found["eval/loss"])

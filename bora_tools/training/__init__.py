@@ -16,8 +16,8 @@ Modules, as ``peft/tuners/lora/`` lays out a tuner: ``layers`` (BoraLinear), ``m
 ``checkpoints`` (the hooks that make ``transformers.Trainer`` checkpoints adapter-only
 and resumable), ``data`` (JSONL datasets), ``options`` (``TrainOptions``: every
 hyperparameter of ``train``, light to import), ``sft`` (``train``, what ``bora-tools train`` runs),
-``fsdp`` (``train --fsdp``: FSDP2 sharding and whole-adapter checkpoints) and ``quantized`` (4-bit and 8-bit
-bases through bitsandbytes).
+``fsdp`` (``train --fsdp``: FSDP2 sharding and whole-adapter checkpoints), ``quantized`` (4-bit and 8-bit
+bases through bitsandbytes) and ``reporting`` (``train --report-to tensorboard``).
 
 Names are imported on first use, so that the command line reads ``options`` without loading torch.
 """

@@ -27,6 +27,8 @@ from bora_tools.errors import raise_if_problems
 
 #: ``scheduler``: the learning-rate schedules after warmup (``transformers``' ``lr_scheduler_type`` names).
 SCHEDULERS = ("linear", "cosine", "constant")
+#: ``report_to``: where the scalars go besides the log lines (``transformers``' ``report_to`` names)
+REPORT_TO = ("none", "tensorboard")
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,12 @@ class TrainOptions:
     packing: bool = option(False, "--packing",
                            help="Pack examples into rows of up to --max-length tokens (TRL's bfd packing; "
                                 "attention stays within each example).")
+    report_to: str = option("none", "--report-to", choices=REPORT_TO,
+                            help="Also write the loss, learning rate and eval loss as TensorBoard scalars "
+                                 "(transformers' TensorBoardCallback; needs tensorboard).")
+    logging_dir: str | Path | None = option(None, "--logging-dir", kind="directory",
+                                            help="Where --report-to tensorboard writes (default: "
+                                                 "OUT-checkpoints/runs/DATE_HOST).")
 
     def problems(self) -> list[str]:
         """One line per field whose value fails its check (``"`lr`: expected a number > 0, found 0"``)."""
@@ -169,6 +177,8 @@ class TrainOptions:
             found.append("`eval_data` and `eval_fraction` together: give one eval set")
         if self.eval_steps is not None and self.eval_data is None and self.eval_fraction is None:
             found.append("`eval_steps` without an eval set: give `eval_data` or `eval_fraction`")
+        if self.logging_dir is not None and self.report_to == "none":
+            found.append("`logging_dir` without a logger: give `report_to` tensorboard")
         return found
 
     @classmethod

@@ -30,7 +30,7 @@ from bora_tools.io.atomic import check_target, check_writable, refuse_output_ove
 from bora_tools.io.hub_input import hub_or_local
 from bora_tools.progress import Progress, logger, no_progress
 from bora_tools.report import Report, human_seconds
-from bora_tools.training import base_model, evaluation, fsdp, guards, packing, quantized, resume
+from bora_tools.training import base_model, evaluation, fsdp, guards, packing, quantized, reporting, resume
 from bora_tools.training import data as sft_data
 from bora_tools.training.base_model import default_target_modules
 from bora_tools.training.model import add_bora, save_bora, trainable_parameters
@@ -71,6 +71,7 @@ class TrainReport(Report):
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss), every `eval_steps`
     packed_rows: int | None = None  # with `packing`: the rows the examples were packed into
     pushed: dict | None = None  # `bora-tools train --push-to-hub`: what push reported
+    logging_dir: Path | None = None  # with `report_to` tensorboard: where the event files are
 
     def to_text(self) -> str:
         resumed = f", resumed from {self.resumed_from}" if self.resumed_from else ""
@@ -87,6 +88,8 @@ class TrainReport(Report):
             lines.append(f"packed into {self.packed_rows} rows of at most max_length tokens")
         if self.eval_loss is not None:
             lines.append(f"eval loss {self.eval_loss:.4f} on {self.eval_examples} examples")
+        if self.logging_dir is not None:
+            lines.append(f"tensorboard logs in {self.logging_dir}")
         if self.pushed is not None:
             lines.append(f"pushed to {self.pushed['repo_id']}: {self.pushed['commit_url']}")
         if self.checkpoints:
@@ -158,7 +161,7 @@ def train(
         checkpoints=run.checkpoint_dir if o.save_steps else None,
         resumed_from=str(run.resume) if run.resume else None, losses=losses,
         eval_examples=len(run.eval_rows), eval_loss=evals[-1][1] if evals else None, eval_losses=evals,
-        packed_rows=len(run.rows) if o.packing else None,
+        packed_rows=len(run.rows) if o.packing else None, logging_dir=run.logging_dir,
     )
 
 
@@ -199,6 +202,7 @@ class _Run:
     eval_rows: list
     pad: int
     tokenizer: Any
+    logging_dir: Path | None  # with `report_to` tensorboard
 
 
 def _prepare(base: Path, data: Path, out: Path, o: TrainOptions, *, device: str, overwrite: bool,
@@ -231,6 +235,7 @@ def _prepare(base: Path, data: Path, out: Path, o: TrainOptions, *, device: str,
                                   f"training is done", hint="give the checkpoints a directory of their own")
     if o.save_steps is not None:
         check_writable(ckpt_dir, what=f"`checkpoint_dir` {ckpt_dir}")
+    logs = reporting.logging_dir(o, checkpoint_dir=ckpt_dir, out=out, base=base, data=data)
     records = _read(data)
     eval_records = _read(Path(o.eval_data)) if o.eval_data is not None else []
     config_hf = base_model.read_config(base)
@@ -263,7 +268,8 @@ def _prepare(base: Path, data: Path, out: Path, o: TrainOptions, *, device: str,
         pad = tokenizer.pad_token_id
     return _Run(base=base, data=data, out=out, options=o, overwrite=overwrite, device=dev, dtype=torch_dtype,
                 checkpoint_dir=ckpt_dir, config=config, targets=targets, modules=n_modules, resume=resume_path,
-                examples=len(examples), rows=rows, eval_rows=eval_rows, pad=pad, tokenizer=tokenizer)
+                examples=len(examples), rows=rows, eval_rows=eval_rows, pad=pad, tokenizer=tokenizer,
+                logging_dir=logs)
 
 
 def _read(path: Path) -> list:
@@ -310,6 +316,7 @@ def _fit(run: _Run, *, log: Callable[[str], None] | None, progress: Progress):
                           data_collator=collator, callbacks=[reporter, guards.kept_checkpoints(run.out)])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    reporting.direct(trainer, run.logging_dir)
     main = trainer.accelerator.is_main_process
     if o.save_steps and run.resume is None and run.overwrite and main and ckpt_dir.is_dir():
         # An earlier run's checkpoint-N directories, and nothing else of the directory: only the main
@@ -349,7 +356,7 @@ def _training_arguments(run: _Run, output_dir: str, *, run_dtype: torch.dtype):
         seed=o.seed, data_seed=o.seed,
         bf16=run_dtype == torch.bfloat16, fp16=run_dtype == torch.float16, use_cpu=run.device.type == "cpu",
         **{_checkpointing_argument(TrainingArguments): o.gradient_checkpointing},
-        report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        report_to=o.report_to, disable_tqdm=True, remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, ddp_find_unused_parameters=False,
         save_only_model=False, eval_strategy="steps" if o.eval_steps else "no", eval_steps=o.eval_steps,
         per_device_eval_batch_size=o.batch_size, prediction_loss_only=True,
