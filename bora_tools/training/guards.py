@@ -24,7 +24,11 @@ __all__ = ["check_data_file", "check_overwrite", "check_rank", "checkpoint_dir_n
 
 #: The files of an OUT adapter (``save_bora``), and those of a ``checkpoint-N`` (the adapter, the resume map,
 #: and what ``transformers.Trainer`` saves beside them).
-ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+#: What train writes into OUT: the adapter, the base's tokenizer files (as ``save_pretrained`` names them) and,
+#: with ``push_to_hub``, the card.
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                 "chat_template.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model"}
 CHECKPOINT_FILES = re.compile(r"^(adapter_config\.json|adapter_model\.safetensors|model\.safetensors\.index\.json|"
                               r"trainer_state\.json|training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|"
                               r"rng_state(_\d+)?\.pth|\..*\.bora-tmp-.*)$")
