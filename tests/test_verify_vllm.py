@@ -19,7 +19,9 @@ from test_vllm import MODEL, vllm_python
 
 from bora_tools.conversion import to_lora
 from bora_tools.verification import vllm_engine
-from bora_tools.verification.measures import measure_logprobs
+from bora_tools.verification.command import _tolerance
+from bora_tools.verification.engines import Output
+from bora_tools.verification.measures import Tolerance, measure_logprobs
 from bora_tools.verification.report import build_logprob_report
 
 
@@ -57,15 +59,26 @@ def test_an_untouched_lora_passes_in_vllm(made, with_vllm):
     assert [p["tokens"] for p in report["prompts"]] and all(p["tokens"] <= 24 for p in report["prompts"])
 
 
-@pytest.mark.slow
-def test_a_lora_with_one_modules_b_negated_fails_in_vllm(made, with_vllm, tmp_path):
-    lora = Path(shutil.copytree(made["lora"], tmp_path / "lora"))
+def negate_one_b(lora: Path) -> None:
     weights = lora / "adapter_model.safetensors"
     with safe_open(weights, "pt") as f:
         meta = f.metadata()
     tensors = load_file(weights)
     tensors[f"{Q}.lora_B.weight"].neg_()
     save_file(tensors, weights, metadata=meta)
+
+
+def double_alpha(lora: Path) -> None:
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config["lora_alpha"] *= 2
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [negate_one_b, double_alpha], ids=["one-B-negated", "alpha-doubled"])
+def test_a_damaged_lora_fails_in_vllm(made, with_vllm, tmp_path, damage):
+    lora = Path(shutil.copytree(made["lora"], tmp_path / "lora"))
+    damage(lora)
     result = verify_cli(made, lora)
     assert result.exit_code == 1, result.output
     errors = result.stderr.splitlines()
@@ -94,9 +107,18 @@ def test_logprob_measures_see_the_served_tokens_only():
 
 
 def vllm_engine_tolerance():
-    from bora_tools.verification.measures import Tolerance
-
     return Tolerance("max_rel_logprob_error", 2e-4, "test")
+
+
+def test_in_vllm_the_bound_is_twice_the_logits_also_for_a_truncated_lora():
+    exact = Output(Path("lora"), "lora", "float32")
+    truncated = Output(Path("lora"), "lora", "float32", predicted={"max_rel_error": 0.05})
+    for output in (exact, truncated):
+        logits = _tolerance(output, 0.5, max_kl=None)
+        logprobs = _tolerance(output, 0.5, max_kl=None, vllm=True)
+        assert logprobs.measure == "max_rel_logprob_error" and logits.measure == "max_rel_error"
+        assert logprobs.bound == 2 * logits.bound and logits.source in logprobs.source
+    assert _tolerance(truncated, 0.5, max_kl=None).bound == pytest.approx(4 * 0.05 * 0.5 + 1e-4)
 
 
 # -- refusals: one line, before any model is loaded ---------------------------------------------------------
