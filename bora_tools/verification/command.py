@@ -14,7 +14,7 @@ import torch
 from bora_tools.choices import VERIFY_ENGINES as ENGINES
 from bora_tools.core.config import CONFIG_NAME
 from bora_tools.core.devices import resolve_device
-from bora_tools.errors import ConfigError, ValidationError
+from bora_tools.errors import ConfigError, UnsupportedError, ValidationError
 from bora_tools.io.hub_input import resolve_input
 from bora_tools.io.json import read_json
 from bora_tools.io.kinds import wrong_kind
@@ -22,7 +22,8 @@ from bora_tools.progress import Progress, no_progress
 from bora_tools.verification.engines import Output, find_output, pick_engine, run_output
 from bora_tools.verification.measures import TOLERANCES, Tolerance, effect, tolerance_for
 from bora_tools.verification.reference import read_prompts, reference_logits, tokenize
-from bora_tools.verification.report import VerifyReport, build_report
+from bora_tools.verification.report import VerifyReport, build_logprob_report, build_report
+from bora_tools.verification.vllm_engine import lora_rank, vllm_logprobs, vllm_python
 
 #: A truncated LoRA may lose up to this many times to-lora's predicted error of the adapter's effect on the logits.
 TRUNCATION_FACTOR = 4.0
@@ -42,9 +43,11 @@ def verify(output: str | Path, adapter: str | Path, *, base: str | Path | None =
         prompts: a ``.jsonl`` file (the ``text`` of each record) or a text file (one prompt a line); default:
             a built-in set.
         tokens: each prompt is cut to this many tokens.
-        engine: ``auto`` (the program that consumes the output), ``transformers``, ``peft`` or ``llama.cpp``.
+        engine: ``auto`` (the program that consumes the output), ``transformers``, ``peft``, ``llama.cpp`` or
+            ``vllm`` (a PEFT LoRA, in vLLM's own venv: ``vllm_engine.vllm_python``).
         precise: a float64 reference (and transformers/PEFT outputs run in float64) instead of float32.
-        max_kl: judge by mean KL(reference || output) <= ``max_kl`` instead of the output type's tolerance.
+        max_kl: judge by mean KL(reference || output) <= ``max_kl`` instead of the output type's tolerance (not
+            with vllm, which returns top-k log-probabilities, not logits).
         device: where the reference (and a transformers/PEFT output) runs: ``cpu``, ``cuda`` or ``auto``.
         base_gguf: the base model's GGUF, for a GGUF LoRA ``output``.
 
@@ -53,7 +56,8 @@ def verify(output: str | Path, adapter: str | Path, *, base: str | Path | None =
 
     Raises:
         ValidationError: bad options, an output of no known kind, a GGUF LoRA without ``base_gguf``.
-        UnsupportedError: ``engine`` vllm; the reference or the output does not fit in memory.
+        UnsupportedError: ``engine`` vllm without vLLM, on an output other than a LoRA, or with ``max_kl``;
+            the reference or the output does not fit in memory; vLLM fails.
         ConfigError, CheckpointError, ShapeError, ModelDirError, HubError: unreadable inputs.
 
     Example::
@@ -75,6 +79,13 @@ def verify(output: str | Path, adapter: str | Path, *, base: str | Path | None =
     if base_gguf is not None and found.kind != "gguf-lora":
         raise ValidationError(f"`base_gguf` applies to a GGUF LoRA adapter; {found.path} is a {found.detail}")
     chosen = pick_engine(found, engine)
+    python = None
+    if chosen == "vllm":
+        if max_kl is not None:
+            raise UnsupportedError("`max_kl` with `engine` vllm: vLLM returns the log-probabilities of its top tokens, "
+                                   "not logits, so no KL is measured")
+        python = vllm_python()
+        lora_rank(found.path)
     tolerance_for(found.type, max_kl=max_kl)  # a type without a known bound is refused before any work
     base_path = _base(adapter, base, progress=progress)
     dev = resolve_device(device)
@@ -83,15 +94,23 @@ def verify(output: str | Path, adapter: str | Path, *, base: str | Path | None =
     texts, source = read_prompts(prompts)
     batch = tokenize(base_path, texts, tokens=tokens, source=source)
     refs, plain = reference_logits(adapter, base_path, batch, dtype=dtype, device=dev)
+    moved = max(effect(r, p) for r, p in zip(refs, plain))
+    fields = dict(output=str(found.path), kind=found.kind, type=found.type, engine=chosen, adapter=str(adapter),
+                  base=str(base_path), reference_dtype=str(dtype).removeprefix("torch."), prompts_source=source,
+                  effect=moved)
+    if python is not None:
+        served = vllm_logprobs(python, found.path, base_path, batch)
+        vocab = refs[0].shape[-1]
+        if any(tok >= vocab for prompt in served for position in prompt for tok in position):
+            raise ValidationError(f"vLLM gives {found.path} tokens beyond the reference's vocabulary of {vocab}")
+        return build_logprob_report(served, refs, tolerance=_tolerance(found, moved, max_kl=None, vllm=True),
+                                    **fields)
     outs = run_output(found, chosen, batch, base=base_path, dtype=dtype, device=dev)
     for out, ref in zip(outs, refs):
         if out.shape != ref.shape:
             raise ValidationError(f"{found.path} gives logits of shape {tuple(out.shape)} where the reference gives "
                                   f"{tuple(ref.shape)}: a vocabulary of another size, not a model of this base")
-    moved = max(effect(r, p) for r, p in zip(refs, plain))
-    return build_report(outs, refs, tolerance=_tolerance(found, moved, max_kl=max_kl), output=str(found.path),
-                        kind=found.kind, type=found.type, engine=chosen, adapter=str(adapter), base=str(base_path),
-                        reference_dtype=str(dtype).removeprefix("torch."), prompts_source=source, effect=moved)
+    return build_report(outs, refs, tolerance=_tolerance(found, moved, max_kl=max_kl), **fields)
 
 
 def _base(adapter: Path, base: str | Path | None, *, progress: Progress) -> Path:
@@ -104,13 +123,18 @@ def _base(adapter: Path, base: str | Path | None, *, progress: Progress) -> Path
     return resolve_input(base, kind="model", progress=progress).path
 
 
-def _tolerance(output: Output, moved: float, *, max_kl: float | None) -> Tolerance:
-    """The output type's tolerance; a truncated LoRA's grows with the error to-lora predicted for it."""
+def _tolerance(output: Output, moved: float, *, max_kl: float | None, vllm: bool = False) -> Tolerance:
+    """The output type's tolerance; a truncated LoRA's grows with the error to-lora predicted for it. In vLLM,
+    the bound on log-probabilities is twice the logits' (a logprob carries its logit's error and the
+    normalizer's, ``logsumexp``, which is at most as large)."""
     tolerance = tolerance_for(output.type, max_kl=max_kl)
     predicted = (output.predicted or {}).get("max_rel_error") if output.kind == "lora" else None
     if max_kl is None and predicted:
         exact = TOLERANCES[output.type]
-        return Tolerance("max_rel_error", TRUNCATION_FACTOR * predicted * moved + exact.bound,
-                         f"a truncated LoRA: {TRUNCATION_FACTOR:g} x to-lora's predicted error {predicted:.3g} x the "
-                         f"adapter's effect {moved:.3g}, + {exact.bound:g} ({output.type})")
+        tolerance = Tolerance("max_rel_error", TRUNCATION_FACTOR * predicted * moved + exact.bound,
+                              f"a truncated LoRA: {TRUNCATION_FACTOR:g} x to-lora's predicted error {predicted:.3g} x "
+                              f"the adapter's effect {moved:.3g}, + {exact.bound:g} ({output.type})")
+    if vllm:
+        return Tolerance("max_rel_logprob_error", 2 * tolerance.bound,
+                         f"2 x the logits' bound {tolerance.bound:.3g}, {tolerance.source}")
     return tolerance

@@ -1,4 +1,4 @@
-"""What an output is, and the program that runs it: transformers, PEFT or llama.cpp.
+"""What an output is, and the program that runs it: transformers, PEFT or llama.cpp (vLLM: ``vllm_engine``).
 
 ``find_output`` recognises the output kinds as ``io.kinds`` recognises inputs: a merged model directory, a
 PEFT LoRA directory, a GGUF model, a GGUF LoRA adapter (``general.type = adapter``, run on ``base_gguf``),
@@ -144,13 +144,11 @@ def pick_engine(output: Output, engine: str) -> str:
     """The engine for ``output`` (``auto``: the program that consumes it).
 
     Raises:
-        UnsupportedError: ``vllm`` (not run by verify), or an engine that does not run this kind of output.
+        UnsupportedError: an engine that does not run this kind of output (``vllm`` runs PEFT LoRA adapters).
     """
-    if engine == "vllm":
-        raise UnsupportedError("`engine` vllm: verify does not run vLLM; a PEFT LoRA is verified in PEFT, which "
-                               "loads the same adapter_config.json and safetensors files as vLLM",
-                               hint="use `engine` auto or peft")
     natural = NATURAL[output.kind]
+    if engine == "vllm" and output.kind == "lora":
+        return engine
     if engine not in ("auto", natural):
         raise UnsupportedError(f"`engine` {engine} does not run a {output.detail} ({output.path}); it runs in "
                                f"{natural}")

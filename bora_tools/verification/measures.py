@@ -45,6 +45,31 @@ def measure(out: np.ndarray, ref: np.ndarray) -> dict:
     }
 
 
+def measure_logprobs(served: list[dict[int, float]], ref: np.ndarray) -> dict:
+    """What an engine that returns top-k log-probabilities (vLLM) allows: per position ``i`` (predicting token
+    ``i+1``), ``served[i]`` holds ``{token: logprob}`` for its most likely tokens and the actual one.
+
+    - ``max_rel_logprob_error``: ``max |logprob_out - logprob_ref|`` over those tokens, ``/ max |ref|``;
+    - ``top1``: the share of positions whose most likely token (the largest served) is the reference's.
+
+    KL and correlation need every token's value and are ``None``.
+    """
+    ref = np.asarray(ref, dtype=np.float64)
+    log_p = _log_softmax(ref)
+    errors = np.array([max(abs(lp - log_p[i, tok]) for tok, lp in position.items())
+                       for i, position in enumerate(served)])
+    same = [max(position, key=position.get) == int(ref[i].argmax()) for i, position in enumerate(served)]
+    scale = max(float(np.abs(ref).max()), 1e-30)
+    return {
+        "max_rel_error": None,
+        "max_rel_logprob_error": float(errors.max()) / scale if errors.size else 0.0,
+        "max_rel_logprob_error_position": int(errors.argmax()) if errors.size else 0,
+        "mean_kl": None,
+        "top1": float(np.mean(same)) if same else 1.0,
+        "correlation": None,
+    }
+
+
 def kl_divergence(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``KL(softmax(ref) || softmax(out))`` per position (nats), from log-softmax: stable for any logits."""
     log_p = _log_softmax(ref)
@@ -67,7 +92,7 @@ def effect(ref: np.ndarray, base: np.ndarray) -> float:
 class Tolerance:
     """``measure`` must stay at or below ``bound``; ``source`` says where the bound comes from."""
 
-    measure: str  # "max_rel_error" or "mean_kl"
+    measure: str  # "max_rel_error", "mean_kl" or (vLLM) "max_rel_logprob_error"
     bound: float
     source: str
 

@@ -9,14 +9,15 @@ import numpy as np
 
 from bora_tools.errors import BoraError
 from bora_tools.report import Report
-from bora_tools.verification.measures import Tolerance, kl_divergence, measure
+from bora_tools.verification.measures import Tolerance, kl_divergence, measure, measure_logprobs
 
 
 class VerificationFailed(BoraError):
     """The output is outside its tolerance (the CLI's exit 1); the message names the prompt, position and measure."""
 
 
-_LABELS = {"max_rel_error": "max relative logit error", "mean_kl": "mean KL(reference || output)"}
+_LABELS = {"max_rel_error": "max relative logit error", "mean_kl": "mean KL(reference || output)",
+           "max_rel_logprob_error": "max relative logprob error"}
 
 
 @dataclass
@@ -44,16 +45,16 @@ class VerifyReport(Report):
         lines = [f"verified {self.output} ({self.kind}, {self.type}) in {self.engine} against {self.adapter} on "
                  f"{self.base} ({self.reference_dtype} reference, {len(self.prompts)} prompts: {self.prompts_source})",
                  f"{'prompt':>6}  {'tokens':>6}  {'max rel.err':>11}  {'mean KL':>9}  {'top-1':>6}  {'corr.':>8}"]
-        for p in self.prompts:
-            lines.append(f"{p['prompt']:>6}  {p['tokens']:>6}  {p['max_rel_error']:>11.3e}  {p['mean_kl']:>9.2e}  "
-                         f"{p['top1']:>6.1%}  {p['correlation']:>8.5f}")
-        o = self.overall
-        lines.append(f"{'all':>6}  {o['tokens']:>6}  {o['max_rel_error']:>11.3e}  {o['mean_kl']:>9.2e}  "
-                     f"{o['top1']:>6.1%}  {o['correlation']:>8.5f}")
+        error = "max_rel_logprob_error" if t.measure == "max_rel_logprob_error" else "max_rel_error"
+        for p in [*self.prompts, {**self.overall, "prompt": "all"}]:
+            lines.append(f"{p['prompt']:>6}  {p['tokens']:>6}  {_num(p[error], '11.3e')}  "
+                         f"{_num(p['mean_kl'], '9.2e')}  {_num(p['top1'], '6.1%')}  {_num(p['correlation'], '8.5f')}")
         lines.append(f"tolerance: {_LABELS[t.measure]} <= {t.bound:.3g} ({t.source}); the adapter moves the logits "
                      f"by {self.effect:.3g} of their largest value")
         if self.effect == 0:
             lines.append("note: the adapter does not change the logits, so this check proves only the base")
+        if error == "max_rel_logprob_error":
+            lines.append("vLLM returns the log-probabilities of its top tokens, not logits: no KL or correlation")
         lines.append("PASSED: the output gives the adapter's outputs within its tolerance" if self.passed
                      else f"FAILED: {self.failure}")
         return "\n".join(lines)
@@ -72,13 +73,35 @@ def build_report(outs: list[np.ndarray], refs: list[np.ndarray], *, tolerance: T
                    tokens=int(everything_ref.shape[0]))
     for key in ("max_rel_error_position", "max_kl_position"):
         overall.pop(key)
-    report = VerifyReport(tolerance=tolerance, prompts=rows, overall=overall, **fields)
-    value = overall[tolerance.measure]
+    return _judge(VerifyReport(tolerance=tolerance, prompts=rows, overall=overall, **fields))
+
+
+def build_logprob_report(served: list[list[dict[int, float]]], refs: list[np.ndarray], *, tolerance: Tolerance,
+                         **fields: Any) -> VerifyReport:
+    """``build_report`` for an engine that returns top-k log-probabilities (vLLM): ``measure_logprobs``."""
+    rows = [{"prompt": number, "tokens": int(ref.shape[0]), **measure_logprobs(out, ref)}
+            for number, (out, ref) in enumerate(zip(served, refs), 1)]
+    positions = sum(len(out) for out in served)
+    top1 = sum(r["top1"] * len(out) for r, out in zip(rows, served)) / max(positions, 1)
+    overall = {"max_rel_error": None, "max_rel_logprob_error": max(r["max_rel_logprob_error"] for r in rows),
+               "mean_kl": None, "top1": top1, "correlation": None, "tokens": sum(r["tokens"] for r in rows)}
+    return _judge(VerifyReport(tolerance=tolerance, prompts=rows, overall=overall, **fields))
+
+
+def _num(value: float | None, spec: str) -> str:
+    """``value`` in ``spec`` (``-`` for a measure the engine's output does not allow), right-aligned."""
+    width = int(spec.split(".")[0])
+    return f"{'-':>{width}}" if value is None else f"{value:>{spec}}"
+
+
+def _judge(report: VerifyReport) -> VerifyReport:
+    """The verdict by the report's tolerance, and the failure line naming the worst prompt and position."""
+    tolerance = report.tolerance
+    value = report.overall[tolerance.measure]
     report.passed = tolerance.holds(value)
     if not report.passed:
-        position = "max_rel_error_position" if tolerance.measure == "max_rel_error" else "max_kl_position"
-        score = "max_rel_error" if tolerance.measure == "max_rel_error" else "mean_kl"
-        worst = max(rows, key=lambda r: r[score])
+        position = "max_kl_position" if tolerance.measure == "mean_kl" else f"{tolerance.measure}_position"
+        worst = max(report.prompts, key=lambda r: r[tolerance.measure])
         report.failure = (f"{_LABELS[tolerance.measure]} {value:.3g} exceeds {tolerance.bound:.3g} "
                           f"({report.type}: {tolerance.source}); worst at prompt {worst['prompt']}, position "
                           f"{worst[position]}")
