@@ -103,8 +103,11 @@ def test_fsdp_over_two_processes_trains_the_adapter_one_process_trains(tmp_path,
     assert adapter_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
     assert adapter_difference(tmp_path / "one", tmp_path / "control") > 1e-3
 
-    # OUT is the adapter, complete, as one process writes it; no temporary sibling left by either rank.
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # OUT is the adapter (and the base's tokenizer files), complete, as one process writes it; no temporary
+    # sibling left by either rank.
+    written = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= set(written)
     config = "adapter_config.json"
     assert (tmp_path / "two" / config).read_text() == (tmp_path / "one" / config).read_text()
     assert not [p.name for p in tmp_path.rglob("*") if ".bora-tmp-" in p.name]
