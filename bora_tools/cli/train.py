@@ -161,3 +161,9 @@ def train_cmd(base: str, data: Path, out: Path, push_to_hub: str | None, device:
                                      hyperparameters=dataclasses.asdict(options), base_model=base_name).to_dict()
     if main:
         print_report(report, as_json=as_json)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # This command owns the torchrun job's process group: closed here, its gloo threads are joined rather
+        # than torn down at interpreter exit (which can abort a process with "terminate called ...").
+        dist.destroy_process_group()
