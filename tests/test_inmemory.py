@@ -4,6 +4,7 @@ import pytest
 import torch
 from cli_support import run
 from torch import nn
+from train_support import one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from bora_tools.core.config import BoraConfig
 from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
@@ -20,14 +21,6 @@ from bora_tools.training import (
 )
 
 IDS = torch.tensor([[0, 5, 17, 42, 99, 150, 200, 7, 8, 299]])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(arch="llama", **kw):

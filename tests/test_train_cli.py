@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 from cli_support import run
+from train_support import one_thread  # noqa: F401 (one_thread: an autouse fixture)
 from transformers import AutoTokenizer
 
 from bora_tools.core.adapter import load_adapter
@@ -19,14 +20,6 @@ pytest.importorskip("accelerate")
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who jumps?"},
                      {"role": "assistant", "content": "The quick brown fox."},
                      {"role": "user", "content": "Over what?"}, {"role": "assistant", "content": "The lazy dog."}]}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from cli_support import clean_failure, edit_json, first_shard, run
 from safetensors.torch import load_file, save_file
+from train_support import jsonl, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from bora_tools.core.adapter import load_adapter
 from bora_tools.demo.tiny import TEXT, build_tokenizer
@@ -24,19 +25,6 @@ pytest.importorskip("accelerate")
 
 RECORDS = [{"text": line} for line in TEXT.splitlines() if line.strip()]
 QUIET = ["--quiet"]  # refusals that can only come while loading: no progress or warning line before them
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from cli_support import run
+from train_support import one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from bora_tools.core.adapter import load_adapter
 from bora_tools.core.config import BoraConfig
@@ -25,14 +26,6 @@ pytest.importorskip("accelerate")
 pytest.importorskip("bitsandbytes")
 CPU = torch.device("cpu")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,27 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from cli_support import clean_failure, run
+from train_support import jsonl, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from bora_tools.demo.tiny import TEXT
 
 pytest.importorskip("accelerate")
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = [{"text": line} for line in TEXT.splitlines() if line.strip()]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:

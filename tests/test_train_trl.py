@@ -2,11 +2,11 @@
 prompt/completion records, a YAML config file, TRL's long flag names; bad inputs one line each."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from cli_support import clean_failure, run
+from train_support import jsonl, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from bora_tools.demo.tiny import TEXT, build_model, build_tokenizer
 from bora_tools.training import load_bora
@@ -25,19 +25,6 @@ RECORDS = [{"text": line} for line in TEXT.splitlines() if line.strip()] + [
     {"prompt": "Q: what jumps? A:", "completion": " the quick brown fox"}, {"messages": CHAT}, SHAREGPT,
     {"prompt": CHAT[:3] + CHAT[3:4], "completion": CHAT[4:]},
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -170,12 +170,7 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
     """
     target = Path(target)
     check_target(target, overwrite=overwrite)
-    try:
-        created = _make_parents(target)
-    except OSError as e:
-        raise OutputWriteError(f"cannot create the folder {target.parent}: {_os_reason(e)}") from e
-    _clean_stale(target)
-    tmp = target.parent / f"{_tmp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    created, tmp = _temporary_beside(target)
     try:
         if directory:
             tmp.mkdir()
@@ -197,6 +192,17 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
         _remove(tmp)
         _remove_created(created)
         raise
+
+
+def _temporary_beside(target: Path) -> tuple[list[Path], Path]:
+    """The parent folders made for ``target`` (removed again on failure), and the name of its temporary sibling
+    (stale ones of dead processes removed first)."""
+    try:
+        created = _make_parents(target)
+    except OSError as e:
+        raise OutputWriteError(f"cannot create the folder {target.parent}: {_os_reason(e)}") from e
+    _clean_stale(target)
+    return created, target.parent / f"{_tmp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def scratch_sibling(tmp: str | os.PathLike, tag: str) -> Path:
@@ -355,12 +361,7 @@ def atomic_shards(target: str | os.PathLike, *, overwrite: bool = False) -> Iter
     if old and not overwrite:
         raise OutputExistsError(f"output {old[0]} already exists (a split of {target.name})",
                                 hint="pass `overwrite` to replace it")
-    try:
-        created = _make_parents(target)
-    except OSError as e:
-        raise OutputWriteError(f"cannot create the folder {target.parent}: {_os_reason(e)}") from e
-    _clean_stale(target)
-    tmp = target.parent / f"{_tmp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    created, tmp = _temporary_beside(target)
     try:
         tmp.mkdir()
         yield tmp / target.name
