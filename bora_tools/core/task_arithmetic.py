@@ -153,7 +153,8 @@ def module_update(terms: Sequence[tuple[BoraModule, float]], densities: Sequence
 
 
 def working_bytes(shape: tuple[int, int], count: int, dtype: torch.dtype = torch.float32) -> int:
-    """The dense memory ``module_update`` holds at most for one module of ``shape`` merged from ``count`` adapters.
+    """The dense memory ``module_update``'s tensors take for one module of ``shape`` merged from ``count`` adapters
+    (a process's measured peak for ``ties`` was up to 1.25x this: temporary masks and the allocator's reuse).
 
     ``count`` task vectors, the sum, (TIES) the divisor and one temporary (a magnitude, a random draw, a
     cast mask): ``count + 3`` tensors of ``m * n`` values, and up to three boolean masks, a byte per element.
