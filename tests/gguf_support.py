@@ -74,3 +74,21 @@ def set_config(model_dir: Path, **changes) -> None:
 __all__ = ["SAMPLES", "IDS", "F32_RTOL", "F16_RTOL", "BF16_RTOL", "Q8_MIN_CORR", "hf_logits", "tiny_dir",
            "use_shared_builds", "set_config", "gguf_logits", "gguf_tokenize", "relative_error", "correlation",
            "needs_llama_cpp"]
+
+
+#: A tiny Llama whose every row is a multiple of 256 (what the k-quants need).
+QUANT_SHAPE = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
+
+
+def llama_with_adapter(root: Path) -> tuple[Path, Path]:
+    """A float32 Llama of ``QUANT_SHAPE`` saved under ``root/llama``, and a random BoRA adapter for it
+    (``root/adapter``, b=2, r=4)."""
+    from bora_tools.core.config import BoraConfig
+    from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
+    from bora_tools.training import add_bora, randomize_bora, save_bora
+
+    llama = build_model("llama", **QUANT_SHAPE)
+    base = save_model_dir(llama, root / "llama")
+    add_bora(llama, BoraConfig(r=4, bora_blocks=2, target_modules=default_targets("llama")))
+    randomize_bora(llama, std=0.1)
+    return base, save_bora(llama, root / "adapter")

@@ -23,25 +23,16 @@ import bora_tools.gguf.plan as plan_module
 from bora_tools.errors import OutputExistsError, ValidationError
 from bora_tools.gguf.export import export_gguf, export_gguf_many
 from bora_tools.gguf.split import parse_split_size
-from tests.gguf_support import IDS, gguf_logits, needs_llama_cpp
+from tests.gguf_support import IDS, gguf_logits, llama_with_adapter, needs_llama_cpp
 
-SHAPE = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)  # rows a multiple of 256 (k-quants)
 SHARD = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A float32 Llama with rows a multiple of 256, and a BoRA adapter for it."""
-    from bora_tools.core.config import BoraConfig
-    from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
-    from bora_tools.training import add_bora, randomize_bora, save_bora
-
-    root = tmp_path_factory.mktemp("many")
-    llama = build_model("llama", **SHAPE)
-    base = save_model_dir(llama, root / "llama")
-    add_bora(llama, BoraConfig(r=4, bora_blocks=2, target_modules=default_targets("llama")))
-    randomize_bora(llama, std=0.1)
-    return {"llama": base, "adapter": save_bora(llama, root / "adapter")}
+    base, adapter = llama_with_adapter(tmp_path_factory.mktemp("many"))
+    return {"llama": base, "adapter": adapter}
 
 
 @pytest.fixture

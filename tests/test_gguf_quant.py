@@ -21,17 +21,15 @@ import numpy as np
 import pytest
 from cli_support import run
 
-from bora_tools.core.config import BoraConfig
-from bora_tools.demo.tiny import build_model, default_targets, save_model_dir
+from bora_tools.demo.tiny import build_model, save_model_dir
 from bora_tools.errors import UnsupportedError, ValidationError
 from bora_tools.gguf.export import export_gguf
 from bora_tools.gguf.outtypes import IMATRIX_OUTTYPES, OUTTYPES, QUANTIZER_OUTTYPES
-from bora_tools.training import add_bora, randomize_bora, save_bora
-from tests.gguf_support import IDS, correlation, gguf_logits, needs_llama_cpp
+from tests.gguf_support import IDS, QUANT_SHAPE, correlation, gguf_logits, llama_with_adapter, needs_llama_cpp
 
 pytestmark = needs_llama_cpp
 
-SHAPE = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)  # every row a multiple of 256
+SHAPE = QUANT_SHAPE  # every row a multiple of 256
 
 #: Correlation of llama.cpp's logits with the float32 GGUF's on these random-weight models, measured (llama /
 #: qwen2: q2_k 0.696 / 0.783, q3_k_s 0.844 / 0.892, q3_k_m 0.900 / 0.944, q3_k_l 0.912 / 0.950, q4_0 0.949 / 0.958,
@@ -62,11 +60,7 @@ def models(tmp_path_factory):
     import torch
 
     root = tmp_path_factory.mktemp("quant")
-    llama = build_model("llama", **SHAPE)
-    base = save_model_dir(llama, root / "llama")
-    add_bora(llama, BoraConfig(r=4, bora_blocks=2, target_modules=default_targets("llama")))
-    randomize_bora(llama, std=0.1)
-    adapter = save_bora(llama, root / "adapter")
+    base, adapter = llama_with_adapter(root)
     qwen = save_model_dir(build_model("qwen2", dtype=torch.bfloat16, **SHAPE), root / "qwen2")
     paths = {"llama": base, "qwen2": qwen, "adapter": adapter, "root": root}
     for name in ("llama", "qwen2"):

@@ -176,22 +176,29 @@ def atomic_output(target: str | os.PathLike, *, overwrite: bool = False, directo
             tmp.mkdir()
         yield tmp
         _commit(tmp, target, overwrite=overwrite, record=record)
-    except OSError as e:
-        _remove(tmp)
-        _remove_created(created)
-        if isinstance(e, BoraError):
-            raise
-        raise OutputWriteError(f"writing {target} failed: {_os_reason(e)}; nothing was written") from e
-    except SafetensorError as e:  # safetensors' writer reports I/O errors as its own type
-        _remove(tmp)
-        _remove_created(created)
+    except BaseException as e:
+        _undo(tmp, created)
+        _raise_write_error(target, e)
+        raise
+
+
+def _undo(tmp: Path, created: list[Path]) -> None:
+    """A failed output: its temporary and the parent folders made for it go."""
+    _remove(tmp)
+    _remove_created(created)
+
+
+def _raise_write_error(target: Path, e: BaseException) -> None:
+    """A disk error while writing ``target``, as one ``OutputWriteError`` line; anything else (our own errors,
+    interrupts) is left for the caller to re-raise. safetensors' writer reports I/O errors as its own type."""
+    if isinstance(e, BoraError) or not isinstance(e, (OSError, SafetensorError)):
+        return
+    if isinstance(e, SafetensorError):
         found = re.search(r"os error (\d+)", str(e))
         reason = _os_reason(OSError(int(found.group(1)), str(e))) if found else " ".join(str(e).split())
-        raise OutputWriteError(f"writing {target} failed: {reason}; nothing was written") from e
-    except BaseException:
-        _remove(tmp)
-        _remove_created(created)
-        raise
+    else:
+        reason = _os_reason(e)
+    raise OutputWriteError(f"writing {target} failed: {reason}; nothing was written") from e
 
 
 def _temporary_beside(target: Path) -> tuple[list[Path], Path]:
@@ -375,13 +382,7 @@ def atomic_shards(target: str | os.PathLike, *, overwrite: bool = False) -> Iter
                 os.replace(p, target.parent / p.name)
                 COMMITTED.append(target.parent / p.name)
         _remove(tmp)
-    except OSError as e:
-        _remove(tmp)
-        _remove_created(created)
-        if isinstance(e, BoraError):
-            raise
-        raise OutputWriteError(f"writing {target} failed: {_os_reason(e)}; nothing was written") from e
-    except BaseException:
-        _remove(tmp)
-        _remove_created(created)
+    except BaseException as e:
+        _undo(tmp, created)
+        _raise_write_error(target, e)
         raise
